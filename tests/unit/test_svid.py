@@ -1,0 +1,211 @@
+"""One row per X.509-SVID rule (../shared/SPIFFE.md section 2), with real certificates."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+
+import pytest
+from cryptography import x509
+
+from proxy import svid
+from proxy.bundle import Bundle
+from proxy.devcerts import Issued, issue_ca, issue_svid, leaf_key_usage
+from proxy.errors import SvidError
+from proxy.spiffe_id import SpiffeId, TrustDomain
+from proxy.trust import TrustStore
+
+NOW = dt.datetime.now(dt.UTC)
+A = TrustDomain("a.org")
+B = TrustDomain("b.org")
+
+
+class World:
+    def __init__(self) -> None:
+        self.root_a = issue_ca("a.org")
+        self.int_a = issue_ca("a.org", parent=self.root_a, common_name="a.org intermediate")
+        self.root_b = issue_ca("b.org")
+        self.store = TrustStore(
+            {
+                A: Bundle(A, (self.root_a.cert,)),
+                B: Bundle(B, (self.root_b.cert,)),
+            }
+        )
+
+    def chain(self, issued: Issued) -> list[x509.Certificate]:
+        return [issued.cert, *issued.parents]
+
+
+@pytest.fixture(scope="module")
+def world() -> World:
+    return World()
+
+
+def good(w: World) -> Issued:
+    return issue_svid(w.int_a, ["spiffe://a.org/ns/prod/sa/web"])
+
+
+ACCEPT: list[tuple[str, Callable[[World], Issued], str]] = [
+    ("via_intermediate", good, "spiffe://a.org/ns/prod/sa/web"),
+    ("direct_from_root", lambda w: issue_svid(w.root_a, ["spiffe://a.org/x"]), "spiffe://a.org/x"),
+    (
+        "other_sans_ignored",
+        lambda w: issue_svid(w.root_a, ["spiffe://a.org/x"], dns=["x.example"]),
+        "spiffe://a.org/x",
+    ),
+    (
+        "federated_domain_own_ca",
+        lambda w: issue_svid(w.root_b, ["spiffe://b.org/pay"]),
+        "spiffe://b.org/pay",
+    ),
+]
+
+REJECT: list[tuple[str, Callable[[World], Issued], str]] = [
+    ("no_uri_san", lambda w: issue_svid(w.int_a, [], dns=["web.a.org"]), svid.NO_URI_SAN),
+    (
+        "two_uri_sans",
+        lambda w: issue_svid(w.int_a, ["spiffe://a.org/x", "spiffe://a.org/y"]),
+        svid.MULTIPLE_URI_SANS,
+    ),
+    ("non_spiffe_uri", lambda w: issue_svid(w.int_a, ["https://a.org/x"]), svid.INVALID_SPIFFE_ID),
+    ("invalid_id", lambda w: issue_svid(w.int_a, ["spiffe://A.org/x"]), svid.INVALID_SPIFFE_ID),
+    (
+        "root_id_without_path",
+        lambda w: issue_svid(w.int_a, ["spiffe://a.org"]),
+        svid.ID_WITHOUT_PATH,
+    ),
+    ("leaf_is_ca", lambda w: issue_svid(w.int_a, ["spiffe://a.org/x"], ca=True), svid.LEAF_IS_CA),
+    (
+        "leaf_key_cert_sign",
+        lambda w: issue_svid(
+            w.int_a, ["spiffe://a.org/x"], key_usage=leaf_key_usage(cert_sign=True)
+        ),
+        svid.LEAF_KEY_CERT_SIGN,
+    ),
+    (
+        "leaf_crl_sign",
+        lambda w: issue_svid(
+            w.int_a, ["spiffe://a.org/x"], key_usage=leaf_key_usage(crl_sign=True)
+        ),
+        svid.LEAF_CRL_SIGN,
+    ),
+    (
+        "leaf_without_key_usage",
+        lambda w: issue_svid(w.int_a, ["spiffe://a.org/x"], key_usage=None),
+        svid.LEAF_NO_KEY_USAGE,
+    ),
+    (
+        "leaf_without_digital_signature",
+        lambda w: issue_svid(
+            w.int_a, ["spiffe://a.org/x"], key_usage=leaf_key_usage(digital_signature=False)
+        ),
+        svid.LEAF_NO_DIGITAL_SIGNATURE,
+    ),
+    (
+        "expired",
+        lambda w: issue_svid(
+            w.int_a,
+            ["spiffe://a.org/x"],
+            not_before=NOW - dt.timedelta(days=2),
+            not_after=NOW - dt.timedelta(days=1),
+        ),
+        svid.EXPIRED,
+    ),
+    (
+        "not_yet_valid",
+        lambda w: issue_svid(w.int_a, ["spiffe://a.org/x"], not_before=NOW + dt.timedelta(days=1)),
+        svid.NOT_YET_VALID,
+    ),
+    (
+        "unknown_trust_domain",
+        lambda w: issue_svid(issue_ca("c.org"), ["spiffe://c.org/x"]),
+        svid.NO_BUNDLE,
+    ),
+    (
+        "untrusted_ca_same_domain",
+        lambda w: issue_svid(issue_ca("a.org"), ["spiffe://a.org/x"]),
+        svid.UNTRUSTED,
+    ),
+    # Federation confusion: b.org's CA (trusted, but for b.org only) mints an a.org ID.
+    (
+        "federation_confusion",
+        lambda w: issue_svid(w.root_b, ["spiffe://a.org/admin"]),
+        svid.UNTRUSTED,
+    ),
+    (
+        "intermediate_of_other_domain",
+        lambda w: issue_svid(issue_ca("b.org", parent=w.root_b), ["spiffe://a.org/admin"]),
+        svid.UNTRUSTED,
+    ),
+]
+
+
+@pytest.mark.parametrize(("make", "expected"), [r[1:] for r in ACCEPT], ids=[r[0] for r in ACCEPT])
+def test_accept(world: World, make: Callable[[World], Issued], expected: str) -> None:
+    issued = make(world)
+    peer = svid.verify_peer(world.chain(issued), world.store, NOW)
+    assert peer.spiffe_id == SpiffeId.parse(expected)
+    assert peer.fingerprint == svid.fingerprint(issued.cert)
+    assert len(peer.fingerprint) == 64
+
+
+@pytest.mark.parametrize(("make", "reason"), [r[1:] for r in REJECT], ids=[r[0] for r in REJECT])
+def test_reject(world: World, make: Callable[[World], Issued], reason: str) -> None:
+    issued = make(world)
+    with pytest.raises(SvidError) as exc:
+        svid.verify_peer(world.chain(issued), world.store, NOW)
+    assert exc.value.reason == reason
+
+
+def test_empty_chain(world: World) -> None:
+    with pytest.raises(SvidError) as exc:
+        svid.verify_peer([], world.store, NOW)
+    assert exc.value.reason == svid.NO_CERTIFICATE
+
+
+def test_revoked_domain_with_empty_bundle(world: World) -> None:
+    store = TrustStore({A: Bundle(A, ())})
+    with pytest.raises(SvidError) as exc:
+        svid.verify_peer(world.chain(good(world)), store, NOW)
+    assert exc.value.reason == svid.EMPTY_BUNDLE
+
+
+def test_missing_intermediate_fails(world: World) -> None:
+    with pytest.raises(SvidError) as exc:
+        svid.verify_peer([good(world).cert], world.store, NOW)
+    assert exc.value.reason == svid.UNTRUSTED
+
+
+def test_bundle_anchored_on_intermediate(world: World) -> None:
+    store = TrustStore({A: Bundle(A, (world.int_a.cert,))})
+    peer = svid.verify_peer([good(world).cert], store, NOW)
+    assert str(peer.spiffe_id) == "spiffe://a.org/ns/prod/sa/web"
+
+
+def test_signing_cert_with_path_rejected(world: World) -> None:
+    # An "intermediate" whose SPIFFE ID has a path breaks rule 9.
+    bad = issue_ca("a.org", parent=world.root_a, common_name="rogue")
+    leaf = issue_svid(bad, ["spiffe://a.org/x"])
+    from cryptography.hazmat.primitives import hashes
+
+    rogue_int = (
+        x509.CertificateBuilder()
+        .subject_name(bad.cert.subject)
+        .issuer_name(world.root_a.cert.subject)
+        .public_key(bad.key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(bad.cert.not_valid_before_utc)
+        .not_valid_after(bad.cert.not_valid_after_utc)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(leaf_key_usage(cert_sign=True), critical=True)
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.UniformResourceIdentifier("spiffe://a.org/not-a-ca")]
+            ),
+            critical=False,
+        )
+        .sign(world.root_a.key, hashes.SHA256())
+    )
+    with pytest.raises(SvidError) as exc:
+        svid.verify_peer([leaf.cert, rogue_int], world.store, NOW)
+    assert exc.value.reason == svid.BAD_SIGNING_CERT
