@@ -1,0 +1,66 @@
+"""The decision record: one JSON object per request. Pure: builds, never writes or decides."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+
+from proxy.policy.evaluate import Decision
+from proxy.svid import PeerSvid
+
+# Decisions as logged. "error" is a request refused before the policy could judge it
+# (malformed); "allow" and "deny" come from the policy.
+ALLOW, DENY, ERROR = "allow", "deny", "error"
+
+
+@dataclass(slots=True)
+class Exchange:
+    """What the shell learned about one request while serving it."""
+
+    request_id: str
+    peer_addr: str
+    method: str = ""
+    host: str = ""
+    path: str = ""
+    decision: Decision | None = None
+    outcome: str = ERROR
+    reason: str = ""
+    status: int = 0
+    upstream: str | None = None
+    upstream_status: int | None = None
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+
+def _iso(t: dt.datetime) -> str:
+    return t.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def build_record(
+    ex: Exchange, peer: PeerSvid | None, policy_sha256: str, started: dt.datetime, duration_s: float
+) -> dict[str, Any]:
+    d = ex.decision
+    return {
+        "time": _iso(started),
+        "event": "request",
+        "request_id": ex.request_id,
+        "peer_addr": ex.peer_addr,
+        "spiffe_id": str(peer.spiffe_id) if peer else None,
+        "leaf_sha256": peer.fingerprint if peer else None,
+        "leaf_not_after": _iso(peer.not_after) if peer else None,
+        "method": ex.method,
+        "host": ex.host,
+        "path": ex.path,
+        "route": d.route_name if d else None,
+        "rule": d.rule if d else None,
+        "decision": ex.outcome,
+        "reason": ex.reason,
+        "policy_sha256": policy_sha256,
+        "status": ex.status,
+        "upstream": ex.upstream,
+        "upstream_status": ex.upstream_status,
+        "bytes_in": ex.bytes_in,
+        "bytes_out": ex.bytes_out,
+        "duration_ms": round(duration_s * 1000, 3),
+    }

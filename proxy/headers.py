@@ -1,0 +1,119 @@
+"""Header rewriting between client, proxy and upstream. Pure, on h11's header lists
+(names are lower-case bytes).
+
+Towards the upstream: hop-by-hop headers (RFC 9110 section 7.6.1: Connection,
+Proxy-Connection, Keep-Alive, TE, Transfer-Encoding, Upgrade, Trailer) and every header
+the ``Connection`` header names are removed (except Host and Content-Length, which a
+client must not be able to strip that way); client-supplied identity headers
+(``X-Forwarded-Client-Cert`` and the plain SPIFFE ID header) are always removed, as are
+``X-Forwarded-For``/``-Proto`` (the proxy sets them from what it saw) and ``Expect``
+(the proxy answers ``100-continue`` itself). Then the proxy's own headers are added.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from proxy import xfcc
+
+Headers = Sequence[tuple[bytes, bytes]]
+HeaderList = list[tuple[bytes, bytes]]
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"proxy-connection",
+        b"keep-alive",
+        b"te",
+        b"transfer-encoding",
+        b"upgrade",
+        b"trailer",
+    }
+)
+NEVER_STRIPPED_BY_CONNECTION = frozenset({b"host", b"content-length"})
+XFCC = b"x-forwarded-client-cert"
+REQUEST_ID = b"x-request-id"
+_REQUEST_ID_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-")
+MAX_REQUEST_ID = 128
+
+
+def connection_tokens(headers: Headers) -> set[bytes]:
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    return tokens
+
+
+def strip_hop_by_hop(headers: Headers, also: frozenset[bytes] = frozenset()) -> HeaderList:
+    named = connection_tokens(headers) - NEVER_STRIPPED_BY_CONNECTION
+    drop = HOP_BY_HOP | named | also
+    return [(n, v) for n, v in headers if n not in drop]
+
+
+def request_id(headers: Headers) -> str:
+    """The client's ``X-Request-Id`` when it is sane, else a fresh one."""
+    for name, value in headers:
+        if name == REQUEST_ID:
+            if 0 < len(value) <= MAX_REQUEST_ID and _REQUEST_ID_CHARS.issuperset(value):
+                return value.decode("ascii")
+            break
+    return uuid.uuid4().hex
+
+
+def is_chunked(headers: Headers) -> bool:
+    return any(n == b"transfer-encoding" for n, _ in headers)
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """What the proxy asserts to the upstream about the caller."""
+
+    peer_ip: str
+    spiffe_id: str
+    leaf_sha256: str
+    proxy_id: str | None
+    request_id: str
+
+
+def upstream_request_headers(
+    headers: Headers, ident: Identity, spiffe_id_header: bytes
+) -> HeaderList:
+    """The headers to send upstream for an allowed request."""
+    out = strip_hop_by_hop(
+        headers,
+        frozenset(
+            {
+                XFCC,
+                spiffe_id_header,
+                b"x-forwarded-for",
+                b"x-forwarded-proto",
+                REQUEST_ID,
+                b"expect",
+            }
+        ),
+    )
+    if is_chunked(headers):
+        out.append((b"transfer-encoding", b"chunked"))
+    pairs = [("Hash", ident.leaf_sha256), ("URI", ident.spiffe_id)]
+    if ident.proxy_id:
+        pairs.insert(0, ("By", ident.proxy_id))
+    out += [
+        (b"x-forwarded-for", ident.peer_ip.encode("ascii")),
+        (b"x-forwarded-proto", b"https"),
+        (REQUEST_ID, ident.request_id.encode("ascii")),
+        (XFCC, xfcc.format_element(pairs).encode("ascii")),
+        (spiffe_id_header, ident.spiffe_id.encode("ascii")),
+    ]
+    return out
+
+
+def downstream_response_headers(headers: Headers, request_id: str) -> HeaderList:
+    """Upstream response headers for the client: hop-by-hop removed, request id echoed."""
+    # Framing is h11's job on the way out: chunked for HTTP/1.1 clients when there is no
+    # Content-Length, close-delimited for HTTP/1.0 ones.
+    out = strip_hop_by_hop(headers, frozenset({REQUEST_ID}))
+    out.append((REQUEST_ID, request_id.encode("ascii")))
+    return out

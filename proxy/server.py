@@ -1,0 +1,421 @@
+"""One client connection: TLS handshake, X.509-SVID check, then an HTTP/1.1 keep-alive
+loop where every request is evaluated against the policy in force, rewritten, forwarded
+with its body streamed both ways, and logged. The only module joining core and shell.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import socket
+import time
+from dataclasses import dataclass
+
+import h11
+import trio
+from OpenSSL import SSL
+
+from proxy import audit, headers, svid
+from proxy.audit_sink import JsonLines
+from proxy.config import Config
+from proxy.errors import HttpError, SvidError, UpstreamError
+from proxy.forward import UpstreamConnection, UpstreamPool
+from proxy.policy.evaluate import ALLOWED, Request, evaluate
+from proxy.policy.model import Policy, Route
+from proxy.target import Target, host_for_matching, parse_target
+from proxy.tls import Credentials
+from proxy.tls_stream import TLSError, TLSStream
+
+_NO_CLIENT_CERT_REASONS = ("peer did not return a certificate", "certificate required")
+CERT_EXPIRED_MID_CONNECTION = "certificate_expired"
+
+
+@dataclass
+class Runtime:
+    """What every connection reads: swapped as a whole on reload, never mutated in place."""
+
+    config: Config
+    credentials: Credentials
+    policy: Policy
+    pools: dict[str, UpstreamPool]
+    decisions: JsonLines
+    events: JsonLines
+
+
+class ClientGone(Exception):
+    """The client closed or broke the connection; nothing more can be sent to it."""
+
+
+def _peer_addr(stream: trio.SocketStream) -> tuple[str, str]:
+    try:
+        addr = stream.socket.getpeername()
+    except OSError:
+        return "unknown", "unknown"
+    host = str(addr[0])
+    return host, (f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}")
+
+
+def _tls_reason(detail: str) -> str:
+    if any(r in detail for r in _NO_CLIENT_CERT_REASONS):
+        return svid.NO_CERTIFICATE
+    return "tls_" + "_".join(detail.lower().replace("(", " ").replace(")", " ").split())[:60]
+
+
+async def handle_connection(rt: Runtime, stream: trio.SocketStream) -> None:
+    peer_ip, peer_addr = _peer_addr(stream)
+    with contextlib.suppress(OSError):
+        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+    creds = rt.credentials
+    conn = SSL.Connection(creds.context, None)
+    conn.set_accept_state()
+    tls = TLSStream(stream, conn)
+    try:
+        peer = await _handshake(rt, creds, tls, peer_addr)
+        if peer is not None:
+            await HttpSession(rt, tls, peer, peer_ip, peer_addr).run()
+    finally:
+        await tls.aclose()
+
+
+async def _handshake(
+    rt: Runtime, creds: Credentials, tls: TLSStream, peer_addr: str
+) -> svid.PeerSvid | None:
+    try:
+        with trio.fail_after(rt.config.timeouts.handshake):
+            await tls.do_handshake()
+    except TLSError as exc:
+        rt.events.event(
+            "tls_handshake_failed",
+            reason=_tls_reason(exc.reason),
+            detail=exc.reason,
+            peer_addr=peer_addr,
+            leaf_sha256=None,
+        )
+        return None
+    except trio.TooSlowError:
+        rt.events.event("tls_handshake_failed", reason="handshake_timeout", peer_addr=peer_addr)
+        return None
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        rt.events.event(
+            "tls_handshake_failed", reason="connection_broken", detail=str(exc), peer_addr=peer_addr
+        )
+        return None
+    leaf = tls.conn.get_peer_certificate(as_cryptography=True)
+    chain = [leaf] if leaf is not None else []
+    # On the server side OpenSSL's peer chain may or may not repeat the leaf: de-dupe.
+    for cert in tls.conn.get_peer_cert_chain(as_cryptography=True) or []:
+        if cert not in chain:
+            chain.append(cert)
+    try:
+        return svid.verify_peer(chain, creds.trust, dt.datetime.now(dt.UTC))
+    except SvidError as exc:
+        rt.events.event(
+            "tls_handshake_failed",
+            reason=exc.reason,
+            detail=exc.detail,
+            peer_addr=peer_addr,
+            leaf_sha256=svid.fingerprint(leaf) if leaf is not None else None,
+            claimed_ids=svid.uri_sans(leaf) if leaf is not None else [],
+        )
+        return None
+
+
+def _json_body(error: str, reason: str, request_id: str) -> bytes:
+    return json.dumps({"error": error, "reason": reason, "request_id": request_id}).encode()
+
+
+_ERRORS = {
+    400: ("bad_request", "the request is malformed"),
+    403: ("forbidden", "the caller is not authorized for this request"),
+    405: ("method_not_allowed", "this method is not supported"),
+    408: ("request_timeout", "the request was not received in time"),
+    413: ("payload_too_large", "the request body is too large"),
+    431: ("request_header_fields_too_large", "the request head is too large"),
+    501: ("not_implemented", "the request uses an unsupported feature"),
+    502: ("bad_gateway", "the upstream service is unavailable"),
+    504: ("gateway_timeout", "the upstream service did not answer in time"),
+}
+
+
+class HttpSession:
+    """The HTTP/1.1 side of one verified client connection."""
+
+    def __init__(
+        self, rt: Runtime, tls: TLSStream, peer: svid.PeerSvid, peer_ip: str, peer_addr: str
+    ) -> None:
+        self.rt = rt
+        self.tls = tls
+        self.peer = peer
+        self.peer_ip = peer_ip
+        self.peer_addr = peer_addr
+        self.h = h11.Connection(
+            h11.SERVER, max_incomplete_event_size=rt.config.limits.max_header_bytes
+        )
+        self.id_header = rt.config.spiffe_id_header.lower().encode("ascii")
+
+    # --- client I/O -------------------------------------------------------------------
+
+    async def _receive(self, deadline: float) -> None:
+        try:
+            with trio.fail_at(deadline):
+                data = await self.tls.receive_some()
+        except (TLSError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise ClientGone(str(exc)) from exc
+        self.h.receive_data(data)
+
+    async def _send(self, event: h11.Event) -> None:
+        data = self.h.send(event)
+        if data:
+            try:
+                await self.tls.send_all(data)
+            except (TLSError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                raise ClientGone(str(exc)) from exc
+
+    async def _read_request(self) -> h11.Event | None:
+        """The next request head: ``idle`` to start it, ``request_head`` to finish it."""
+        timeouts = self.rt.config.timeouts
+        deadline = trio.current_time() + timeouts.idle
+        started = False
+        while True:
+            event = self.h.next_event()
+            if event is not h11.NEED_DATA:
+                return event  # type: ignore[return-value]
+            try:
+                await self._receive(deadline)
+            except trio.TooSlowError:
+                if started:
+                    await self._reply_error(408, "request_head_timeout", "-", close=True)
+                return None
+            if not started:
+                started = True
+                deadline = trio.current_time() + timeouts.request_head
+
+    async def _next_body_event(self) -> h11.Event:
+        deadline = trio.current_time() + self.rt.config.timeouts.idle
+        while True:
+            event = self.h.next_event()
+            if event is not h11.NEED_DATA:
+                return event  # type: ignore[return-value]
+            try:
+                await self._receive(deadline)
+            except trio.TooSlowError as exc:
+                raise HttpError(408, "request_body_timeout") from exc
+
+    async def _reply_error(self, status: int, reason: str, request_id: str, close: bool) -> None:
+        if self.h.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        error, text = _ERRORS.get(status, ("error", "the request failed"))
+        body = _json_body(error, text, request_id)
+        hdrs = [
+            (b"content-type", b"application/json"),
+            (b"content-length", b"%d" % len(body)),
+            (b"x-request-id", request_id.encode("ascii")),
+        ]
+        if close:
+            hdrs.append((b"connection", b"close"))
+        await self._send(h11.Response(status_code=status, headers=hdrs))
+        await self._send(h11.Data(data=body))
+        await self._send(h11.EndOfMessage())
+
+    # --- the loop -----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        with contextlib.suppress(ClientGone):
+            while True:
+                try:
+                    event = await self._read_request()
+                except h11.RemoteProtocolError as exc:
+                    await self._malformed(exc)
+                    return
+                if event is None or not isinstance(event, h11.Request):
+                    return
+                if not await self.handle(event):
+                    return
+                if self.h.our_state is not h11.DONE or self.h.their_state is not h11.DONE:
+                    return
+                self.h.start_next_cycle()
+
+    async def _malformed(self, exc: h11.RemoteProtocolError) -> None:
+        status = exc.error_status_hint
+        reason = "request_head_too_large" if status == 431 else "malformed_request"
+        ex = audit.Exchange(
+            request_id=headers.request_id([]),
+            peer_addr=self.peer_addr,
+            reason=reason,
+            status=status,
+        )
+        await self._reply_error(status, reason, ex.request_id, close=True)
+        self._log(ex, dt.datetime.now(dt.UTC), time.perf_counter(), detail=str(exc))
+
+    def _log(self, ex: audit.Exchange, started: dt.datetime, t0: float, **extra: str) -> None:
+        record = audit.build_record(
+            ex, self.peer, self.rt.policy.sha256, started, time.perf_counter() - t0
+        )
+        record.update(extra)
+        self.rt.decisions.write(record)
+
+    async def handle(self, req: h11.Request) -> bool:
+        """Serve one request; return whether the connection may carry another."""
+        t0 = time.perf_counter()
+        started = dt.datetime.now(dt.UTC)
+        rid = headers.request_id(req.headers)
+        ex = audit.Exchange(
+            request_id=rid, peer_addr=self.peer_addr, method=req.method.decode("ascii", "replace")
+        )
+        policy = self.rt.policy
+        has_body = any(
+            n in (b"content-length", b"transfer-encoding") and (n != b"content-length" or v != b"0")
+            for n, v in req.headers
+        )
+        keep = True
+        try:
+            target = self._target(req, ex)
+            ex.decision = decision = evaluate(
+                policy, self.peer.spiffe_id, Request(ex.method, ex.host, ex.path)
+            )
+            if decision.allowed and started > self.peer.not_after:
+                ex.outcome, ex.reason = audit.DENY, CERT_EXPIRED_MID_CONNECTION
+            elif decision.allowed:
+                ex.outcome, ex.reason = audit.ALLOW, decision.reason
+            else:
+                ex.outcome, ex.reason = audit.DENY, decision.reason
+            if ex.outcome == audit.DENY:
+                # Never read the body of a refused request: answer and close if it has one.
+                ex.status = 403
+                await self._reply_error(403, ex.reason, rid, close=has_body)
+                return not has_body
+            assert decision.route is not None
+            keep = await self._forward(req, target, decision.route, ex)
+            return keep
+        except HttpError as exc:
+            ex.status = exc.status_hint
+            ex.reason = exc.reason
+            await self._reply_error(exc.status_hint, exc.reason, rid, close=True)
+            return False
+        except UpstreamError as exc:
+            ex.status = exc.status_hint
+            ex.reason = exc.reason
+            self.rt.events.event(
+                "upstream_error",
+                request_id=rid,
+                upstream=ex.upstream,
+                reason=exc.reason,
+                detail=exc.detail,
+            )
+            await self._reply_error(exc.status_hint, exc.reason, rid, close=True)
+            return False
+        except ClientGone:
+            if ex.reason in ("", ALLOWED):
+                ex.reason = "client_gone"
+            raise
+        finally:
+            self._log(ex, started, t0)
+
+    def _target(self, req: h11.Request, ex: audit.Exchange) -> Target:
+        if req.method == b"CONNECT":
+            raise HttpError(405, "connect_not_supported")
+        names = [n for n, _ in req.headers]
+        if b"transfer-encoding" in names and b"content-length" in names:
+            # RFC 9112 section 6.1 lets a server refuse this; a proxy must, or it smuggles.
+            raise HttpError(400, "content_length_with_transfer_encoding")
+        target = parse_target(req.method, req.target)
+        host = target.authority
+        if host is None:
+            host = next((v.decode("ascii", "replace") for n, v in req.headers if n == b"host"), "")
+        ex.host = host_for_matching(host)
+        ex.path = target.path
+        return target
+
+    async def _forward(
+        self, req: h11.Request, target: Target, route: Route, ex: audit.Exchange
+    ) -> bool:
+        rt = self.rt
+        pool = rt.pools[route.upstream]
+        ex.upstream = route.upstream
+        creds = rt.credentials
+        ident = headers.Identity(
+            peer_ip=self.peer_ip,
+            spiffe_id=str(self.peer.spiffe_id),
+            leaf_sha256=self.peer.fingerprint,
+            proxy_id=str(creds.own_id) if creds.own_id else None,
+            request_id=ex.request_id,
+        )
+        up_req = h11.Request(
+            method=req.method,
+            target=target.forward,
+            headers=headers.upstream_request_headers(req.headers, ident, self.id_header),
+        )
+        if self.h.client_is_waiting_for_100_continue:
+            await self._send(h11.InformationalResponse(status_code=100, headers=[]))
+        conn = await pool.acquire()
+        try:
+            await self._send_request(conn, up_req, ex)
+            response = await self._response_head(conn)
+            ex.upstream_status = ex.status = response.status_code
+            await self._send(
+                h11.Response(
+                    status_code=response.status_code,
+                    reason=response.reason,
+                    headers=headers.downstream_response_headers(response.headers, ex.request_id),
+                )
+            )
+            timeout = rt.config.timeouts.upstream_response
+            while True:
+                try:
+                    event = await conn.next_event(timeout)
+                except UpstreamError as exc:
+                    # The head is out: the only honest signal left is to cut the connection.
+                    ex.reason = exc.reason
+                    raise ClientGone("upstream broke mid-response") from exc
+                if isinstance(event, h11.Data):
+                    ex.bytes_out += len(event.data)
+                    await self._send(h11.Data(data=event.data))
+                elif isinstance(event, h11.EndOfMessage):
+                    await self._send(h11.EndOfMessage())
+                    break
+                else:
+                    raise ClientGone(f"unexpected upstream event {event!r}")
+        except BaseException:
+            await conn.aclose()
+            raise
+        await pool.release(conn)
+        return self.h.our_state is h11.DONE
+
+    async def _send_request(
+        self,
+        conn: UpstreamConnection,
+        up_req: h11.Request,
+        ex: audit.Exchange,
+    ) -> None:
+        """Send the head, then stream the client's body to the upstream."""
+        await conn.send(up_req)
+        while True:
+            try:
+                event = await self._next_body_event()
+            except h11.RemoteProtocolError as exc:
+                raise HttpError(400, "malformed_request_body", str(exc)) from exc
+            if isinstance(event, h11.Data):
+                ex.bytes_in += len(event.data)
+                await conn.send(h11.Data(data=event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                await conn.send(h11.EndOfMessage())
+                return
+            else:
+                raise HttpError(400, "malformed_request_body", repr(event))
+
+    async def _response_head(self, conn: UpstreamConnection) -> h11.Response:
+        timeout = self.rt.config.timeouts.upstream_response
+        deadline = trio.current_time() + timeout
+        while True:
+            with trio.fail_at(deadline):
+                try:
+                    event = await conn.next_event(timeout)
+                except trio.TooSlowError as exc:
+                    raise UpstreamError(
+                        504, "upstream_timeout", "no response head in time"
+                    ) from exc
+            if isinstance(event, h11.Response):
+                return event
+            if not isinstance(event, h11.InformationalResponse):
+                raise UpstreamError(502, "upstream_bad_response", repr(event))

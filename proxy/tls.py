@@ -1,0 +1,102 @@
+"""Reading the proxy's SVID, key and trust bundles from files; building the TLS context.
+
+The server context requires a client certificate but accepts any at the OpenSSL layer:
+the X.509-SVID rules, including "the chain must end in the bundle of the leaf's own
+trust domain", are applied by ``svid.verify_peer`` right after the handshake, before a
+byte of HTTP is read (go-spiffe does the same with ``RequireAnyClientCert`` plus
+``VerifyPeerCertificate``). Session tickets and the session cache are off, so every
+connection presents its full chain.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from OpenSSL import SSL, crypto
+
+from proxy import bundle as bundle_mod
+from proxy import svid
+from proxy.bundle import Bundle
+from proxy.config import TlsFiles
+from proxy.errors import BundleError, ConfigError, SvidError
+from proxy.spiffe_id import SpiffeId, TrustDomain
+from proxy.trust import TrustStore
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Everything TLS needs, loaded together so a swap is atomic."""
+
+    context: SSL.Context
+    own_id: SpiffeId | None
+    own_not_after: dt.datetime
+    trust: TrustStore
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(str(path), f"cannot read the {what}: {exc.strerror or exc}") from exc
+
+
+def load_bundles(files: Mapping[TrustDomain, Path]) -> dict[TrustDomain, Bundle]:
+    out = {}
+    for td, path in files.items():
+        try:
+            out[td] = bundle_mod.parse(td, _read(path, f"bundle of {td}"), str(path))
+        except BundleError as exc:
+            raise ConfigError(str(path), str(exc)) from exc
+    return out
+
+
+def _accept_any(conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int) -> bool:
+    return True  # verification happens in svid.verify_peer, per trust domain
+
+
+def server_context(chain_pem: bytes, key_pem: bytes, svid_path: str, key_path: str) -> SSL.Context:
+    ctx = SSL.Context(SSL.TLS_METHOD)
+    ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+    ctx.set_options(SSL.OP_NO_TICKET | SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION)
+    ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
+    try:
+        certs = x509.load_pem_x509_certificates(chain_pem)
+    except ValueError as exc:
+        raise ConfigError(svid_path, f"no PEM certificate could be read: {exc}") from exc
+    ctx.use_certificate(crypto.X509.from_cryptography(certs[0]))
+    for cert in certs[1:]:
+        ctx.add_extra_chain_cert(crypto.X509.from_cryptography(cert))
+    try:
+        ctx.use_privatekey(crypto.load_privatekey(crypto.FILETYPE_PEM, key_pem))
+        ctx.check_privatekey()
+    except crypto.Error as exc:
+        raise ConfigError(
+            key_path, "the private key cannot be read or does not match the SVID"
+        ) from exc
+    except SSL.Error as exc:
+        raise ConfigError(key_path, "the private key does not match the SVID certificate") from exc
+    ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, _accept_any)
+    return ctx
+
+
+def load_credentials(files: TlsFiles) -> Credentials:
+    """Read and check the proxy's SVID, key and bundles; raise ConfigError naming the file."""
+    chain_pem = _read(files.svid, "SVID")
+    key_pem = _read(files.key, "SVID key")
+    ctx = server_context(chain_pem, key_pem, str(files.svid), str(files.key))
+    leaf = x509.load_pem_x509_certificates(chain_pem)[0]
+    now = dt.datetime.now(dt.UTC)
+    if leaf.not_valid_after_utc < now:
+        raise ConfigError(str(files.svid), f"the SVID expired at {leaf.not_valid_after_utc}")
+    try:
+        own_id: SpiffeId | None = svid.leaf_spiffe_id(leaf)
+    except SvidError:
+        own_id = None  # a plain server certificate: XFCC then carries no By=
+    return Credentials(
+        ctx, own_id, leaf.not_valid_after_utc, TrustStore(load_bundles(files.bundles))
+    )

@@ -1,0 +1,116 @@
+"""TLS on a trio stream with pyOpenSSL over memory BIOs (the model of trio's ``_ssl.py``).
+
+The OpenSSL ``Connection`` never sees the socket: ciphertext moves between its BIOs and
+the trio stream here, so the event loop stays in charge of all waiting. One task drives
+a stream at a time (the HTTP handler is sequential per connection).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import trio
+from OpenSSL import SSL
+
+_BIO_CHUNK = 256 * 1024
+_RECV_CHUNK = 64 * 1024
+
+
+class TLSError(Exception):
+    """The TLS layer failed; ``reason`` is OpenSSL's short reason when there is one."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def openssl_reason(exc: BaseException) -> str:
+    """The most specific reason string in a pyOpenSSL error (``peer did not return ...``)."""
+    args = getattr(exc, "args", ())
+    if args and isinstance(args[0], list) and args[0]:
+        last = args[0][-1]
+        if isinstance(last, tuple) and len(last) >= 3:
+            return str(last[2])
+    if isinstance(exc, SSL.SysCallError):
+        return "unexpected eof"
+    return str(exc) or type(exc).__name__
+
+
+class TLSStream:
+    """A TLS session over ``transport``; server or client side as ``conn`` was set up."""
+
+    def __init__(self, transport: trio.SocketStream, conn: SSL.Connection) -> None:
+        self.transport = transport
+        self.conn = conn
+        self._closed = False
+
+    async def _flush(self) -> None:
+        chunks = []
+        while True:
+            try:
+                chunks.append(self.conn.bio_read(_BIO_CHUNK))
+            except SSL.WantReadError:
+                break
+        if chunks:
+            await self.transport.send_all(b"".join(chunks))
+
+    async def _fill(self) -> bool:
+        data = await self.transport.receive_some(_RECV_CHUNK)
+        if not data:
+            self.conn.bio_shutdown()
+            return False
+        self.conn.bio_write(data)
+        return True
+
+    async def do_handshake(self) -> None:
+        """Run the handshake; raise :class:`TLSError` with OpenSSL's reason on failure."""
+        while True:
+            try:
+                self.conn.do_handshake()
+                break
+            except SSL.WantReadError:
+                await self._flush()
+                if not await self._fill():
+                    raise TLSError("peer closed the connection during the handshake") from None
+            except SSL.Error as exc:
+                # Send the alert OpenSSL queued (e.g. "certificate required") before failing.
+                with contextlib.suppress(
+                    trio.BrokenResourceError, trio.ClosedResourceError, OSError
+                ):
+                    await self._flush()
+                raise TLSError(openssl_reason(exc)) from exc
+        await self._flush()
+
+    async def receive_some(self, max_bytes: int = _RECV_CHUNK) -> bytes:
+        """Plaintext from the peer; ``b""`` at end of stream (close_notify or TCP EOF)."""
+        while True:
+            try:
+                return self.conn.recv(max_bytes)
+            except SSL.WantReadError:
+                await self._flush()
+                if not await self._fill():
+                    continue  # bio_shutdown makes the next recv report EOF
+            except (SSL.ZeroReturnError, SSL.SysCallError):
+                return b""
+            except SSL.Error as exc:
+                raise TLSError(openssl_reason(exc)) from exc
+
+    async def send_all(self, data: bytes) -> None:
+        if data:
+            self.conn.sendall(data)
+            await self._flush()
+
+    async def aclose(self, grace: float = 1.0) -> None:
+        """Send close_notify (bounded by ``grace`` seconds), then close the socket."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            with trio.move_on_after(grace):
+                with contextlib.suppress(SSL.Error):
+                    self.conn.shutdown()
+                await self._flush()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        finally:
+            await self.transport.aclose()
