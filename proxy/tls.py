@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from OpenSSL import SSL, crypto
 
 from proxy import bundle as bundle_mod
@@ -68,16 +70,18 @@ def server_context(chain_pem: bytes, key_pem: bytes, svid_path: str, key_path: s
         certs = x509.load_pem_x509_certificates(chain_pem)
     except ValueError as exc:
         raise ConfigError(svid_path, f"no PEM certificate could be read: {exc}") from exc
-    ctx.use_certificate(crypto.X509.from_cryptography(certs[0]))
+    ctx.use_certificate(certs[0])
     for cert in certs[1:]:
-        ctx.add_extra_chain_cert(crypto.X509.from_cryptography(cert))
+        ctx.add_extra_chain_cert(cert)
     try:
-        ctx.use_privatekey(crypto.load_privatekey(crypto.FILETYPE_PEM, key_pem))
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(key_path, f"the private key cannot be read: {exc}") from exc
+    if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
+        raise ConfigError(key_path, "the private key must be RSA or EC")
+    try:
+        ctx.use_privatekey(key)
         ctx.check_privatekey()
-    except crypto.Error as exc:
-        raise ConfigError(
-            key_path, "the private key cannot be read or does not match the SVID"
-        ) from exc
     except SSL.Error as exc:
         raise ConfigError(key_path, "the private key does not match the SVID certificate") from exc
     ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, _accept_any)

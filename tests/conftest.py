@@ -1,0 +1,72 @@
+"""Shared fixtures: a PKI written to disk with every certificate the attacks need."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from proxy.bundle import spiffe_bundle_json
+from proxy.devcerts import Issued, issue_ca, issue_svid
+
+CLIENT_ID = "spiffe://example.org/ns/prod/sa/client"
+DENIED_ID = "spiffe://example.org/ns/dev/sa/denied"
+PARTNER_ID = "spiffe://partner.org/ns/payments/sa/api"
+SERVER_ID = "spiffe://example.org/ns/edge/sa/spiffe-pep"
+
+
+@dataclass
+class Pki:
+    dir: Path
+    root: Issued
+    intermediate: Issued
+    partner_root: Issued
+
+    def write(self, name: str, issued: Issued) -> tuple[str, str]:
+        cert, key = self.dir / f"{name}.pem", self.dir / f"{name}_key.pem"
+        cert.write_bytes(issued.chain_pem())
+        key.write_bytes(issued.key_pem())
+        return str(cert), str(key)
+
+    def svid(
+        self, name: str, uris: list[str], issuer: Issued | None = None, **kwargs: object
+    ) -> tuple[str, str]:
+        return self.write(name, issue_svid(issuer or self.intermediate, uris, **kwargs))  # type: ignore[arg-type]
+
+    @property
+    def bundle(self) -> str:
+        return str(self.dir / "bundle.pem")
+
+    @property
+    def partner_bundle(self) -> str:
+        return str(self.dir / "partner.spiffe.json")
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    d = tmp_path_factory.mktemp("pki")
+    root = issue_ca("example.org")
+    intermediate = issue_ca("example.org", parent=root, common_name="example.org intermediate")
+    partner_root = issue_ca("partner.org")
+    (d / "bundle.pem").write_bytes(root.cert_pem())
+    (d / "partner.spiffe.json").write_text(spiffe_bundle_json([partner_root.cert], sequence=1))
+    p = Pki(d, root, intermediate, partner_root)
+    p.write("server", issue_svid(intermediate, [SERVER_ID], dns=["localhost"], ips=["127.0.0.1"]))
+    p.svid("client", [CLIENT_ID])
+    p.svid("denied", [DENIED_ID])
+    p.svid("partner", [PARTNER_ID], issuer=partner_root)
+    # Attacks and malformed SVIDs.
+    p.svid("untrusted", [CLIENT_ID], issuer=issue_ca("example.org", common_name="rogue CA"))
+    p.svid("confused", [CLIENT_ID], issuer=partner_root)  # partner.org's CA mints example.org
+    p.svid("no_uri", [], dns=["client.example.org"])
+    now = dt.datetime.now(dt.UTC)
+    p.svid(
+        "expired",
+        [CLIENT_ID],
+        not_before=now - dt.timedelta(days=2),
+        not_after=now - dt.timedelta(days=1),
+    )
+    p.svid("leaf_ca", [CLIENT_ID], ca=True)
+    return p

@@ -1,0 +1,185 @@
+"""Run the real proxy and the real demo upstream on loopback inside the test's nursery,
+and talk to them with real clients: curl, and a raw TLS socket for malformed input."""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import textwrap
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from proxy import app, demo_upstream
+from proxy.audit_sink import JsonLines
+from proxy.server import Runtime
+from tests.conftest import Pki
+
+POLICY = textwrap.dedent("""\
+    routes:
+      - name: partner
+        match: {path_prefix: /payments}
+        upstream: app
+        allow: ["spiffe://partner.org/ns/payments/sa/api"]
+      - name: admin
+        match: {path_prefix: /admin}
+        upstream: app
+        allow: []
+      - name: dead
+        match: {path_prefix: /dead}
+        upstream: dead
+        allow: ["spiffe://example.org/ns/prod/*"]
+      - name: prod
+        match: {path_prefix: /}
+        upstream: app
+        allow: ["spiffe://example.org/ns/prod/*"]
+""")
+
+
+@dataclass
+class Proxy:
+    port: int
+    upstream_port: int
+    rt: Runtime
+    dir: Path
+    pki: Pki
+
+    @property
+    def url(self) -> str:
+        return f"https://localhost:{self.port}"
+
+    def decisions(self) -> list[dict[str, Any]]:
+        return _lines(self.dir / "decisions.jsonl")
+
+    def events(self) -> list[dict[str, Any]]:
+        return _lines(self.dir / "events.jsonl")
+
+
+def _lines(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def write_config(
+    d: Path,
+    pki: Pki,
+    upstream_port: int,
+    *,
+    listen: str = "127.0.0.1:0",
+    timeouts: str = "",
+    policy: str = POLICY,
+) -> Path:
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))
+    dead_port = dead.getsockname()[1]
+    dead.close()  # nothing listens there
+    (d / "policy.yaml").write_text(policy)
+    cfg = d / "spiffe-pep.yaml"
+    cfg.write_text(
+        textwrap.dedent(f"""\
+        listen: {listen}
+        tls:
+          svid: {pki.dir}/server.pem
+          key: {pki.dir}/server_key.pem
+          bundles:
+            example.org: {pki.bundle}
+            partner.org: {pki.partner_bundle}
+        upstreams:
+          app: {{url: "http://127.0.0.1:{upstream_port}"}}
+          dead: {{url: "http://127.0.0.1:{dead_port}"}}
+        decision_log: {d}/decisions.jsonl
+        policy: policy.yaml
+        """)
+        + timeouts
+    )
+    return cfg
+
+
+async def start(nursery: trio.Nursery, tmp: Path, pki: Pki, *, timeouts: str = "") -> Proxy:
+    upstream_port = await nursery.start(demo_upstream.serve, "127.0.0.1", 0)
+    cfg = write_config(tmp, pki, upstream_port, timeouts=timeouts)
+    rt = app.build_runtime(app.read_config(cfg), events=JsonLines(str(tmp / "events.jsonl")))
+    bound = await nursery.start(app.serve, rt)
+    return Proxy(bound[0][1], upstream_port, rt, tmp, pki)
+
+
+@dataclass
+class CurlResult:
+    returncode: int
+    status: int
+    body: bytes
+    stderr: str
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+async def curl(proxy: Proxy, path: str, *args: str, cert: str | None = "client") -> CurlResult:
+    """curl with the SVID named ``cert`` (from the PKI dir), verifying the proxy's SVID."""
+    cmd = ["curl", "-sS", "--max-time", "30", "--cacert", proxy.pki.bundle, "-w", "\n%{http_code}"]
+    if cert:
+        cmd += [
+            "--cert",
+            str(proxy.pki.dir / f"{cert}.pem"),
+            "--key",
+            str(proxy.pki.dir / f"{cert}_key.pem"),
+        ]
+    cmd += [*args, proxy.url + path]
+    done = await trio.run_process(cmd, capture_stdout=True, capture_stderr=True, check=False)
+    body, _, code = done.stdout.rpartition(b"\n")
+    return CurlResult(done.returncode, int(code or 0), body, done.stderr.decode())
+
+
+def upstream_headers(result: CurlResult) -> dict[str, list[str]]:
+    """The headers the demo upstream received, by lower-case name."""
+    out: dict[str, list[str]] = {}
+    for name, value in result.json()["headers"]:
+        out.setdefault(name, []).append(value)
+    return out
+
+
+def tls_client(pki: Pki, cert: str = "client") -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=pki.bundle)
+    ctx.load_cert_chain(pki.dir / f"{cert}.pem", pki.dir / f"{cert}_key.pem")
+    return ctx
+
+
+def _raw_exchange(port: int, ctx: ssl.SSLContext, payloads: Sequence[bytes], pause: float) -> bytes:
+    import time
+
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname="localhost") as s,
+    ):
+        for p in payloads:
+            s.sendall(p)
+            if pause:
+                time.sleep(pause)
+        s.settimeout(3)
+        chunks = []
+        try:
+            while True:
+                data = s.recv(65536)
+                if not data:
+                    break
+                chunks.append(data)
+        except (TimeoutError, ssl.SSLError, ConnectionResetError):
+            pass
+        return b"".join(chunks)
+
+
+async def raw(proxy: Proxy, *payloads: bytes, cert: str = "client", pause: float = 0) -> bytes:
+    """Send bytes over a real TLS connection; return everything read until close or 3 s."""
+    ctx = tls_client(proxy.pki, cert)
+    return await trio.to_thread.run_sync(_raw_exchange, proxy.port, ctx, payloads, pause)
+
+
+def statuses(response: bytes) -> list[int]:
+    return [
+        int(line.split()[1]) for line in response.split(b"\r\n") if line.startswith(b"HTTP/1.1 ")
+    ]

@@ -1,0 +1,321 @@
+"""End to end: real TLS on 127.0.0.1, the real demo upstream, curl and raw TLS clients."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from tests.conftest import CLIENT_ID, PARTNER_ID, SERVER_ID, Pki
+from tests.integration.harness import (
+    Proxy,
+    curl,
+    raw,
+    start,
+    statuses,
+    tls_client,
+    upstream_headers,
+)
+
+
+@pytest.fixture
+async def proxy(nursery: trio.Nursery, tmp_path: Path, pki: Pki) -> Proxy:
+    return await start(nursery, tmp_path, pki, timeouts="timeouts: {upstream_response: 1s}\n")
+
+
+async def test_allowed_request_reaches_upstream_with_identity(proxy: Proxy) -> None:
+    r = await curl(proxy, "/orders/7?x=1", "-H", "X-Request-Id: abc-123")
+    assert r.status == 200, r.stderr
+    seen = r.json()
+    assert seen["target"] == "/orders/7?x=1"
+    h = upstream_headers(r)
+    assert h["host"] == [f"localhost:{proxy.port}"]  # Host is preserved
+    assert h["x-client-spiffe-id"] == [CLIENT_ID]
+    assert h["x-forwarded-for"] == ["127.0.0.1"]
+    assert h["x-forwarded-proto"] == ["https"]
+    assert h["x-request-id"] == ["abc-123"]
+    leaf_sha = proxy.decisions()[-1]["leaf_sha256"]
+    assert h["x-forwarded-client-cert"] == [f"By={SERVER_ID};Hash={leaf_sha};URI={CLIENT_ID}"]
+
+    (rec,) = proxy.decisions()
+    assert rec["decision"] == "allow" and rec["reason"] == "allowed"
+    assert rec["spiffe_id"] == CLIENT_ID and rec["route"] == "prod"
+    assert rec["rule"] == "allow[0] spiffe://example.org/ns/prod/*"
+    assert rec["policy_sha256"] == proxy.rt.policy.sha256
+    assert rec["status"] == rec["upstream_status"] == 200
+    assert rec["request_id"] == "abc-123" and rec["method"] == "GET"
+    assert rec["host"] == "localhost" and rec["path"] == "/orders/7"
+    assert rec["bytes_out"] == len(r.body) and rec["leaf_not_after"].endswith("Z")
+    for key in ("time", "peer_addr", "bytes_in", "duration_ms"):
+        assert key in rec
+
+
+async def test_denied_request_gets_403_without_policy_details(proxy: Proxy) -> None:
+    r = await curl(proxy, "/orders", cert="denied")
+    assert r.status == 403
+    body = r.json()
+    assert set(body) == {"error", "reason", "request_id"}
+    assert body["error"] == "forbidden"
+    assert "prod" not in r.body.decode() and "spiffe" not in r.body.decode()
+    (rec,) = proxy.decisions()
+    assert rec["decision"] == "deny" and rec["reason"] == "identity_not_allowed"
+    assert rec["route"] == "prod" and rec["request_id"] == body["request_id"]
+
+
+async def test_no_matching_route_is_denied(proxy: Proxy) -> None:
+    r = await curl(proxy, "/payments/1")  # partner-only route: first match decides
+    assert r.status == 403
+    assert proxy.decisions()[-1]["reason"] == "identity_not_allowed"
+    r = await curl(proxy, "/admin/users")
+    assert r.status == 403
+
+
+async def test_federated_workload_allowed_by_its_own_bundle(proxy: Proxy) -> None:
+    r = await curl(proxy, "/payments/1", cert="partner")
+    assert r.status == 200, r.stderr
+    assert upstream_headers(r)["x-client-spiffe-id"] == [PARTNER_ID]
+    r = await curl(proxy, "/orders", cert="partner")
+    assert r.status == 403
+
+
+@pytest.mark.parametrize(
+    ("cert", "reason"),
+    [
+        (None, "no_client_certificate"),
+        ("untrusted", "chain_not_verified"),
+        ("confused", "chain_not_verified"),  # partner.org's CA signing an example.org SVID
+        ("no_uri", "no_uri_san"),
+        ("expired", "certificate_expired"),
+        ("leaf_ca", "leaf_is_ca"),
+    ],
+    ids=[
+        "no_client_cert",
+        "untrusted_ca",
+        "federation_confusion",
+        "no_uri_san",
+        "expired",
+        "leaf_is_ca",
+    ],
+)
+async def test_bad_client_certificates_are_refused_and_logged(
+    proxy: Proxy, cert: str | None, reason: str
+) -> None:
+    r = await curl(proxy, "/orders", cert=cert)
+    assert r.returncode != 0 and r.status == 0, (r.status, r.body)
+    assert proxy.decisions() == []  # no HTTP request was ever read
+    (event,) = [e for e in proxy.events() if e["event"] == "tls_handshake_failed"]
+    assert event["reason"] == reason
+    assert event["peer_addr"].startswith("127.0.0.1:")
+    if cert is not None:
+        assert len(event["leaf_sha256"]) == 64
+
+
+async def test_spoofed_identity_headers_are_stripped(proxy: Proxy) -> None:
+    r = await curl(
+        proxy,
+        "/orders",
+        "-H",
+        "X-Forwarded-Client-Cert: By=spiffe://evil;URI=spiffe://example.org/ns/ops/sa/admin",
+        "-H",
+        "X-Client-Spiffe-Id: spiffe://example.org/ns/ops/sa/admin",
+        "-H",
+        "X-Forwarded-For: 10.9.9.9",
+        "-H",
+        "x-forwarded-client-cert: URI=spiffe://example.org/sneaky",
+    )
+    assert r.status == 200
+    h = upstream_headers(r)
+    assert len(h["x-forwarded-client-cert"]) == 1
+    assert "admin" not in h["x-forwarded-client-cert"][0]
+    assert "sneaky" not in r.body.decode()
+    assert h["x-client-spiffe-id"] == [CLIENT_ID]
+    assert h["x-forwarded-for"] == ["127.0.0.1"]
+
+
+async def test_hop_by_hop_headers_removed(proxy: Proxy) -> None:
+    r = await curl(
+        proxy,
+        "/orders",
+        "-H",
+        "Connection: keep-alive, X-Secret",
+        "-H",
+        "X-Secret: 1",
+        "-H",
+        "Keep-Alive: timeout=5",
+        "-H",
+        "TE: trailers",
+        "-H",
+        "Proxy-Connection: keep-alive",
+        "-H",
+        "Upgrade: websocket",
+        "-H",
+        "X-Kept: yes",
+    )
+    h = upstream_headers(r)
+    for name in ("connection", "x-secret", "keep-alive", "te", "proxy-connection", "upgrade"):
+        assert name not in h, name
+    assert h["x-kept"] == ["yes"]
+
+
+async def test_invalid_request_id_replaced(proxy: Proxy) -> None:
+    r = await curl(proxy, "/orders", "-H", "X-Request-Id: has spaces{}")
+    rid = upstream_headers(r)["x-request-id"][0]
+    assert rid != "has spaces{}" and len(rid) == 32
+
+
+async def test_keep_alive_with_client_and_upstream_pool(proxy: Proxy) -> None:
+    async with httpx.AsyncClient(verify=tls_client(proxy.pki)) as client:
+        for path in ("/a", "/b", "/c"):
+            response = await client.get(proxy.url + path)
+            assert response.status_code == 200
+            assert response.json()["target"] == path
+    decisions = proxy.decisions()
+    assert [d["status"] for d in decisions] == [200, 200, 200]
+    assert len({d["peer_addr"] for d in decisions}) == 1  # one client connection
+    assert len(proxy.rt.pools["app"]._idle) == 1  # one pooled upstream connection, reused
+
+
+@pytest.mark.parametrize("tls", ["1.2", "1.3"])
+async def test_tls_versions(proxy: Proxy, tls: str) -> None:
+    r = await curl(proxy, "/orders", "--tlsv" + tls, "--tls-max", tls, "-v")
+    assert r.status == 200
+    assert f"TLSv{tls}" in r.stderr
+
+
+async def test_upstream_unreachable_is_502(proxy: Proxy) -> None:
+    r = await curl(proxy, "/dead/x")
+    assert r.status == 502 and r.json()["error"] == "bad_gateway"
+    assert proxy.decisions()[-1]["reason"] == "upstream_unreachable"
+    assert (await curl(proxy, "/orders")).status == 200  # the proxy is fine
+
+
+async def test_upstream_timeout_is_504(proxy: Proxy) -> None:
+    r = await curl(proxy, "/sleep/3")
+    assert r.status == 504 and r.json()["error"] == "gateway_timeout"
+    assert proxy.decisions()[-1]["reason"] == "upstream_timeout"
+
+
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [
+        ("/%61dmin/users", 403),  # decoded to /admin: the admin route blocks it
+        ("//admin", 403),  # merged to /admin
+        ("/orders/../admin", 400),  # dot segments refused
+        ("/orders/%2e%2e/admin", 400),
+        ("/admin%2Fusers", 400),  # encoded slash refused
+        ("/x%zz", 400),
+    ],
+    ids=[
+        "encoded_letters",
+        "double_slash",
+        "dot_segment",
+        "encoded_dot_segment",
+        "encoded_slash",
+        "bad_escape",
+    ],
+)
+async def test_path_tricks_cannot_bypass_routes(proxy: Proxy, path: str, status: int) -> None:
+    r = await curl(proxy, path, "--path-as-is")
+    assert r.status == status, r.body
+
+
+async def test_path_forwarded_normalized(proxy: Proxy) -> None:
+    r = await curl(proxy, "/%6Frders//7", "--path-as-is")
+    assert r.json()["target"] == "/orders/7"
+
+
+async def test_request_smuggling_cl_te_refused(proxy: Proxy) -> None:
+    smuggle = (
+        b"POST /orders HTTP/1.1\r\nHost: localhost\r\nContent-Length: 4\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /admin HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    out = await raw(proxy, smuggle)
+    assert statuses(out) == [400]
+    assert b"connection: close" in out.lower()
+    assert proxy.decisions()[-1]["reason"] == "content_length_with_transfer_encoding"
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GET /orders HTTP/1.1\r\nHost: x\r\nX-Evil: a\rInjected: b\r\n\r\n",
+        b"GET /orders HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+        b"GET /orders HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+        b"GARBAGE\r\n\r\n",
+    ],
+    ids=["bare_cr_in_value", "conflicting_content_length", "unsupported_te", "garbage"],
+)
+async def test_malformed_requests_get_4xx_and_proxy_survives(
+    proxy: Proxy, request_bytes: bytes
+) -> None:
+    out = await raw(proxy, request_bytes)
+    (status,) = statuses(out)
+    assert 400 <= status < 600 and status != 500
+    assert (await curl(proxy, "/orders")).status == 200
+
+
+async def test_obs_fold_is_unfolded_never_a_new_header(proxy: Proxy) -> None:
+    # RFC 9112 section 5.2: replace obs-fold with SP (h11 does) or reject.
+    out = await raw(
+        proxy,
+        b"GET /orders HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"X-Evil: a\r\n X-Client-Spiffe-Id: spiffe://example.org/ns/ops/sa/admin\r\n\r\n",
+    )
+    assert statuses(out) == [200]
+    body = out.split(b"\r\n\r\n", 1)[1]
+    seen = dict((n, v) for n, v in json.loads(body)["headers"])
+    assert seen["x-evil"].startswith("a") and seen["x-client-spiffe-id"] == CLIENT_ID
+
+
+async def test_oversized_head_is_431(proxy: Proxy) -> None:
+    out = await raw(
+        proxy, b"GET /orders HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n"
+    )
+    assert statuses(out) == [431]
+
+
+async def test_bad_connections_do_not_disturb_others(proxy: Proxy) -> None:
+    # A plain-TCP client speaking garbage and one stalled mid-handshake stay open
+    # while real requests go through.
+    s1 = await trio.open_tcp_stream("127.0.0.1", proxy.port)
+    await s1.send_all(b"this is not TLS\r\n\r\n")
+    s2 = await trio.open_tcp_stream("127.0.0.1", proxy.port)
+    await s2.send_all(b"\x16\x03\x01\x00")  # a partial ClientHello, then silence
+    results = []
+    async with trio.open_nursery() as n:
+
+        async def one() -> None:
+            results.append((await curl(proxy, "/orders")).status)
+
+        for _ in range(5):
+            n.start_soon(one)
+    assert results == [200] * 5
+    await s1.aclose()
+    await s2.aclose()
+
+
+async def test_denied_request_with_body_closes_without_reading_it(proxy: Proxy) -> None:
+    r = await curl(proxy, "/orders", "--data-binary", "x" * 1000, cert="denied")
+    assert r.status == 403
+    assert proxy.decisions()[-1]["bytes_in"] == 0
+
+
+async def test_request_body_streams_to_upstream(proxy: Proxy) -> None:
+    payload = b"0123456789" * 100_000
+    r = await curl(proxy, "/upload", "--data-binary", "@-", "-H", "Transfer-Encoding: chunked")
+    del r
+    import hashlib
+
+    for args in (
+        ["--data-binary", f"@{proxy.dir}/payload"],
+        ["--data-binary", f"@{proxy.dir}/payload", "-H", "Transfer-Encoding: chunked"],
+    ):
+        (proxy.dir / "payload").write_bytes(payload)
+        r = await curl(proxy, "/upload", *args)
+        assert r.status == 200
+        assert r.json()["body_bytes"] == len(payload)
+        assert r.json()["body_sha256"] == hashlib.sha256(payload).hexdigest()
+    assert proxy.decisions()[-1]["bytes_in"] == len(payload)
