@@ -4,6 +4,7 @@ and talk to them with real clients: curl, and a raw TLS socket for malformed inp
 from __future__ import annotations
 
 import json
+import re
 import socket
 import ssl
 import textwrap
@@ -180,6 +181,5 @@ async def raw(proxy: Proxy, *payloads: bytes, cert: str = "client", pause: float
 
 
 def statuses(response: bytes) -> list[int]:
-    return [
-        int(line.split()[1]) for line in response.split(b"\r\n") if line.startswith(b"HTTP/1.1 ")
-    ]
+    """Status codes of the responses in a raw byte stream (bodies here never hold one)."""
+    return [int(m) for m in re.findall(rb"HTTP/1\.1 (\d{3}) ", response)]

@@ -319,3 +319,22 @@ async def test_request_body_streams_to_upstream(proxy: Proxy) -> None:
         assert r.json()["body_bytes"] == len(payload)
         assert r.json()["body_sha256"] == hashlib.sha256(payload).hexdigest()
     assert proxy.decisions()[-1]["bytes_in"] == len(payload)
+
+
+async def test_certificate_expiring_mid_connection_is_denied_from_then_on(
+    proxy: Proxy, pki: Pki
+) -> None:
+    import datetime as dt
+
+    now = dt.datetime.now(dt.UTC)
+    pki.svid(
+        "short",
+        [CLIENT_ID],
+        not_before=now - dt.timedelta(minutes=1),
+        not_after=now + dt.timedelta(seconds=2),
+    )
+    first = b"GET /orders HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    second = b"GET /orders HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    out = await raw(proxy, first, second, cert="short", pause=3.2)
+    assert statuses(out) == [200, 403]
+    assert [d["reason"] for d in proxy.decisions()] == ["allowed", "certificate_expired"]
