@@ -105,7 +105,7 @@ def load_config(data: bytes, filename: str, base_dir: Path) -> Config:
         try:
             td = TrustDomain.parse(str(td_text))
         except SpiffeIdError as exc:
-            raise r.fail(where, f"invalid trust domain {td_text!r}: {exc.reason}") from None
+            raise r.fail_key(where, f"invalid trust domain {td_text!r}: {exc.reason}") from None
         bundles[td] = path(file, where)
     tls = TlsFiles(path(t["svid"], ("tls", "svid")), path(t["key"], ("tls", "key")), bundles)
 

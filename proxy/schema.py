@@ -29,6 +29,10 @@ class Reader:
     def fail(self, path: Path, message: str) -> ConfigError:
         return self.source.error(path, message)
 
+    def fail_key(self, path: Path, message: str) -> ConfigError:
+        """An error about the mapping key at the end of ``path`` (points at the key)."""
+        return self.cls(self.source.at((*path, "<key>")), f"{describe(path)}: {message}")
+
     def mapping(
         self, value: Any, path: Path, *, required: Iterable[str] = (), optional: Iterable[str] = ()
     ) -> dict[str, Any]:

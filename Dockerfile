@@ -1,0 +1,16 @@
+# spiffe-pep: slim, non-root. Mount the SVID files (e.g. written by spiffe-helper) and a
+# config directory; the default command reads /etc/spiffe-pep/spiffe-pep.yaml.
+FROM python:3.11-slim AS build
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY proxy ./proxy
+RUN pip install --no-cache-dir --prefix=/install .
+
+FROM python:3.11-slim
+COPY --from=build /install /usr/local
+RUN useradd --system --uid 10001 --no-create-home spiffe-pep
+COPY config/spiffe-pep.yaml config/policy.yaml /etc/spiffe-pep/
+USER 10001
+EXPOSE 8443
+ENTRYPOINT ["spiffe-pep"]
+CMD ["run", "-c", "/etc/spiffe-pep/spiffe-pep.yaml"]

@@ -1,0 +1,173 @@
+"""The command line as a user runs it: start-up errors name file:line, and the README's
+``spiffe-pep dev`` serves the dev client certificate and refuses the denied one."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import trio
+
+from proxy.devcerts import issue_ca, issue_svid
+from tests.conftest import Pki
+from tests.integration.harness import write_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def spiffe_pep(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", *args], capture_output=True, text=True, timeout=60, cwd=cwd
+    )
+
+
+def test_check_accepts_the_shipped_dev_config() -> None:
+    done = spiffe_pep("check", str(ROOT / "config" / "dev.yaml"))
+    assert done.returncode == 0, done.stderr
+    assert "routes" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("mutate", "where", "message"),
+    [
+        (
+            lambda c, p: c.replace("decision_log:", "decision_logs:"),
+            "spiffe-pep.yaml:11:1",
+            "unknown key 'decision_logs'",
+        ),
+        (
+            lambda c, p: c.replace("listen: 127.0.0.1:0", "listen: 127.0.0.1"),
+            "spiffe-pep.yaml:1:9",
+            "expected host:port",
+        ),
+        (
+            lambda c, p: c + "timeouts: {idle: 60}\n",
+            "spiffe-pep.yaml:13:18",
+            "duration with a unit",
+        ),
+        (
+            lambda c, p: c.replace("example.org: ", "Example.org: "),
+            "spiffe-pep.yaml:6:5",
+            "invalid trust domain",
+        ),
+    ],
+    ids=["unknown_key", "listen_without_port", "duration_without_unit", "bad_trust_domain"],
+)
+def test_config_errors_stop_startup_with_file_line(
+    tmp_path: Path, pki: Pki, mutate: object, where: str, message: str
+) -> None:
+    cfg = write_config(tmp_path, pki, 9)
+    cfg.write_text(mutate(cfg.read_text(), pki))  # type: ignore[operator]
+    done = spiffe_pep("run", "-c", str(cfg))
+    assert done.returncode == 2
+    assert f"{tmp_path}/{where}" in done.stderr and message in done.stderr, done.stderr
+
+
+def test_policy_error_stops_startup_with_file_line(tmp_path: Path, pki: Pki) -> None:
+    cfg = write_config(
+        tmp_path,
+        pki,
+        9,
+        policy=textwrap.dedent("""\
+        routes:
+          - name: a
+            upstream: app
+            allow: ["spiffe://example.org/ns/*/x*"]
+        """),
+    )
+    done = spiffe_pep("run", "-c", str(cfg))
+    assert done.returncode == 2
+    assert f"{tmp_path}/policy.yaml:4:13: routes[0].allow[0]" in done.stderr, done.stderr
+
+
+def test_mismatched_key_stops_startup(tmp_path: Path, pki: Pki) -> None:
+    cfg = write_config(tmp_path, pki, 9)
+    other = issue_svid(issue_ca("example.org"), ["spiffe://example.org/x"])
+    (tmp_path / "other_key.pem").write_bytes(other.key_pem())
+    cfg.write_text(
+        cfg.read_text().replace(f"{pki.dir}/server_key.pem", str(tmp_path / "other_key.pem"))
+    )
+    done = spiffe_pep("run", "-c", str(cfg))
+    assert done.returncode == 2
+    assert "other_key.pem: the private key does not match" in done.stderr
+
+
+def test_missing_bundle_file_stops_startup(tmp_path: Path, pki: Pki) -> None:
+    cfg = write_config(tmp_path, pki, 9)
+    cfg.write_text(cfg.read_text().replace(pki.partner_bundle, str(tmp_path / "nope.json")))
+    done = spiffe_pep("run", "-c", str(cfg))
+    assert (
+        done.returncode == 2 and "nope.json: cannot read the bundle of partner.org" in done.stderr
+    )
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+@pytest.mark.skipif(not (_port_free(8443) and _port_free(8081)), reason="dev ports in use")
+async def test_readme_dev_command_serves_client_and_refuses_denied(tmp_path: Path) -> None:
+    # A fresh checkout: config/ only, no certs_dev/ yet.
+    shutil.copytree(ROOT / "config", tmp_path / "config")
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "proxy", "dev", "--root", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        certs = tmp_path / "certs_dev"
+        base = [
+            "curl",
+            "-sS",
+            "--cacert",
+            str(certs / "bundle.pem"),
+            "--max-time",
+            "10",
+            "-w",
+            " %{http_code}",
+        ]
+        with trio.fail_after(20):
+            while True:
+                r = await trio.run_process(
+                    [
+                        *base,
+                        "--cert",
+                        str(certs / "client.pem"),
+                        "--key",
+                        str(certs / "client_key.pem"),
+                        "https://localhost:8443/hello",
+                    ],
+                    capture_stdout=True,
+                    capture_stderr=True,
+                    check=False,
+                )
+                if r.returncode == 0:
+                    break
+                await trio.sleep(0.2)
+        assert r.stdout.endswith(b" 200")
+        assert b"spiffe://example.org/ns/prod/sa/client" in r.stdout
+        r = await trio.run_process(
+            [
+                *base,
+                "--cert",
+                str(certs / "denied.pem"),
+                "--key",
+                str(certs / "denied_key.pem"),
+                "https://localhost:8443/hello",
+            ],
+            capture_stdout=True,
+        )
+        assert r.stdout.endswith(b" 403") and b'"error": "forbidden"' in r.stdout
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(10):
+            code = await proc.wait()
+    assert code == 0
