@@ -29,6 +29,7 @@ from proxy.tls_stream import TLSError, TLSStream
 
 _NO_CLIENT_CERT_REASONS = ("peer did not return a certificate", "certificate required")
 CERT_EXPIRED_MID_CONNECTION = "certificate_expired"
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 
 @dataclass
@@ -286,7 +287,7 @@ class HttpSession:
                 await self._reply_error(403, ex.reason, rid, close=has_body)
                 return not has_body
             assert decision.route is not None
-            keep = await self._forward(req, target, decision.route, ex)
+            keep = await self._forward(req, target, decision.route, ex, has_body)
             return keep
         except HttpError as exc:
             ex.status = exc.status_hint
@@ -333,7 +334,7 @@ class HttpSession:
         return target
 
     async def _forward(
-        self, req: h11.Request, target: Target, route: Route, ex: audit.Exchange
+        self, req: h11.Request, target: Target, route: Route, ex: audit.Exchange, has_body: bool
     ) -> bool:
         rt = self.rt
         pool = rt.pools[route.upstream]
@@ -355,8 +356,22 @@ class HttpSession:
             await self._send(h11.InformationalResponse(status_code=100, headers=[]))
         conn = await pool.acquire()
         try:
-            await self._send_request(conn, up_req, ex)
-            response = await self._response_head(conn)
+            try:
+                await self._send_request(conn, up_req, ex)
+                response = await self._response_head(conn)
+            except UpstreamError:
+                # A pooled connection the upstream closed just as we reused it fails before
+                # any response byte. Retry once on a fresh connection, but only when that
+                # cannot repeat a side effect: an idempotent method and no body (RFC 9110
+                # section 9.2.2).
+                retryable = req.method in IDEMPOTENT and not has_body
+                if not (retryable and conn.reused):
+                    raise
+                await conn.aclose()
+                conn = await pool.connect()
+                await conn.send(up_req)
+                await conn.send(h11.EndOfMessage())
+                response = await self._response_head(conn)
             ex.upstream_status = ex.status = response.status_code
             await self._send(
                 h11.Response(
