@@ -147,6 +147,32 @@ def parse_spiffe_json(trust_domain: TrustDomain, data: bytes, source: str = "<bu
     return Bundle(trust_domain, tuple(x509s), jwts, sequence, refresh)
 
 
+def parse_jwks(trust_domain: TrustDomain, data: bytes, source: str = "<jwks>") -> Bundle:
+    """A plain JWK Set of JWT-SVID signing keys (``use`` absent, ``sig`` or ``jwt-svid``)."""
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{source}: not valid JSON ({exc})") from exc
+    keys = doc.get("keys") if isinstance(doc, dict) else None
+    if not isinstance(keys, list):
+        raise BundleError(f'{source}: a JWKS needs a "keys" list')
+    jwts: dict[str, PublicKey] = {}
+    for i, entry in enumerate(keys):
+        where = f"{source}: keys[{i}]"
+        if not isinstance(entry, dict) or entry.get("use", "sig") not in ("sig", "jwt-svid"):
+            continue
+        kid = entry.get("kid")
+        if not isinstance(kid, str) or not kid:
+            raise BundleError(f"{where}: a JWT signing key needs a kid")
+        try:
+            key = jwk_public_key(entry)
+        except (ValueError, binascii.Error) as exc:
+            raise BundleError(f"{where}: {exc}") from exc
+        if key is not None:
+            jwts[kid] = key
+    return Bundle(trust_domain, (), jwts)
+
+
 def _x509_entry(entry: Mapping[str, Any], where: str) -> x509.Certificate | None:
     x5c = entry.get("x5c")
     if not x5c:

@@ -47,6 +47,7 @@ class TlsFiles:
     svid: Path
     key: Path
     bundles: dict[TrustDomain, Path]
+    jwt_bundles: dict[TrustDomain, Path] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -95,19 +96,32 @@ def load_config(data: bytes, filename: str, base_dir: Path) -> Config:
     except ValueError as exc:
         raise r.fail(("listen",), str(exc)) from None
 
-    t = r.mapping(top["tls"], ("tls",), required=["svid", "key", "bundles"])
-    bundles_raw = r.mapping(t["bundles"], ("tls", "bundles"), optional=list(t["bundles"] or {}))
-    if not bundles_raw:
+    t = r.mapping(
+        top["tls"], ("tls",), required=["svid", "key", "bundles"], optional=["jwt_bundles"]
+    )
+
+    def per_domain(key: str) -> dict[TrustDomain, Path]:
+        raw = t.get(key) or {}
+        r.mapping(raw, ("tls", key), optional=list(raw) if isinstance(raw, dict) else [])
+        out: dict[TrustDomain, Path] = {}
+        for td_text, file in raw.items():
+            where: DataPath = ("tls", key, str(td_text))
+            try:
+                td = TrustDomain.parse(str(td_text))
+            except SpiffeIdError as exc:
+                raise r.fail_key(where, f"invalid trust domain {td_text!r}: {exc.reason}") from None
+            out[td] = path(file, where)
+        return out
+
+    bundles = per_domain("bundles")
+    if not bundles:
         raise r.fail(("tls", "bundles"), "at least one trust domain bundle is needed")
-    bundles: dict[TrustDomain, Path] = {}
-    for td_text, file in bundles_raw.items():
-        where: DataPath = ("tls", "bundles", str(td_text))
-        try:
-            td = TrustDomain.parse(str(td_text))
-        except SpiffeIdError as exc:
-            raise r.fail_key(where, f"invalid trust domain {td_text!r}: {exc.reason}") from None
-        bundles[td] = path(file, where)
-    tls = TlsFiles(path(t["svid"], ("tls", "svid")), path(t["key"], ("tls", "key")), bundles)
+    tls = TlsFiles(
+        path(t["svid"], ("tls", "svid")),
+        path(t["key"], ("tls", "key")),
+        bundles,
+        per_domain("jwt_bundles"),
+    )
 
     ups_raw = r.mapping(top["upstreams"], ("upstreams",), optional=list(top["upstreams"] or {}))
     if not ups_raw:

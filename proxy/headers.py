@@ -37,6 +37,9 @@ XFCC = b"x-forwarded-client-cert"
 REQUEST_ID = b"x-request-id"
 _REQUEST_ID_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-")
 MAX_REQUEST_ID = 128
+# Set by the proxy itself: any copy from the client is dropped.
+_PROXY_SET = frozenset({XFCC, b"x-forwarded-for", b"x-forwarded-proto", REQUEST_ID, b"expect"})
+_PROXY_SET = frozenset({XFCC, b"x-forwarded-for", b"x-forwarded-proto", REQUEST_ID, b"expect"})
 
 
 def connection_tokens(headers: Headers) -> set[bytes]:
@@ -79,22 +82,14 @@ class Identity:
 
 
 def upstream_request_headers(
-    headers: Headers, ident: Identity, spiffe_id_header: bytes
+    headers: Headers,
+    ident: Identity,
+    spiffe_id_header: bytes,
+    also_strip: frozenset[bytes] = frozenset(),
 ) -> HeaderList:
-    """The headers to send upstream for an allowed request."""
-    out = strip_hop_by_hop(
-        headers,
-        frozenset(
-            {
-                XFCC,
-                spiffe_id_header,
-                b"x-forwarded-for",
-                b"x-forwarded-proto",
-                REQUEST_ID,
-                b"expect",
-            }
-        ),
-    )
+    """The headers to send upstream for an allowed request (``also_strip``: more to drop,
+    such as the JWT-SVID the route consumed)."""
+    out = strip_hop_by_hop(headers, _PROXY_SET | {spiffe_id_header} | also_strip)
     if is_chunked(headers):
         out.append((b"transfer-encoding", b"chunked"))
     pairs = [("Hash", ident.leaf_sha256), ("URI", ident.spiffe_id)]

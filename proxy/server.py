@@ -28,7 +28,6 @@ from proxy.tls import Credentials
 from proxy.tls_stream import TLSError, TLSStream
 
 _NO_CLIENT_CERT_REASONS = ("peer did not return a certificate", "certificate required")
-CERT_EXPIRED_MID_CONNECTION = "certificate_expired"
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 
@@ -120,6 +119,20 @@ async def _handshake(
             claimed_ids=svid.uri_sans(leaf) if leaf is not None else [],
         )
         return None
+
+
+def _bearer_token(hdrs: headers.Headers, name: str) -> str | None:
+    """The token from ``Authorization: Bearer <t>``, or the value of a custom header
+    (where a ``Bearer`` prefix is optional)."""
+    raw = name.encode("ascii")
+    for n, v in hdrs:
+        if n == raw:
+            value = v.decode("ascii", "replace").strip()
+            scheme, _, rest = value.partition(" ")
+            if scheme.lower() == "bearer":
+                return rest.strip() or None
+            return None if raw == b"authorization" else value or None
+    return None
 
 
 def _json_body(error: str, reason: str, request_id: str) -> bytes:
@@ -269,26 +282,32 @@ class HttpSession:
             n in (b"content-length", b"transfer-encoding") and (n != b"content-length" or v != b"0")
             for n, v in req.headers
         )
-        keep = True
         try:
             target = self._target(req, ex)
+            token = _bearer_token(req.headers, policy.jwt_header)
             ex.decision = decision = evaluate(
-                policy, self.peer.spiffe_id, Request(ex.method, ex.host, ex.path)
+                policy,
+                self.peer,
+                Request(ex.method, ex.host, ex.path, token),
+                started,
+                self.rt.credentials.jwt_authorities,
             )
-            if decision.allowed and started > self.peer.not_after:
-                ex.outcome, ex.reason = audit.DENY, CERT_EXPIRED_MID_CONNECTION
-            elif decision.allowed:
-                ex.outcome, ex.reason = audit.ALLOW, decision.reason
-            else:
-                ex.outcome, ex.reason = audit.DENY, decision.reason
-            if ex.outcome == audit.DENY:
+            ex.outcome = audit.ALLOW if decision.allowed else audit.DENY
+            ex.reason = decision.reason
+            if not decision.forward:
                 # Never read the body of a refused request: answer and close if it has one.
                 ex.status = 403
                 await self._reply_error(403, ex.reason, rid, close=has_body)
                 return not has_body
-            assert decision.route is not None
-            keep = await self._forward(req, target, decision.route, ex, has_body)
-            return keep
+            route = decision.route
+            assert route is not None
+            # The legacy app must not be able to replay the caller's JWT-SVID.
+            strip = (
+                (policy.jwt_header.encode("ascii"),)
+                if route.audiences and not route.keep_token
+                else ()
+            )
+            return await self._forward(req, target, route, ex, has_body, frozenset(strip))
         except HttpError as exc:
             ex.status = exc.status_hint
             ex.reason = exc.reason
@@ -334,7 +353,13 @@ class HttpSession:
         return target
 
     async def _forward(
-        self, req: h11.Request, target: Target, route: Route, ex: audit.Exchange, has_body: bool
+        self,
+        req: h11.Request,
+        target: Target,
+        route: Route,
+        ex: audit.Exchange,
+        has_body: bool,
+        strip: frozenset[bytes],
     ) -> bool:
         rt = self.rt
         pool = rt.pools[route.upstream]
@@ -350,7 +375,7 @@ class HttpSession:
         up_req = h11.Request(
             method=req.method,
             target=target.forward,
-            headers=headers.upstream_request_headers(req.headers, ident, self.id_header),
+            headers=headers.upstream_request_headers(req.headers, ident, self.id_header, strip),
         )
         if self.h.client_is_waiting_for_100_continue:
             await self._send(h11.InformationalResponse(status_code=100, headers=[]))

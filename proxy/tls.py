@@ -37,6 +37,7 @@ class Credentials:
     own_id: SpiffeId | None
     own_not_after: dt.datetime
     trust: TrustStore
+    jwt_authorities: dict[TrustDomain, dict[str, bundle_mod.PublicKey]]
 
 
 def _read(path: Path, what: str) -> bytes:
@@ -101,6 +102,14 @@ def load_credentials(files: TlsFiles) -> Credentials:
         own_id: SpiffeId | None = svid.leaf_spiffe_id(leaf)
     except SvidError:
         own_id = None  # a plain server certificate: XFCC then carries no By=
-    return Credentials(
-        ctx, own_id, leaf.not_valid_after_utc, TrustStore(load_bundles(files.bundles))
-    )
+    bundles = load_bundles(files.bundles)
+    jwt_authorities = {
+        td: dict(b.jwt_authorities) for td, b in bundles.items() if b.jwt_authorities
+    }
+    for td, path in files.jwt_bundles.items():
+        try:
+            jwks = bundle_mod.parse_jwks(td, _read(path, f"JWT bundle of {td}"), str(path))
+        except BundleError as exc:
+            raise ConfigError(str(path), str(exc)) from exc
+        jwt_authorities.setdefault(td, {}).update(jwks.jwt_authorities)
+    return Credentials(ctx, own_id, leaf.not_valid_after_utc, TrustStore(bundles), jwt_authorities)

@@ -1,4 +1,5 @@
-"""Policy YAML -> :class:`Policy`. Errors name file:line:column and the data path.
+"""Policy YAML -> :class:`Policy`. Errors name file:line:column, the data path and a
+sentence; every error in the file is reported, not just the first.
 
 Opens no files and logs nothing: the caller passes the file's bytes and name.
 """
@@ -10,14 +11,36 @@ import re
 from collections.abc import Collection
 from typing import Any
 
-from proxy.errors import PolicyError, SpiffeIdError
-from proxy.policy.model import Policy, Route
+from proxy.errors import ConfigError, PolicyError, SpiffeIdError
+from proxy.policy.model import AUDIT, ENFORCE, Policy, PolicyTest, Route, RouteMatch
 from proxy.policy.patterns import HostPattern, IdentityPattern, PathMatch
 from proxy.schema import Reader
-from proxy.yamlsrc import load
+from proxy.spiffe_id import SpiffeId
+from proxy.yamlsrc import Path, load
 
 _METHOD = re.compile(r"^[A-Z][A-Z0-9-]*$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_HEADER = re.compile(r"^[A-Za-z0-9-]+$")
+ROUTE_KEYS = [
+    "match",
+    "deny",
+    "audiences",
+    "jwt_subject",
+    "keep_token",
+    "mode",
+    "max_cert_lifetime",
+]
+
+
+class PolicyErrors(PolicyError):
+    """Several errors in one policy; ``errors`` lists each, in file order."""
+
+    def __init__(self, errors: list[ConfigError]) -> None:
+        first = errors[0]
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        super().__init__(first.location, first.message + more)
+        self.errors = errors
 
 
 def load_policy(
@@ -28,27 +51,144 @@ def load_policy(
     r = Reader(source)
     if doc is None:
         raise r.fail((), "the policy is empty: it needs a 'routes' list")
-    top = r.mapping(doc, (), required=["routes"])
+    top = r.mapping(
+        doc,
+        (),
+        required=["routes"],
+        optional=["revoked", "max_cert_lifetime", "mode", "jwt", "tests"],
+    )
+    errors: list[ConfigError] = []
+
+    def collect(fn: Any, *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except PolicyError as exc:
+            errors.append(exc)
+            return None
+
+    mode = _mode(r, top["mode"], ("mode",)) if "mode" in top else ENFORCE
+    max_life = (
+        r.duration(top["max_cert_lifetime"], ("max_cert_lifetime",))
+        if "max_cert_lifetime" in top
+        else None
+    )
+    revoked_ids, revoked_sha = collect(_revoked, r, top.get("revoked")) or (
+        frozenset(),
+        frozenset(),
+    )
+    jwt_header, leeway = collect(_jwt, r, top.get("jwt")) or ("authorization", 60.0)
+
     if not isinstance(top["routes"], list):
         raise r.fail(("routes",), "expected a list of routes")
     routes: list[Route] = []
-    names: dict[str, str] = {}
+    names: dict[str, Route] = {}
     for i, raw in enumerate(top["routes"]):
-        route = _route(r, raw, ("routes", i), upstreams)
+        route = collect(_route, r, raw, ("routes", i), upstreams, mode)
+        if route is None:
+            continue
         if route.name in names:
-            raise r.fail(
-                ("routes", i, "name"),
-                f"duplicate route name {route.name!r} (first at {names[route.name]})",
+            errors.append(
+                r.fail(
+                    ("routes", i, "name"),
+                    f"duplicate route name {route.name!r} (first at {names[route.name].location})",
+                )
             )
-        names[route.name] = route.location
+            continue
+        shadow = next((e for e in routes if e.match.covers(route.match)), None)
+        if shadow is not None:
+            errors.append(
+                r.fail(
+                    ("routes", i),
+                    f"route {route.name!r} can never match: route {shadow.name!r} "
+                    f"({shadow.location}) comes first and matches every request it does",
+                )
+            )
+        names[route.name] = route
         routes.append(route)
-    return Policy(tuple(routes), hashlib.sha256(data).hexdigest(), filename)
+    tests = collect(_tests, r, top.get("tests", []), set(names)) or ()
+    if errors:
+        errors.sort(key=lambda e: _position(e.location))
+        raise PolicyErrors(errors)
+    return Policy(
+        tuple(routes),
+        hashlib.sha256(data).hexdigest(),
+        filename,
+        revoked_ids,
+        revoked_sha,
+        max_life,
+        mode,
+        jwt_header,
+        leeway,
+        tuple(tests),
+    )
+
+
+def _position(location: str) -> tuple[int, int]:
+    parts = location.rsplit(":", 2)
+    try:
+        return int(parts[1]), int(parts[2])
+    except (IndexError, ValueError):
+        return 0, 0
+
+
+def _mode(r: Reader, value: Any, path: Path) -> str:
+    if value not in (ENFORCE, AUDIT):
+        raise r.fail(path, f"mode must be {ENFORCE!r} or {AUDIT!r}, got {value!r}")
+    return str(value)
+
+
+def _patterns(r: Reader, value: Any, path: Path) -> tuple[IdentityPattern, ...]:
+    out = []
+    for j, text in enumerate(r.string_list(value, path, allow_empty=True)):
+        try:
+            out.append(IdentityPattern.parse(text))
+        except SpiffeIdError as exc:
+            raise r.fail((*path, j), f"invalid identity pattern {text!r}: {exc.reason}") from None
+    return tuple(out)
+
+
+def _revoked(r: Reader, value: Any) -> tuple[frozenset[str], frozenset[str]]:
+    if value is None:
+        return frozenset(), frozenset()
+    m = r.mapping(value, ("revoked",), optional=["ids", "cert_sha256"])
+    ids = r.string_list(m.get("ids", []), ("revoked", "ids"), allow_empty=True)
+    for j, text in enumerate(ids):
+        try:
+            SpiffeId.parse(text)
+        except SpiffeIdError as exc:
+            raise r.fail(("revoked", "ids", j), str(exc)) from None
+    shas = [
+        s.lower().replace(":", "")
+        for s in r.string_list(
+            m.get("cert_sha256", []), ("revoked", "cert_sha256"), allow_empty=True
+        )
+    ]
+    for j, sha in enumerate(shas):
+        if not _SHA256.match(sha):
+            raise r.fail(
+                ("revoked", "cert_sha256", j),
+                f"expected 64 hex digits (a certificate's SHA-256), got {sha!r}",
+            )
+    return frozenset(ids), frozenset(shas)
+
+
+def _jwt(r: Reader, value: Any) -> tuple[str, float]:
+    if value is None:
+        return "authorization", 60.0
+    m = r.mapping(value, ("jwt",), optional=["header", "leeway"])
+    header = "authorization"
+    if "header" in m:
+        header = r.string(m["header"], ("jwt", "header"))
+        if not _HEADER.match(header):
+            raise r.fail(("jwt", "header"), f"not a valid header name: {header!r}")
+    leeway = r.duration(m["leeway"], ("jwt", "leeway")) if "leeway" in m else 60.0
+    return header.lower(), leeway
 
 
 def _route(
-    r: Reader, raw: Any, path: tuple[str | int, ...], upstreams: Collection[str] | None
+    r: Reader, raw: Any, path: Path, upstreams: Collection[str] | None, default_mode: str
 ) -> Route:
-    m = r.mapping(raw, path, required=["name", "upstream", "allow"], optional=["match"])
+    m = r.mapping(raw, path, required=["name", "upstream", "allow"], optional=ROUTE_KEYS)
     name = r.string(m["name"], (*path, "name"))
     if not _NAME.match(name):
         raise r.fail(
@@ -58,45 +198,103 @@ def _route(
     if upstreams is not None and upstream not in upstreams:
         known = ", ".join(sorted(upstreams)) or "none"
         raise r.fail((*path, "upstream"), f"unknown upstream {upstream!r} (configured: {known})")
-    allow_raw = r.string_list(m["allow"], (*path, "allow"), allow_empty=True)
-    allow = []
-    for j, text in enumerate(allow_raw):
+    allow = _patterns(r, m["allow"], (*path, "allow"))
+    deny = _patterns(r, m.get("deny", []), (*path, "deny"))
+    audiences: tuple[str, ...] = ()
+    if "audiences" in m:
+        audiences = tuple(r.string_list(m["audiences"], (*path, "audiences")))
+    jwt_subject = m.get("jwt_subject", "peer")
+    if jwt_subject not in ("peer", "any"):
+        raise r.fail(
+            (*path, "jwt_subject"), f"jwt_subject must be 'peer' or 'any', got {jwt_subject!r}"
+        )
+    keep_token = r.boolean(m["keep_token"], (*path, "keep_token")) if "keep_token" in m else False
+    if ("jwt_subject" in m or "keep_token" in m) and not audiences:
+        raise r.fail(path, "jwt_subject and keep_token only apply to a route with audiences")
+    mode = _mode(r, m["mode"], (*path, "mode")) if "mode" in m else default_mode
+    life = (
+        r.duration(m["max_cert_lifetime"], (*path, "max_cert_lifetime"))
+        if "max_cert_lifetime" in m
+        else None
+    )
+    return Route(
+        name,
+        _match(r, m.get("match"), (*path, "match")),
+        upstream,
+        allow,
+        deny,
+        audiences,
+        str(jwt_subject),
+        keep_token,
+        mode,
+        life,
+        r.source.at(path),
+    )
+
+
+def _match(r: Reader, value: Any, mp: Path) -> RouteMatch:
+    if value is None:
+        return RouteMatch()
+    match = r.mapping(value, mp, optional=["hosts", "path", "path_prefix", "methods"])
+    hosts = []
+    for j, text in enumerate(
+        r.string_list(match.get("hosts", []), (*mp, "hosts"), allow_empty=True)
+    ):
         try:
-            allow.append(IdentityPattern.parse(text))
-        except SpiffeIdError as exc:
-            raise r.fail(
-                (*path, "allow", j), f"invalid identity pattern {text!r}: {exc.reason}"
-            ) from None
-    hosts: list[HostPattern] = []
-    path_match: PathMatch | None = None
-    methods: frozenset[str] | None = None
-    if "match" in m:
-        mp = (*path, "match")
-        match = r.mapping(m["match"], mp, optional=["hosts", "path", "path_prefix", "methods"])
-        for j, text in enumerate(
-            r.string_list(match.get("hosts", []), (*mp, "hosts"), allow_empty=True)
-        ):
+            hosts.append(HostPattern.parse(text))
+        except ValueError as exc:
+            raise r.fail((*mp, "hosts", j), str(exc)) from None
+    if "path" in match and "path_prefix" in match:
+        raise r.fail(mp, "use either 'path' (exact or glob) or 'path_prefix', not both")
+    path_match = None
+    for kind, key in (("exact", "path"), ("prefix", "path_prefix")):
+        if key in match:
             try:
-                hosts.append(HostPattern.parse(text))
+                path_match = PathMatch.parse(kind, r.string(match[key], (*mp, key)))
             except ValueError as exc:
-                raise r.fail((*mp, "hosts", j), str(exc)) from None
-        if "path" in match and "path_prefix" in match:
-            raise r.fail(mp, "use either 'path' (exact) or 'path_prefix', not both")
-        for kind, key in (("exact", "path"), ("prefix", "path_prefix")):
-            if key in match:
-                value = r.string(match[key], (*mp, key))
-                if not value.startswith("/") or "?" in value or "#" in value:
-                    raise r.fail(
-                        (*mp, key), f"a path must start with '/' and hold no query: {value!r}"
-                    )
-                path_match = PathMatch(kind, value)
-        if "methods" in match:
-            listed = r.string_list(match["methods"], (*mp, "methods"))
-            for j, method in enumerate(listed):
-                if not _METHOD.match(method):
-                    raise r.fail(
-                        (*mp, "methods", j),
-                        f"invalid method {method!r}: write it in capitals, like GET",
-                    )
-            methods = frozenset(listed)
-    return Route(name, tuple(hosts), path_match, methods, upstream, tuple(allow), r.source.at(path))
+                raise r.fail((*mp, key), str(exc)) from None
+    methods = None
+    if "methods" in match:
+        listed = r.string_list(match["methods"], (*mp, "methods"))
+        for j, method in enumerate(listed):
+            if not _METHOD.match(method):
+                raise r.fail(
+                    (*mp, "methods", j),
+                    f"invalid method {method!r}: write it in capitals, like GET",
+                )
+        methods = frozenset(listed)
+    return RouteMatch(tuple(hosts), path_match, methods)
+
+
+def _tests(r: Reader, value: Any, route_names: set[str]) -> list[PolicyTest]:
+    if not isinstance(value, list):
+        raise r.fail(("tests",), "expected a list of test cases")
+    out = []
+    for i, raw in enumerate(value):
+        p: Path = ("tests", i)
+        m = r.mapping(raw, p, required=["id", "request", "expect"], optional=["audience", "route"])
+        ident = r.string(m["id"], (*p, "id"))
+        try:
+            SpiffeId.parse(ident)
+        except SpiffeIdError as exc:
+            raise r.fail((*p, "id"), str(exc)) from None
+        parts = r.string(m["request"], (*p, "request")).split()
+        if len(parts) != 3 or not _METHOD.match(parts[0]) or not parts[2].startswith("/"):
+            raise r.fail(
+                (*p, "request"),
+                "write a request as 'METHOD host /path', like "
+                "'GET billing.internal /api/invoices/7'",
+            )
+        expect = m["expect"]
+        if expect not in ("allow", "deny"):
+            raise r.fail((*p, "expect"), f"expect must be 'allow' or 'deny', got {expect!r}")
+        route = m.get("route")
+        if route is not None and route not in route_names:
+            raise r.fail((*p, "route"), f"no route named {route!r}")
+        audience = r.string(m["audience"], (*p, "audience")) if "audience" in m else None
+        out.append(
+            PolicyTest(
+                ident, parts[0], parts[1].lower(), parts[2], expect, audience, route, r.source.at(p)
+            )
+        )
+    return out

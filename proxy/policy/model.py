@@ -2,44 +2,133 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from proxy.policy.matcher import IdentityMatcher, RouteIndex
 from proxy.policy.patterns import HostPattern, IdentityPattern, PathMatch
+
+ENFORCE, AUDIT = "enforce", "audit"
+WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
 @dataclass(frozen=True, slots=True)
-class Route:
-    """One named route: what requests it matches, where they go, and who may send them.
+class RouteMatch:
+    """What requests a route matches. Empty ``hosts``, ``path`` None and ``methods`` None
+    mean "any"."""
 
-    Empty ``hosts`` and ``path`` None mean "any"; ``methods`` None means any method.
-    An empty ``allow`` is an explicit "nobody" (a block route).
-    """
+    hosts: tuple[HostPattern, ...] = ()
+    path: PathMatch | None = None
+    methods: frozenset[str] | None = None
 
-    name: str
-    hosts: tuple[HostPattern, ...]
-    path: PathMatch | None
-    methods: frozenset[str] | None
-    upstream: str
-    allow: tuple[IdentityPattern, ...]
-    location: str = ""
-
-    def matches_request(self, method: str, host: str, path: str) -> bool:
+    def matches(self, method: str, host: str, path: str) -> bool:
         if self.methods is not None and method not in self.methods:
             return False
         if self.path is not None and not self.path.matches(path):
             return False
         return not self.hosts or any(h.matches(host) for h in self.hosts)
 
+    def covers(self, other: RouteMatch) -> bool:
+        """Does this match catch every request ``other`` does? (No false positives.)"""
+        if self.methods is not None and (
+            other.methods is None or not other.methods <= self.methods
+        ):
+            return False
+        if self.hosts and (
+            not other.hosts or not all(any(a.covers(b) for a in self.hosts) for b in other.hosts)
+        ):
+            return False
+        if self.path is None:
+            return True
+        return other.path is not None and self.path.covers(other.path)
 
-@dataclass(frozen=True, slots=True)
+    def describe(self) -> str:
+        parts = []
+        if self.hosts:
+            parts.append("hosts " + ",".join(h.text for h in self.hosts))
+        if self.path:
+            parts.append(str(self.path))
+        parts.append("methods " + (",".join(sorted(self.methods)) if self.methods else "any"))
+        return "; ".join(parts)
+
+
+@dataclass(frozen=True)
+class Route:
+    """One named route: what it matches, where it goes, and who may send it.
+
+    ``deny`` wins over ``allow``; an empty ``allow`` is an explicit "nobody". With
+    ``audiences`` a JWT-SVID for one of them is required as well, and its subject must be
+    the mTLS peer unless ``jwt_subject`` is ``any``; the token is removed before
+    forwarding unless ``keep_token``. ``mode`` ``audit`` logs the decision and forwards
+    anyway. ``max_cert_lifetime`` (seconds) refuses longer-lived client certificates.
+    """
+
+    name: str
+    match: RouteMatch
+    upstream: str
+    allow: tuple[IdentityPattern, ...]
+    deny: tuple[IdentityPattern, ...] = ()
+    audiences: tuple[str, ...] = ()
+    jwt_subject: str = "peer"
+    keep_token: bool = False
+    mode: str = ENFORCE
+    max_cert_lifetime: float | None = None
+    location: str = ""
+    allow_matcher: IdentityMatcher = field(init=False, repr=False, compare=False)
+    deny_matcher: IdentityMatcher = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "allow_matcher", IdentityMatcher(self.allow))
+        object.__setattr__(self, "deny_matcher", IdentityMatcher(self.deny))
+
+    def matches_request(self, method: str, host: str, path: str) -> bool:
+        return self.match.matches(method, host, path)
+
+
+@dataclass(frozen=True)
+class PolicyTest:
+    """A test case written beside the policy (``spiffe-pep test``)."""
+
+    spiffe_id: str
+    method: str
+    host: str
+    path: str
+    expect: str  # "allow" or "deny"
+    audience: str | None = None
+    route: str | None = None
+    location: str = ""
+
+
+@dataclass(frozen=True)
 class Policy:
     """A validated policy and the SHA-256 of the file it came from (its version)."""
 
     routes: tuple[Route, ...]
     sha256: str
     source: str = "<policy>"
+    revoked_ids: frozenset[str] = frozenset()
+    revoked_sha256: frozenset[str] = frozenset()
+    max_cert_lifetime: float | None = None
+    mode: str = ENFORCE
+    jwt_header: str = "authorization"
+    jwt_leeway: float = 60.0
+    tests: tuple[PolicyTest, ...] = ()
+    index: RouteIndex = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        paths = [
+            (r.match.path.kind, r.match.path.value) if r.match.path else None for r in self.routes
+        ]
+        object.__setattr__(self, "index", RouteIndex(paths))
 
     @property
     def version(self) -> str:
         """A short form of the SHA-256 for humans; logs carry the full hash."""
         return self.sha256[:12]
+
+    def route_for(self, method: str, host: str, path: str) -> Route | None:
+        """The first route matching the request, found through the index."""
+        for i in self.index.candidates(path):
+            route = self.routes[i]
+            if route.match.matches(method, host, path):
+                return route
+        return None

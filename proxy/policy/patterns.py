@@ -7,10 +7,11 @@ Identity patterns:
 - ``spiffe://example.org/ns/*/sa/web``: ``*`` as a whole inner segment matches exactly one.
 No other wildcards and no regex, so ``spiffe-pep check`` can validate every pattern.
 
-Paths: ``path`` is exact; ``path_prefix`` matches on segment boundaries (``/api``
-matches ``/api`` and ``/api/x`` but not ``/apix``; a prefix ending in ``/`` matches
-anything below it). Hosts: exact, or ``*.example.com`` for any subdomain (one or more
-labels); compared case-insensitively, without the port.
+Paths: ``path`` is exact, or a segment glob when a segment is ``*`` (``/api/*/items``:
+``*`` matches exactly one segment); ``path_prefix`` matches on segment boundaries
+(``/api`` matches ``/api`` and ``/api/x`` but not ``/apix``; a prefix ending in ``/``
+matches anything below it). Hosts: exact, or ``*.example.com`` for any subdomain (one or
+more labels); compared case-insensitively, without the port.
 """
 
 from __future__ import annotations
@@ -38,9 +39,9 @@ class IdentityPattern:
             raise SpiffeIdError(text, "an identity pattern must start with spiffe://")
         rest = text[len(SCHEME) :]
         td_text, slash, path = rest.partition("/")
-        td = TrustDomain.parse(td_text) if td_text else None
-        if td is None:
+        if not td_text:
             raise SpiffeIdError(text, "trust domain is missing")
+        td = TrustDomain.parse(td_text)
         if not slash:
             raise SpiffeIdError(
                 text, "a pattern needs a path: use spiffe://td/* for every workload of a domain"
@@ -64,19 +65,43 @@ class IdentityPattern:
     def exact(self) -> bool:
         return not self.tail and WILDCARD not in self.segments
 
+    @property
+    def whole_trust_domain(self) -> bool:
+        return self.tail and not self.segments
+
     def matches(self, spiffe_id: SpiffeId) -> bool:
         if spiffe_id.trust_domain != self.trust_domain:
             return False
-        if self.exact:
-            return spiffe_id.path == "/" + "/".join(self.segments)
         have = spiffe_id.segments
         n = len(self.segments)
-        if self.tail:
-            if len(have) <= n:
-                return False
-        elif len(have) != n:
+        if (len(have) <= n) if self.tail else (len(have) != n):
             return False
         return all(p in (WILDCARD, h) for p, h in zip(self.segments, have, strict=False))
+
+    def overlaps(self, other: IdentityPattern) -> bool:
+        """Is there an ID that both patterns match?"""
+        if self.trust_domain != other.trust_domain:
+            return False
+        a, b = self.segments, other.segments
+        for x, y in zip(a, b, strict=False):
+            if WILDCARD not in (x, y) and x != y:
+                return False
+        if len(a) == len(b):
+            return True
+        shorter = self if len(a) < len(b) else other
+        return shorter.tail  # the shorter one must be able to extend
+
+    def covers(self, other: IdentityPattern) -> bool:
+        """Does every ID that ``other`` matches also match ``self``?"""
+        if self.trust_domain != other.trust_domain:
+            return False
+        a, b = self.segments, other.segments
+        if self.tail:
+            if len(b) < len(a) or (len(b) == len(a) and not other.tail):
+                return False
+        elif other.tail or len(a) != len(b):
+            return False
+        return all(x in (WILDCARD, y) for x, y in zip(a, b, strict=False))
 
     def __str__(self) -> str:
         return self.text
@@ -98,26 +123,80 @@ class HostPattern:
             )
         return cls(host)
 
+    @property
+    def wildcard(self) -> bool:
+        return self.text.startswith("*.")
+
     def matches(self, host: str) -> bool:
-        if self.text.startswith("*."):
+        if self.wildcard:
             return host.endswith(self.text[1:]) and len(host) > len(self.text) - 1
         return host == self.text
+
+    def covers(self, other: HostPattern) -> bool:
+        if not self.wildcard:
+            return other.text == self.text
+        return self.matches(other.text[2:] if other.wildcard else other.text) or (
+            other.text == self.text
+        )
 
 
 @dataclass(frozen=True, slots=True)
 class PathMatch:
-    """``kind`` is ``exact`` or ``prefix`` (segment-boundary prefix)."""
+    """``kind`` is ``exact``, ``glob`` (``*`` = one segment) or ``prefix`` (segment-boundary)."""
 
     kind: str
     value: str
 
+    @classmethod
+    def parse(cls, kind: str, value: str) -> PathMatch:
+        if not value.startswith("/") or "?" in value or "#" in value:
+            raise ValueError(f"a path must start with '/' and hold no query: {value!r}")
+        segments = value.split("/")[1:]
+        if any(WILDCARD in s and s != WILDCARD for s in segments):
+            raise ValueError(f"'*' must stand for a whole path segment: {value!r}")
+        if WILDCARD in segments:
+            if kind == "prefix":
+                raise ValueError(f"path_prefix takes no '*'; use path: {value!r}")
+            kind = "glob"
+        return cls(kind, value)
+
+    @property
+    def segments(self) -> tuple[str, ...]:
+        return tuple(self.value.split("/")[1:])
+
+    @property
+    def literal_prefix(self) -> str:
+        """The literal segments before the first ``*`` (the whole value if none)."""
+        segs = self.segments
+        if WILDCARD not in segs:
+            return self.value
+        return "/" + "/".join(segs[: segs.index(WILDCARD)])
+
     def matches(self, path: str) -> bool:
         if self.kind == "exact":
             return path == self.value
+        if self.kind == "glob":
+            have = path.split("/")[1:]
+            segs = self.segments
+            return len(have) == len(segs) and all(
+                s in (WILDCARD, h) and (s != WILDCARD or h != "")
+                for s, h in zip(segs, have, strict=True)
+            )
         v = self.value
         if not path.startswith(v):
             return False
         return v.endswith("/") or len(path) == len(v) or path[len(v)] == "/"
 
+    def covers(self, other: PathMatch) -> bool:
+        """Does every path ``other`` matches also match ``self``? (No false positives.)"""
+        if self.kind == "prefix":
+            if other.kind == "glob":
+                lit = other.literal_prefix
+                return lit != "/" and self.matches(lit) and not self.value.endswith("/")
+            return self.matches(other.value)
+        if other.kind == "exact":
+            return self.matches(other.value)
+        return self == other
+
     def __str__(self) -> str:
-        return f"{'path' if self.kind == 'exact' else 'path_prefix'} {self.value}"
+        return f"{'path_prefix' if self.kind == 'prefix' else 'path'} {self.value}"

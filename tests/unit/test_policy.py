@@ -11,6 +11,7 @@ from proxy.policy import Request, evaluate, load_policy
 from proxy.policy.evaluate import NO_ROUTE, NOT_ALLOWED
 from proxy.policy.patterns import HostPattern, IdentityPattern, PathMatch
 from proxy.spiffe_id import SpiffeId
+from tests.unit.policy_helpers import NOW, caller
 
 PATTERN_ROWS = [
     # name, pattern, id, matches
@@ -237,7 +238,7 @@ def test_evaluate(
     peer: str, method: str, host: str, path: str, allowed: bool, route: str | None, detail: str
 ) -> None:
     policy = load_policy(POLICY, "p.yaml", {"app"})
-    d = evaluate(policy, SpiffeId.parse(peer), Request(method, host, path))
+    d = evaluate(policy, caller(peer), Request(method, host, path), NOW)
     assert d.allowed is allowed
     assert d.route_name == route
     assert (d.rule if allowed else d.reason) == detail
