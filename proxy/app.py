@@ -1,17 +1,21 @@
-"""Wiring: load everything, listen, serve connections, stop cleanly on SIGTERM/SIGINT."""
+"""Wiring: load everything, listen, serve connections, reload the policy on change or
+SIGHUP, serve the admin endpoints, stop cleanly on SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
+import hashlib
+import os
 import signal
 from pathlib import Path
 
 import trio
 
-from proxy import __version__
+from proxy import __version__, admin
 from proxy.audit_sink import JsonLines
 from proxy.config import Config, load_config
 from proxy.errors import ConfigError
 from proxy.forward import UpstreamPool
+from proxy.metrics import CONTENT_TYPE, Metrics
 from proxy.policy.loader import load_policy
 from proxy.policy.model import Policy
 from proxy.server import Runtime, handle_connection
@@ -26,12 +30,13 @@ def read_config(path: Path) -> Config:
     return load_config(data, str(path), path.parent)
 
 
-def read_policy(config: Config) -> Policy:
+def read_policy(config: Config, data: bytes | None = None) -> Policy:
     path = config.policy_path
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(str(path), f"cannot read the policy: {exc.strerror}") from exc
+    if data is None:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(str(path), f"cannot read the policy: {exc.strerror}") from exc
     return load_policy(data, str(path), set(config.upstreams))
 
 
@@ -43,6 +48,8 @@ def build_runtime(config: Config, events: JsonLines | None = None) -> Runtime:
         name: UpstreamPool(up, config.timeouts, config.limits.max_idle_upstream_connections)
         for name, up in config.upstreams.items()
     }
+    metrics = Metrics()
+    metrics.set_policy(policy.sha256)
     return Runtime(
         config,
         credentials,
@@ -50,7 +57,89 @@ def build_runtime(config: Config, events: JsonLines | None = None) -> Runtime:
         pools,
         JsonLines(config.decision_log),
         events or JsonLines("stderr"),
+        metrics,
     )
+
+
+class PolicyReloader:
+    """Swaps in a new policy when its file changes or on SIGHUP, atomically: a request
+    reads ``rt.policy`` once and keeps that policy to its end. A bad edit is rejected,
+    logged with file:line:column and counted; the last good policy keeps serving.
+
+    The file watch polls (mtime, size, inode) and reloads once they have stayed the same
+    for one interval, so an editor's half-written save is not even tried.
+    """
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self._rejected: str | None = None
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.rt.config.policy_path)
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size, st.st_ino
+
+    def reload(self, trigger: str) -> bool:
+        rt = self.rt
+        path = rt.config.policy_path
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            return self._failed(trigger, str(path), f"cannot read the policy: {exc.strerror}")
+        sha = hashlib.sha256(data).hexdigest()
+        if sha == rt.policy.sha256 or (trigger == "watch" and sha == self._rejected):
+            return False
+        try:
+            policy = read_policy(rt.config, data)
+        except ConfigError as exc:
+            self._rejected = sha
+            errors = [str(e) for e in getattr(exc, "errors", [exc])]
+            return self._failed(trigger, exc.location, exc.message, sha256=sha, errors=errors)
+        old = rt.policy
+        rt.policy = policy
+        self._rejected = None
+        rt.metrics.policy_reloads.labels(result="ok").inc()
+        rt.metrics.set_policy(policy.sha256)
+        rt.events.event(
+            "policy_reloaded",
+            trigger=trigger,
+            policy=str(path),
+            old_sha256=old.sha256,
+            policy_sha256=policy.sha256,
+            routes=len(policy.routes),
+        )
+        return True
+
+    def _failed(self, trigger: str, location: str, message: str, **fields: object) -> bool:
+        self.rt.metrics.policy_reloads.labels(result="failed").inc()
+        self.rt.events.event(
+            "policy_reload_failed",
+            trigger=trigger,
+            location=location,
+            error=message,
+            kept_sha256=self.rt.policy.sha256,
+            **fields,
+        )
+        return False
+
+    async def watch(self, interval: float) -> None:
+        seen = self._stat()
+        pending = False
+        while True:
+            await trio.sleep(interval)
+            now = self._stat()
+            if now != seen:
+                seen, pending = now, True  # changed: wait until it holds still
+            elif pending:
+                pending = False
+                self.reload("watch")
+
+    async def on_sighup(self) -> None:
+        with trio.open_signal_receiver(signal.SIGHUP) as signals:
+            async for _ in signals:
+                self.reload("sighup")
 
 
 async def _connection(rt: Runtime, stream: trio.SocketStream) -> None:
@@ -60,25 +149,44 @@ async def _connection(rt: Runtime, stream: trio.SocketStream) -> None:
         rt.events.event("connection_error", error=f"{type(exc).__name__}: {exc}")
 
 
+def admin_routes(rt: Runtime) -> dict[bytes, admin.Handler]:
+    def metrics() -> tuple[int, bytes, bytes]:
+        return 200, CONTENT_TYPE.encode(), rt.metrics.exposition()
+
+    def healthz() -> tuple[int, object]:
+        return 200, {"status": "ok"}
+
+    return {b"/metrics": metrics, b"/healthz": admin.json_handler(healthz)}
+
+
 async def serve(
-    rt: Runtime, *, task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED
+    rt: Runtime, *, task_status: trio.TaskStatus[dict[str, object]] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """Listen and serve until cancelled. ``task_status`` gets the bound (host, port)s."""
+    """Listen and serve until cancelled. ``task_status`` gets ``{"listen": [(host, port)],
+    "admin": port or None}``."""
     cfg = rt.config
     listeners = await trio.open_tcp_listeners(cfg.listen_port, host=cfg.listen_host)
     bound = [tuple(lst.socket.getsockname()[:2]) for lst in listeners]
-    rt.events.event(
-        "listening",
-        version=__version__,
-        addresses=[f"{h}:{p}" for h, p in bound],
-        spiffe_id=str(rt.credentials.own_id) if rt.credentials.own_id else None,
-        policy=str(cfg.policy_path),
-        policy_sha256=rt.policy.sha256,
-        trust_domains=sorted(str(td) for td in rt.credentials.trust.bundles),
-    )
+    reloader = PolicyReloader(rt)
     try:
         async with trio.open_nursery() as nursery:
-            task_status.started(bound)
+            admin_port = None
+            if cfg.admin is not None:
+                admin_port = await nursery.start(admin.serve_admin, *cfg.admin, admin_routes(rt))
+            rt.events.event(
+                "listening",
+                version=__version__,
+                addresses=[f"{h}:{p}" for h, p in bound],
+                admin=f"{cfg.admin[0]}:{admin_port}" if cfg.admin else None,
+                spiffe_id=str(rt.credentials.own_id) if rt.credentials.own_id else None,
+                policy=str(cfg.policy_path),
+                policy_sha256=rt.policy.sha256,
+                trust_domains=sorted(str(td) for td in rt.credentials.trust.bundles),
+            )
+            if cfg.policy_watch:
+                nursery.start_soon(reloader.watch, cfg.policy_watch)
+            nursery.start_soon(reloader.on_sighup)
+            task_status.started({"listen": bound, "admin": admin_port, "reloader": reloader})
 
             async def handler(stream: trio.SocketStream) -> None:
                 await _connection(rt, stream)

@@ -62,6 +62,8 @@ class Config:
     timeouts: Timeouts = field(default_factory=Timeouts)
     limits: Limits = field(default_factory=Limits)
     source: str = "<config>"
+    admin: tuple[str, int] | None = ("127.0.0.1", 9901)
+    policy_watch: float | None = 1.0
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -84,7 +86,14 @@ def load_config(data: bytes, filename: str, base_dir: Path) -> Config:
         doc,
         (),
         required=["listen", "tls", "upstreams", "policy"],
-        optional=["identity_headers", "timeouts", "limits", "decision_log"],
+        optional=[
+            "identity_headers",
+            "timeouts",
+            "limits",
+            "decision_log",
+            "admin",
+            "policy_watch",
+        ],
     )
 
     def path(value: Any, where: tuple[str | int, ...]) -> Path:
@@ -170,6 +179,18 @@ def load_config(data: bytes, filename: str, base_dir: Path) -> Config:
             value if value in ("stdout", "stderr") else str(path(value, ("decision_log",)))
         )
 
+    admin: tuple[str, int] | None = ("127.0.0.1", 9901)
+    if "admin" in top:
+        value = r.string(top["admin"], ("admin",))
+        try:
+            admin = None if value == "off" else parse_address(value)
+        except ValueError as exc:
+            raise r.fail(("admin",), f"{exc} (or 'off')") from None
+    policy_watch: float | None = 1.0
+    if "policy_watch" in top:
+        value = top["policy_watch"]
+        policy_watch = None if value == "off" else r.duration(value, ("policy_watch",))
+
     return Config(
         host,
         port,
@@ -181,4 +202,6 @@ def load_config(data: bytes, filename: str, base_dir: Path) -> Config:
         timeouts,
         limits,
         filename,
+        admin,
+        policy_watch,
     )

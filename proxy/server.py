@@ -21,6 +21,7 @@ from proxy.audit_sink import JsonLines
 from proxy.config import Config
 from proxy.errors import HttpError, SvidError, UpstreamError
 from proxy.forward import UpstreamConnection, UpstreamPool
+from proxy.metrics import Metrics
 from proxy.policy.evaluate import ALLOWED, Request, evaluate
 from proxy.policy.model import Policy, Route
 from proxy.target import Target, host_for_matching, parse_target
@@ -41,6 +42,7 @@ class Runtime:
     pools: dict[str, UpstreamPool]
     decisions: JsonLines
     events: JsonLines
+    metrics: Metrics
 
 
 class ClientGone(Exception):
@@ -70,12 +72,19 @@ async def handle_connection(rt: Runtime, stream: trio.SocketStream) -> None:
     conn = SSL.Connection(creds.context, None)
     conn.set_accept_state()
     tls = TLSStream(stream, conn)
+    rt.metrics.open_connections.inc()
     try:
         peer = await _handshake(rt, creds, tls, peer_addr)
         if peer is not None:
             await HttpSession(rt, tls, peer, peer_ip, peer_addr).run()
     finally:
+        rt.metrics.open_connections.dec()
         await tls.aclose()
+
+
+def _handshake_failed(rt: Runtime, reason: str, peer_addr: str, **fields: object) -> None:
+    rt.metrics.handshake_failures.labels(reason=reason).inc()
+    rt.events.event("tls_handshake_failed", reason=reason, peer_addr=peer_addr, **fields)
 
 
 async def _handshake(
@@ -85,21 +94,15 @@ async def _handshake(
         with trio.fail_after(rt.config.timeouts.handshake):
             await tls.do_handshake()
     except TLSError as exc:
-        rt.events.event(
-            "tls_handshake_failed",
-            reason=_tls_reason(exc.reason),
-            detail=exc.reason,
-            peer_addr=peer_addr,
-            leaf_sha256=None,
+        _handshake_failed(
+            rt, _tls_reason(exc.reason), peer_addr, detail=exc.reason, leaf_sha256=None
         )
         return None
     except trio.TooSlowError:
-        rt.events.event("tls_handshake_failed", reason="handshake_timeout", peer_addr=peer_addr)
+        _handshake_failed(rt, "handshake_timeout", peer_addr)
         return None
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-        rt.events.event(
-            "tls_handshake_failed", reason="connection_broken", detail=str(exc), peer_addr=peer_addr
-        )
+        _handshake_failed(rt, "connection_broken", peer_addr, detail=str(exc))
         return None
     leaf = tls.conn.get_peer_certificate(as_cryptography=True)
     chain = [leaf] if leaf is not None else []
@@ -110,11 +113,11 @@ async def _handshake(
     try:
         return svid.verify_peer(chain, creds.trust, dt.datetime.now(dt.UTC))
     except SvidError as exc:
-        rt.events.event(
-            "tls_handshake_failed",
-            reason=exc.reason,
+        _handshake_failed(
+            rt,
+            exc.reason,
+            peer_addr,
             detail=exc.detail,
-            peer_addr=peer_addr,
             leaf_sha256=svid.fingerprint(leaf) if leaf is not None else None,
             claimed_ids=svid.uri_sans(leaf) if leaf is not None else [],
         )
@@ -260,14 +263,22 @@ class HttpSession:
             status=status,
         )
         await self._reply_error(status, reason, ex.request_id, close=True)
-        self._log(ex, dt.datetime.now(dt.UTC), time.perf_counter(), detail=str(exc))
-
-    def _log(self, ex: audit.Exchange, started: dt.datetime, t0: float, **extra: str) -> None:
-        record = audit.build_record(
-            ex, self.peer, self.rt.policy.sha256, started, time.perf_counter() - t0
+        self._log(
+            ex, dt.datetime.now(dt.UTC), time.perf_counter(), self.rt.policy.sha256, detail=str(exc)
         )
+
+    def _log(
+        self, ex: audit.Exchange, started: dt.datetime, t0: float, policy_sha256: str, **extra: str
+    ) -> None:
+        elapsed = time.perf_counter() - t0
+        record = audit.build_record(ex, self.peer, policy_sha256, started, elapsed)
         record.update(extra)
         self.rt.decisions.write(record)
+        m = self.rt.metrics
+        m.requests.labels(
+            route=record["route"] or "", decision=ex.outcome, reason=ex.reason, mode=record["mode"]
+        ).inc()
+        m.duration.observe(elapsed)
 
     async def handle(self, req: h11.Request) -> bool:
         """Serve one request; return whether the connection may carry another."""
@@ -316,6 +327,9 @@ class HttpSession:
         except UpstreamError as exc:
             ex.status = exc.status_hint
             ex.reason = exc.reason
+            self.rt.metrics.upstream_errors.labels(
+                upstream=ex.upstream or "", reason=exc.reason
+            ).inc()
             self.rt.events.event(
                 "upstream_error",
                 request_id=rid,
@@ -330,7 +344,7 @@ class HttpSession:
                 ex.reason = "client_gone"
             raise
         finally:
-            self._log(ex, started, t0)
+            self._log(ex, started, t0, policy.sha256)
 
     def _target(self, req: h11.Request, ex: audit.Exchange) -> Target:
         if req.method == b"CONNECT":

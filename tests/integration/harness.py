@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import trio
 
 from proxy import app, demo_upstream
@@ -48,6 +49,8 @@ class Proxy:
     rt: Runtime
     dir: Path
     pki: Pki
+    admin_port: int | None = None
+    reloader: Any = None
 
     @property
     def url(self) -> str:
@@ -58,6 +61,12 @@ class Proxy:
 
     def events(self) -> list[dict[str, Any]]:
         return _lines(self.dir / "events.jsonl")
+
+    async def metrics(self) -> str:
+        async with httpx.AsyncClient() as client:
+            r = await client.get(f"http://127.0.0.1:{self.admin_port}/metrics")
+            r.raise_for_status()
+            return r.text
 
 
 def _lines(path: Path) -> list[dict[str, Any]]:
@@ -74,6 +83,8 @@ def write_config(
     listen: str = "127.0.0.1:0",
     timeouts: str = "",
     policy: str = POLICY,
+    jwks: str | None = None,
+    policy_watch: str = "200ms",
 ) -> Path:
     dead = socket.socket()
     dead.bind(("127.0.0.1", 0))
@@ -90,23 +101,30 @@ def write_config(
           bundles:
             example.org: {pki.bundle}
             partner.org: {pki.partner_bundle}
+        {"  jwt_bundles: {example.org: " + jwks + "}" if jwks else ""}
         upstreams:
           app: {{url: "http://127.0.0.1:{upstream_port}"}}
           dead: {{url: "http://127.0.0.1:{dead_port}"}}
         decision_log: {d}/decisions.jsonl
         policy: policy.yaml
+        admin: 127.0.0.1:0
+        policy_watch: {policy_watch}
         """)
         + timeouts
     )
     return cfg
 
 
-async def start(nursery: trio.Nursery, tmp: Path, pki: Pki, *, timeouts: str = "") -> Proxy:
+async def start(
+    nursery: trio.Nursery, tmp: Path, pki: Pki, *, timeouts: str = "", **config: Any
+) -> Proxy:
     upstream_port = await nursery.start(demo_upstream.serve, "127.0.0.1", 0)
-    cfg = write_config(tmp, pki, upstream_port, timeouts=timeouts)
+    cfg = write_config(tmp, pki, upstream_port, timeouts=timeouts, **config)
     rt = app.build_runtime(app.read_config(cfg), events=JsonLines(str(tmp / "events.jsonl")))
-    bound = await nursery.start(app.serve, rt)
-    return Proxy(bound[0][1], upstream_port, rt, tmp, pki)
+    started = await nursery.start(app.serve, rt)
+    return Proxy(
+        started["listen"][0][1], upstream_port, rt, tmp, pki, started["admin"], started["reloader"]
+    )
 
 
 @dataclass

@@ -47,7 +47,7 @@ def test_check_accepts_the_shipped_dev_config() -> None:
         ),
         (
             lambda c, p: c + "timeouts: {idle: 60}\n",
-            "spiffe-pep.yaml:13:18",
+            "spiffe-pep.yaml:14:18",
             "duration with a unit",
         ),
         (

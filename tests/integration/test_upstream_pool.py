@@ -60,8 +60,8 @@ async def _start(nursery: trio.Nursery, tmp: Path, pki: Pki, handler: object) ->
     port = listeners[0].socket.getsockname()[1]
     cfg = write_config(tmp, pki, port)
     rt = app.build_runtime(app.read_config(cfg), events=JsonLines(str(tmp / "events.jsonl")))
-    bound = await nursery.start(app.serve, rt)
-    return Proxy(bound[0][1], port, rt, tmp, pki)
+    started = await nursery.start(app.serve, rt)
+    return Proxy(started["listen"][0][1], port, rt, tmp, pki)
 
 
 async def test_idempotent_request_retried_when_pooled_connection_dies(

@@ -1,0 +1,78 @@
+"""Every Prometheus metric, defined once, with tiny record helpers.
+
+Its own registry (not the process-global default), so several proxies in one process
+(the tests) each count their own traffic.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter(
+            "spiffe_pep_requests",
+            "Requests by route, policy verdict, reason and mode.",
+            ["route", "decision", "reason", "mode"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "spiffe_pep_request_duration_seconds",
+            "Time from request head to the last byte.",
+            buckets=(
+                0.0005,
+                0.001,
+                0.0025,
+                0.005,
+                0.01,
+                0.025,
+                0.05,
+                0.1,
+                0.25,
+                0.5,
+                1,
+                2.5,
+                5,
+                10,
+            ),
+            registry=r,
+        )
+        self.handshake_failures = Counter(
+            "spiffe_pep_tls_handshake_failures",
+            "Refused or failed TLS handshakes by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "spiffe_pep_upstream_errors",
+            "Upstream failures by upstream and reason.",
+            ["upstream", "reason"],
+            registry=r,
+        )
+        self.open_connections = Gauge(
+            "spiffe_pep_open_connections", "Client connections open now.", registry=r
+        )
+        self.policy_reloads = Counter(
+            "spiffe_pep_policy_reloads",
+            "Policy reloads by result (ok or failed).",
+            ["result"],
+            registry=r,
+        )
+        self.policy_info = Gauge(
+            "spiffe_pep_policy_info",
+            "The policy in force (value 1), by its SHA-256.",
+            ["sha256"],
+            registry=r,
+        )
+
+    def set_policy(self, sha256: str) -> None:
+        self.policy_info.clear()
+        self.policy_info.labels(sha256=sha256).set(1)
+
+    def exposition(self) -> bytes:
+        return bytes(generate_latest(self.registry))
