@@ -1,5 +1,6 @@
-"""Command line: ``spiffe-pep run|dev|check``. Parses arguments and maps errors to exit
-codes (0 ok, 1 a check failed, 2 bad configuration); no logic of its own."""
+"""Command line: ``spiffe-pep run|dev|check|explain|test|reach``. Parses arguments and
+maps errors to exit codes (0 ok, 1 a policy test failed, 2 bad configuration or policy);
+no logic of its own."""
 
 from __future__ import annotations
 
@@ -10,9 +11,12 @@ from pathlib import Path
 
 import trio
 
-from proxy import __version__, devcerts
+from proxy import __version__, devcerts, yamlsrc
 from proxy.app import build_runtime, read_config, read_policy, run_until_signalled
-from proxy.errors import ConfigError
+from proxy.errors import ConfigError, SpiffeIdError
+from proxy.policy import tools
+from proxy.policy.loader import load_policy
+from proxy.policy.model import Policy
 
 EXIT_CONFIG = 2
 
@@ -31,16 +35,98 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_check(args: argparse.Namespace) -> int:
+def _errors(exc: ConfigError) -> int:
+    for err in getattr(exc, "errors", [exc]):
+        print(f"{err}", file=sys.stderr)
+    return EXIT_CONFIG
+
+
+def _is_policy(path: Path) -> bool:
+    """A policy file has a top-level ``routes`` key; a runtime configuration has not."""
     try:
-        config = read_config(Path(args.config))
-        policy = read_policy(config)
+        doc, _ = yamlsrc.load(path.read_bytes(), str(path))
+    except (OSError, ConfigError):
+        return False
+    return isinstance(doc, dict) and "routes" in doc
+
+
+def _load_policy_file(path: Path, config: str | None) -> Policy:
+    """A policy from its own file (upstream names checked against ``config`` if given)."""
+    upstreams = set(read_config(Path(config)).upstreams) if config else None
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(str(path), f"cannot read the policy: {exc.strerror}") from exc
+    return load_policy(data, str(path), upstreams)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    path = Path(args.file)
+    try:
+        if _is_policy(path):
+            policy = _load_policy_file(path, args.config)
+            print(
+                f"ok: {path}: {len(policy.routes)} routes, {len(policy.tests)} tests, "
+                f"sha256 {policy.sha256}"
+            )
+        else:
+            config = read_config(path)
+            policy = read_policy(config)
+            print(
+                f"ok: {path} and {config.policy_path} ({len(policy.routes)} routes, "
+                f"policy sha256 {policy.sha256})"
+            )
     except ConfigError as exc:
-        return _fail(exc)
-    print(
-        f"ok: {args.config} and {config.policy_path} ({len(policy.routes)} routes, "
-        f"policy sha256 {policy.sha256})"
-    )
+        return _errors(exc)
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    try:
+        policy = _load_policy_file(Path(args.policy), args.config)
+        decision = tools.decide(
+            policy,
+            args.id,
+            args.method,
+            args.host,
+            args.path,
+            args.audience,
+            fingerprint=args.sha256 or "",
+        )
+    except ConfigError as exc:
+        return _errors(exc)
+    except SpiffeIdError as exc:
+        print(f"spiffe-pep: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(tools.explain(policy, decision))
+    return 0
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    try:
+        policy = _load_policy_file(Path(args.policy), args.config)
+    except ConfigError as exc:
+        return _errors(exc)
+    if not policy.tests:
+        print(
+            f"{args.policy}: no test cases (add a 'tests:' list beside 'routes:')", file=sys.stderr
+        )
+        return 1
+    results = tools.run_tests(policy)
+    for result in results:
+        print(result.line())
+    failed = sum(not r.passed for r in results)
+    print(f"{len(results) - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+def cmd_reach(args: argparse.Namespace) -> int:
+    try:
+        policy = _load_policy_file(Path(args.policy), args.config)
+    except ConfigError as exc:
+        return _errors(exc)
+    for line in tools.reach(policy):
+        print(line)
     return 0
 
 
@@ -86,9 +172,32 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the proxy with a configuration file")
     run.add_argument("-c", "--config", required=True, help="the runtime configuration (YAML)")
     run.set_defaults(func=cmd_run)
-    check = sub.add_parser("check", help="validate a configuration and its policy, then exit")
-    check.add_argument("config", help="the runtime configuration (YAML)")
+    check = sub.add_parser(
+        "check",
+        help="validate a policy, or a runtime configuration and its policy; print "
+        "every error with file:line:column",
+    )
+    check.add_argument("file", help="a policy or a runtime configuration (YAML)")
+    check.add_argument("--config", help="with a policy: also check its upstream names")
     check.set_defaults(func=cmd_check)
+    explain = sub.add_parser("explain", help="the decision for one request, and why")
+    explain.add_argument("policy", help="the policy file")
+    explain.add_argument("--id", required=True, help="the caller's SPIFFE ID")
+    explain.add_argument("--method", default="GET")
+    explain.add_argument("--host", default="")
+    explain.add_argument("--path", default="/")
+    explain.add_argument("--audience", help="present a valid JWT-SVID for this audience")
+    explain.add_argument("--sha256", help="the client certificate's SHA-256 (revocation)")
+    explain.add_argument("--config", help="the runtime configuration, to check upstreams")
+    explain.set_defaults(func=cmd_explain)
+    test = sub.add_parser("test", help="run the test cases written in the policy file")
+    test.add_argument("policy")
+    test.add_argument("--config", help="the runtime configuration, to check upstreams")
+    test.set_defaults(func=cmd_test)
+    reach = sub.add_parser("reach", help="every route each identity pattern can reach")
+    reach.add_argument("policy")
+    reach.add_argument("--config", help="the runtime configuration, to check upstreams")
+    reach.set_defaults(func=cmd_reach)
     dev = sub.add_parser("dev", help="run on the embedded dev setup (certs, demo upstream)")
     dev.add_argument("--root", default=".", help="the project checkout (default: .)")
     dev.set_defaults(func=cmd_dev)

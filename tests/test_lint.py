@@ -16,9 +16,9 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_ruff() -> None:
-    done = _run("ruff", "check", "proxy", "tests")
+    done = _run("ruff", "check", "proxy", "tests", "loadtests")
     assert done.returncode == 0, done.stdout + done.stderr
-    done = _run("ruff", "format", "--check", "proxy", "tests")
+    done = _run("ruff", "format", "--check", "proxy", "tests", "loadtests")
     assert done.returncode == 0, done.stdout + done.stderr
 
 

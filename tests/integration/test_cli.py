@@ -116,7 +116,7 @@ def _port_free(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) != 0
 
 
-@pytest.mark.skipif(not (_port_free(8443) and _port_free(8081)), reason="dev ports in use")
+@pytest.mark.skipif(not all(_port_free(p) for p in (8443, 8081, 9901)), reason="dev ports in use")
 async def test_readme_dev_command_serves_client_and_refuses_denied(tmp_path: Path) -> None:
     # A fresh checkout: config/ only, no certs_dev/ yet.
     shutil.copytree(ROOT / "config", tmp_path / "config")

@@ -1,0 +1,1 @@
+"""Benchmarks and load tools for spiffe-pep (see README.md here)."""

@@ -1,0 +1,180 @@
+"""Policy as code: explain a decision, run the test cases written beside a policy, and
+show each identity's reach. Pure: returns text and results; the CLI prints them.
+
+A request is evaluated for a synthetic caller: the SPIFFE ID given, a certificate that
+is a minute old and lives ``lifetime`` (one hour unless told). With an audience, a real
+JWT-SVID for that audience and subject is minted with a throwaway key and validated as
+the proxy would.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from proxy.policy.evaluate import Decision, Request, evaluate
+from proxy.policy.model import WRITE_METHODS, Policy, PolicyTest, Route
+from proxy.policy.patterns import IdentityPattern
+from proxy.spiffe_id import SpiffeId
+
+WHY = {
+    "allowed": "the caller matches an allow pattern of the first route that matches",
+    "no_matching_route": "no route matches this host, path and method (default deny)",
+    "identity_not_allowed": "the first matching route allows none of the caller's patterns",
+    "identity_denied": "a deny pattern of the route matches the caller (deny wins)",
+    "spiffe_id_revoked": "the SPIFFE ID is on the policy's revoked list",
+    "certificate_revoked": "the certificate's SHA-256 is on the policy's revoked list",
+    "certificate_expired": "the client certificate has expired",
+    "certificate_lifetime_too_long": "the certificate lives longer than max_cert_lifetime",
+    "jwt_missing": "the route needs a JWT-SVID for one of its audiences and none was sent",
+    "jwt_subject_mismatch": "the JWT-SVID's subject is not the mTLS caller",
+    "jwt_wrong_audience": "the JWT-SVID is for none of the route's audiences",
+}
+
+
+@dataclass(frozen=True)
+class SyntheticCaller:
+    spiffe_id: SpiffeId
+    fingerprint: str
+    not_before: dt.datetime
+    not_after: dt.datetime
+
+
+def decide(
+    policy: Policy,
+    spiffe_id: str,
+    method: str,
+    host: str,
+    path: str,
+    audience: str | None = None,
+    lifetime: dt.timedelta = dt.timedelta(hours=1),
+    fingerprint: str = "",
+) -> Decision:
+    now = dt.datetime.now(dt.UTC)
+    sid = SpiffeId.parse(spiffe_id)
+    caller = SyntheticCaller(
+        sid,
+        fingerprint,
+        now - dt.timedelta(hours=1),
+        now - dt.timedelta(hours=1) + lifetime + dt.timedelta(hours=1),
+    )
+    token = None
+    authorities = None
+    if audience is not None:
+        key = ec.generate_private_key(ec.SECP256R1())
+        token = jwt.encode(
+            {"sub": spiffe_id, "aud": audience, "exp": int(now.timestamp()) + 300},
+            key,
+            algorithm="ES256",
+            headers={"kid": "explain"},
+        )
+        authorities = {sid.trust_domain: {"explain": key.public_key()}}
+    request = Request(method.upper(), host.lower(), path, token)
+    return evaluate(policy, caller, request, now, authorities)
+
+
+def explain(policy: Policy, decision: Decision) -> str:
+    verdict = "allow" if decision.allowed else "deny"
+    if decision.audit:
+        verdict += " (audit mode: forwarded anyway)" if not decision.allowed else " (audit mode)"
+    lines = [
+        f"decision: {verdict}",
+        f"reason:   {decision.reason}: {WHY.get(decision.reason, 'the JWT-SVID is not valid')}",
+    ]
+    route = decision.route
+    if route:
+        lines.append(f"route:    {route.name} ({route.location}): {route.match.describe()}")
+        if decision.rule:
+            lines.append(f"rule:     {decision.rule}")
+        if decision.reason == "identity_not_allowed":
+            allowed = ", ".join(p.text for p in route.allow) or "nobody (allow: [])"
+            lines.append(f"allows:   {allowed}")
+        if route.audiences:
+            lines.append(f"requires: a JWT-SVID for one of {', '.join(route.audiences)}")
+    elif decision.rule:
+        lines.append(f"rule:     {decision.rule}")
+    lines.append(f"policy:   {policy.source} sha256 {policy.sha256}")
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class TestResult:
+    case: PolicyTest
+    decision: Decision
+    passed: bool
+
+    def line(self) -> str:
+        c = self.case
+        got = "allow" if self.decision.allowed else "deny"
+        by = f" by {self.decision.route_name}" if self.decision.route_name else ""
+        head = f"{c.spiffe_id} {c.method} {c.host} {c.path}"
+        if self.passed:
+            return f"ok    {head} -> {got}{by}"
+        want = c.expect + (f" by {c.route}" if c.route else "")
+        return (
+            f"FAIL  {head}: expected {want}, got {got}{by} ({self.decision.reason}) [{c.location}]"
+        )
+
+
+def run_tests(policy: Policy) -> list[TestResult]:
+    out = []
+    for case in policy.tests:
+        d = decide(policy, case.spiffe_id, case.method, case.host, case.path, case.audience)
+        ok = ("allow" if d.allowed else "deny") == case.expect
+        if ok and case.route is not None:
+            ok = d.route_name == case.route
+        out.append(TestResult(case, d, ok))
+    return out
+
+
+def _named_patterns(policy: Policy) -> list[IdentityPattern]:
+    seen: dict[str, IdentityPattern] = {}
+    for route in policy.routes:
+        for p in route.allow:
+            seen.setdefault(p.text, p)
+    return list(seen.values())
+
+
+def reach(policy: Policy) -> Iterator[str]:
+    """Per identity pattern the policy allows: every route it may reach, and warnings for
+    whole-trust-domain grants on methods that write.
+
+    A pattern reaches a route when it overlaps one of the route's allow patterns and no
+    deny pattern covers it entirely; routes earlier in the list may still catch some of
+    those requests first, so this is what an identity MAY reach (its blast radius).
+    """
+    for pattern in _named_patterns(policy):
+        yield pattern.text
+        routes = [r for r in policy.routes if _reaches(pattern, r)]
+        if not routes:
+            yield "  (no route: every match is denied)"
+        width = max((len(r.name) for r in routes), default=0)
+        for r in routes:
+            methods = ",".join(sorted(r.match.methods)) if r.match.methods else "ANY"
+            where = "; ".join(
+                x for x in r.match.describe().split("; ") if not x.startswith("methods")
+            )
+            yield f"  {r.name:<{width}}  {methods:<16} {where or 'any host, any path'}"
+    for r in policy.routes:
+        writes = r.match.methods is None or bool(r.match.methods & WRITE_METHODS)
+        for p in r.allow:
+            if p.whole_trust_domain and writes:
+                methods = (
+                    "any method"
+                    if r.match.methods is None
+                    else ",".join(sorted(r.match.methods & WRITE_METHODS))
+                )
+                yield (
+                    f"WARNING: route {r.name} ({r.location}) lets every workload of "
+                    f"{p.trust_domain} ({p.text}) write ({methods})"
+                )
+
+
+def _reaches(pattern: IdentityPattern, route: Route) -> bool:
+    if any(d.covers(pattern) for d in route.deny):
+        return False
+    return any(a.overlaps(pattern) for a in route.allow)

@@ -1,0 +1,145 @@
+"""``spiffe-pep check|explain|test|reach`` run as a user runs them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def spiffe_pep(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", *args], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+
+
+POLICY = textwrap.dedent("""\
+    routes:
+      - name: invoices-read
+        match: {hosts: [billing.internal], path_prefix: /api/invoices, methods: [GET]}
+        upstream: demo
+        allow: ["spiffe://example.org/ns/prod/*"]
+        deny: ["spiffe://example.org/ns/prod/sa/batch"]
+      - name: invoices-write
+        match: {path_prefix: /api/invoices, methods: [POST]}
+        upstream: demo
+        allow: ["spiffe://example.org/ns/prod/sa/checkout"]
+        audiences: ["spiffe://example.org/billing"]
+      - name: uploads
+        match: {path_prefix: /upload}
+        upstream: demo
+        allow: ["spiffe://example.org/*"]
+    tests:
+      - {id: "spiffe://example.org/ns/prod/sa/web", request: "GET billing.internal /api/invoices/7", expect: allow}
+      - {id: "spiffe://example.org/ns/prod/sa/batch", request: "GET billing.internal /api/invoices/7", expect: deny}
+      - {id: "spiffe://example.org/ns/prod/sa/checkout", request: "POST billing.internal /api/invoices", expect: allow, audience: "spiffe://example.org/billing"}
+      - {id: "spiffe://example.org/ns/prod/sa/checkout", request: "POST billing.internal /api/invoices", expect: deny}
+""")
+
+
+def test_shipped_policy_tests_pass() -> None:
+    done = spiffe_pep("test", "config/policy.yaml", "--config", "config/dev.yaml")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "6 passed, 0 failed" in done.stdout
+
+
+def test_policy_tests_pass_and_fail(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    done = spiffe_pep("test", str(policy))
+    assert done.returncode == 0, done.stdout
+    assert "4 passed, 0 failed" in done.stdout
+    policy.write_text(
+        POLICY + '  - {id: "spiffe://example.org/ns/dev/sa/x", '
+        'request: "GET billing.internal /api/invoices", expect: allow}\n'
+    )
+    done = spiffe_pep("test", str(policy))
+    assert done.returncode == 1
+    assert (
+        "FAIL  spiffe://example.org/ns/dev/sa/x GET billing.internal /api/invoices: expected "
+        "allow, got deny by invoices-read (identity_not_allowed)"
+    ) in done.stdout
+    assert f"[{policy}:21:5]" in done.stdout and "4 passed, 1 failed" in done.stdout
+
+
+def test_explain(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    done = spiffe_pep(
+        "explain",
+        str(policy),
+        "--id",
+        "spiffe://example.org/ns/prod/sa/batch",
+        "--host",
+        "billing.internal",
+        "--path",
+        "/api/invoices/7",
+    )
+    assert done.returncode == 0
+    assert "decision: deny" in done.stdout
+    assert "rule:     deny[0] spiffe://example.org/ns/prod/sa/batch" in done.stdout
+    assert f"route:    invoices-read ({policy}:2:5)" in done.stdout
+    done = spiffe_pep(
+        "explain",
+        str(policy),
+        "--id",
+        "spiffe://example.org/ns/prod/sa/checkout",
+        "--method",
+        "POST",
+        "--path",
+        "/api/invoices",
+        "--audience",
+        "spiffe://example.org/billing",
+    )
+    assert "decision: allow" in done.stdout and "requires: a JWT-SVID" in done.stdout
+    done = spiffe_pep("explain", str(policy), "--id", "spiffe://example.org/x", "--path", "/nope")
+    assert "no_matching_route" in done.stdout
+    done = spiffe_pep("explain", str(policy), "--id", "not-an-id")
+    assert done.returncode == 2 and "invalid SPIFFE ID" in done.stderr
+
+
+def test_reach_and_write_warning(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    done = spiffe_pep("reach", str(policy))
+    assert done.returncode == 0
+    lines = done.stdout.splitlines()
+    start = lines.index("spiffe://example.org/ns/prod/sa/checkout")
+    block = [line.split()[:2] for line in lines[start + 1 : start + 3]]
+    # checkout is in ns/prod, so it may also reach invoices-read: its blast radius.
+    assert block == [["invoices-read", "GET"], ["invoices-write", "POST"]]
+    assert any(
+        line.startswith("WARNING: route uploads") and "any method" in line for line in lines
+    ), done.stdout
+    batch = [line for line in lines if line.startswith("spiffe://example.org/ns/prod/*")]
+    assert batch
+
+
+def test_check_prints_every_error(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        textwrap.dedent("""\
+        routes:
+          - {name: a, upstream: demo, allow: ["spiffe://example.org/x*"]}
+          - {name: b, upstream: nowhere, allow: []}
+          - {name: c, upstream: demo, allow: [], match: {path_prefix: /}}
+          - {name: d, upstream: demo, allow: [], match: {path: /x}}
+    """)
+    )
+    done = spiffe_pep("check", str(policy), "--config", "config/dev.yaml")
+    assert done.returncode == 2
+    errors = done.stderr.strip().splitlines()
+    assert len(errors) == 3, errors  # route a is invalid, so it shadows nothing
+    assert errors[0].startswith(f"{policy}:2:39: routes[0].allow[0]: invalid identity pattern")
+    assert errors[1].startswith(f"{policy}:3:25: routes[1].upstream: unknown upstream 'nowhere'")
+    assert errors[2].startswith(f"{policy}:5:5: routes[3]: route 'd' can never match: route 'c'")
+
+
+def test_check_valid_policy(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    done = spiffe_pep("check", str(policy))
+    assert done.returncode == 0 and "3 routes, 4 tests" in done.stdout
