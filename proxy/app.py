@@ -11,6 +11,7 @@ from pathlib import Path
 import trio
 
 from proxy import __version__, admin
+from proxy.assertion import AssertionSigner
 from proxy.audit_sink import JsonLines
 from proxy.config import Config, load_config
 from proxy.errors import ConfigError
@@ -58,7 +59,25 @@ def build_runtime(config: Config, events: JsonLines | None = None) -> Runtime:
         JsonLines(config.decision_log),
         events or JsonLines("stderr"),
         metrics,
+        load_signer(config, str(credentials.own_id) if credentials.own_id else "spiffe-pep"),
     )
+
+
+def load_signer(config: Config, issuer: str) -> AssertionSigner | None:
+    """The assertion key: from ``assertion_key`` (PEM, EC P-256) or, when an upstream
+    wants assertions and no key is configured, a fresh one for this process's life (its
+    JWKS is served either way)."""
+    if config.assertion_key is not None:
+        path = config.assertion_key
+        try:
+            return AssertionSigner.from_pem(path.read_bytes(), issuer)
+        except OSError as exc:
+            raise ConfigError(str(path), f"cannot read the assertion key: {exc.strerror}") from exc
+        except ValueError as exc:
+            raise ConfigError(str(path), str(exc)) from exc
+    if any(u.assertion_header for u in config.upstreams.values()):
+        return AssertionSigner.generate(issuer)
+    return None
 
 
 class PolicyReloader:
@@ -156,7 +175,11 @@ def admin_routes(rt: Runtime) -> dict[bytes, admin.Handler]:
     def healthz() -> tuple[int, object]:
         return 200, {"status": "ok"}
 
-    return {b"/metrics": metrics, b"/healthz": admin.json_handler(healthz)}
+    routes = {b"/metrics": metrics, b"/healthz": admin.json_handler(healthz)}
+    signer = rt.signer
+    if signer is not None:
+        routes[b"/.well-known/jwks.json"] = admin.json_handler(lambda: (200, signer.jwks()))
+    return routes
 
 
 async def serve(

@@ -28,6 +28,7 @@ class Exchange:
     reason: str = ""
     status: int = 0
     upstream: str | None = None
+    origin: str | None = None
     upstream_status: int | None = None
     bytes_in: int = 0
     bytes_out: int = 0
@@ -47,6 +48,7 @@ def build_record(
         "request_id": ex.request_id,
         "peer_addr": ex.peer_addr,
         "spiffe_id": str(peer.spiffe_id) if peer else None,
+        "origin_spiffe_id": ex.origin,
         "leaf_sha256": peer.fingerprint if peer else None,
         "leaf_not_after": _iso(peer.not_after) if peer else None,
         "method": ex.method,

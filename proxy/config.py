@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from proxy import xfcc
 from proxy.errors import SpiffeIdError
+from proxy.policy.patterns import IdentityPattern
 from proxy.schema import Reader
 from proxy.spiffe_id import TrustDomain
 from proxy.yamlsrc import Path as DataPath
@@ -20,10 +22,27 @@ from proxy.yamlsrc import load
 
 @dataclass(frozen=True)
 class Upstream:
+    """An upstream, optionally over mTLS (``https://``): the proxy presents its own SVID
+    and requires the upstream's SVID to match ``expect``."""
+
     name: str
     host: str
     port: int
     url: str
+    tls: bool = False
+    expect: tuple[IdentityPattern, ...] = ()
+    server_name: str | None = None
+    client_cert_headers: bool = False  # RFC 9440 Client-Cert / Client-Cert-Chain
+    assertion_header: str | None = None
+    assertion_ttl: float = 30.0
+
+
+@dataclass(frozen=True)
+class IdentityHeaders:
+    xfcc: str = "sanitize_set"
+    xfcc_fields: tuple[str, ...] = ("By", "Hash", "URI")
+    spiffe_id_header: str = "X-Client-Spiffe-Id"
+    trusted_forwarders: tuple[IdentityPattern, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -57,13 +76,18 @@ class Config:
     tls: TlsFiles
     upstreams: dict[str, Upstream]
     policy_path: Path
-    spiffe_id_header: str = "X-Client-Spiffe-Id"
+    identity: IdentityHeaders = field(default_factory=IdentityHeaders)
     decision_log: str = "stdout"
     timeouts: Timeouts = field(default_factory=Timeouts)
     limits: Limits = field(default_factory=Limits)
     source: str = "<config>"
     admin: tuple[str, int] | None = ("127.0.0.1", 9901)
     policy_watch: float | None = 1.0
+    assertion_key: Path | None = None
+
+    @property
+    def spiffe_id_header(self) -> str:
+        return self.identity.spiffe_id_header
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -75,6 +99,103 @@ def parse_address(text: str) -> tuple[str, int]:
     if not host:
         raise ValueError(f"expected host:port, got {text!r}")
     return host, int(port)
+
+
+def _header_name(r: Reader, value: Any, where: DataPath) -> str:
+    name = r.string(value, where)
+    if not all(c.isalnum() or c == "-" for c in name):
+        raise r.fail(where, f"not a valid header name: {name!r}")
+    return name
+
+
+def _patterns(r: Reader, value: Any, where: DataPath) -> tuple[IdentityPattern, ...]:
+    out = []
+    for i, text in enumerate(r.string_list(value, where, allow_empty=True)):
+        try:
+            out.append(IdentityPattern.parse(text))
+        except SpiffeIdError as exc:
+            raise r.fail((*where, i), f"invalid identity pattern {text!r}: {exc.reason}") from None
+    return tuple(out)
+
+
+def _upstream(r: Reader, name: str, spec: Any) -> Upstream:
+    where: DataPath = ("upstreams", name)
+    u = r.mapping(
+        spec, where, required=["url"], optional=["tls", "client_cert_headers", "assertion"]
+    )
+    url = r.string(u["url"], (*where, "url"))
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
+        raise r.fail((*where, "url"), f"expected http(s)://host:port with no path, got {url!r}")
+    tls = parts.scheme == "https"
+    expect: tuple[IdentityPattern, ...] = ()
+    server_name = None
+    if tls:
+        if "tls" not in u:
+            raise r.fail(where, "an https upstream needs tls: {expect: <SPIFFE ID or pattern>}")
+        t = r.mapping(u["tls"], (*where, "tls"), required=["expect"], optional=["server_name"])
+        raw = t["expect"] if isinstance(t["expect"], list) else [t["expect"]]
+        expect = _patterns(r, raw, (*where, "tls", "expect"))
+        if "server_name" in t:
+            server_name = r.string(t["server_name"], (*where, "tls", "server_name"))
+    elif "tls" in u:
+        raise r.fail((*where, "tls"), "tls settings need an https:// url")
+    cch = (
+        r.boolean(u["client_cert_headers"], (*where, "client_cert_headers"))
+        if "client_cert_headers" in u
+        else False
+    )
+    header, ttl = None, 30.0
+    if "assertion" in u:
+        a = r.mapping(u["assertion"], (*where, "assertion"), optional=["header", "ttl"])
+        header = _header_name(
+            r, a.get("header", "X-Spiffe-Pep-Assertion"), (*where, "assertion", "header")
+        )
+        if "ttl" in a:
+            ttl = r.duration(a["ttl"], (*where, "assertion", "ttl"))
+            if not 0 < ttl <= 60:
+                raise r.fail((*where, "assertion", "ttl"), "an assertion lives at most 60s")
+    return Upstream(
+        name,
+        parts.hostname,
+        parts.port or (443 if tls else 80),
+        url,
+        tls,
+        expect,
+        server_name,
+        cch,
+        header,
+        ttl,
+    )
+
+
+def _identity_headers(r: Reader, value: Any) -> IdentityHeaders:
+    if value is None:
+        return IdentityHeaders()
+    base: DataPath = ("identity_headers",)
+    ih = r.mapping(
+        value, base, optional=["xfcc", "xfcc_fields", "spiffe_id_header", "trusted_forwarders"]
+    )
+    out = IdentityHeaders()
+    mode = ih.get("xfcc", out.xfcc)
+    if mode not in xfcc.MODES:
+        raise r.fail((*base, "xfcc"), f"xfcc must be one of {', '.join(xfcc.MODES)}; got {mode!r}")
+    fields = out.xfcc_fields
+    if "xfcc_fields" in ih:
+        fields = tuple(r.string_list(ih["xfcc_fields"], (*base, "xfcc_fields")))
+        for i, f in enumerate(fields):
+            if f not in xfcc.FIELDS:
+                raise r.fail(
+                    (*base, "xfcc_fields", i),
+                    f"unknown XFCC field {f!r} (known: {', '.join(xfcc.FIELDS)})",
+                )
+    header = (
+        _header_name(r, ih["spiffe_id_header"], (*base, "spiffe_id_header"))
+        if "spiffe_id_header" in ih
+        else out.spiffe_id_header
+    )
+    trusted = _patterns(r, ih.get("trusted_forwarders", []), (*base, "trusted_forwarders"))
+    return IdentityHeaders(str(mode), fields, header, trusted)
 
 
 def load_config(data: bytes, filename: str, base_dir: Path) -> Config:
@@ -93,6 +214,7 @@ def load_config(data: bytes, filename: str, base_dir: Path) -> Config:
             "decision_log",
             "admin",
             "policy_watch",
+            "assertion_key",
         ],
     )
 
@@ -135,30 +257,11 @@ def load_config(data: bytes, filename: str, base_dir: Path) -> Config:
     ups_raw = r.mapping(top["upstreams"], ("upstreams",), optional=list(top["upstreams"] or {}))
     if not ups_raw:
         raise r.fail(("upstreams",), "at least one upstream is needed")
-    upstreams: dict[str, Upstream] = {}
-    for name, spec in ups_raw.items():
-        where = ("upstreams", str(name))
-        u = r.mapping(spec, where, required=["url"])
-        url = r.string(u["url"], (*where, "url"))
-        parts = urlsplit(url)
-        if parts.scheme != "http" or not parts.hostname or parts.path not in ("", "/"):
-            raise r.fail((*where, "url"), f"expected http://host:port with no path, got {url!r}")
-        upstreams[str(name)] = Upstream(str(name), parts.hostname, parts.port or 80, url)
-
-    spiffe_id_header = "X-Client-Spiffe-Id"
-    if "identity_headers" in top:
-        ih = r.mapping(
-            top["identity_headers"], ("identity_headers",), optional=["spiffe_id_header"]
-        )
-        if "spiffe_id_header" in ih:
-            spiffe_id_header = r.string(
-                ih["spiffe_id_header"], ("identity_headers", "spiffe_id_header")
-            )
-            if not all(c.isalnum() or c == "-" for c in spiffe_id_header):
-                raise r.fail(
-                    ("identity_headers", "spiffe_id_header"),
-                    f"not a valid header name: {spiffe_id_header!r}",
-                )
+    upstreams = {str(name): _upstream(r, str(name), spec) for name, spec in ups_raw.items()}
+    identity = _identity_headers(r, top.get("identity_headers"))
+    assertion_key = (
+        path(top["assertion_key"], ("assertion_key",)) if "assertion_key" in top else None
+    )
 
     timeouts = Timeouts()
     if "timeouts" in top:
@@ -197,11 +300,12 @@ def load_config(data: bytes, filename: str, base_dir: Path) -> Config:
         tls,
         upstreams,
         path(top["policy"], ("policy",)),
-        spiffe_id_header,
+        identity,
         decision_log,
         timeouts,
         limits,
         filename,
         admin,
         policy_watch,
+        assertion_key,
     )

@@ -16,8 +16,6 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from proxy import xfcc
-
 Headers = Sequence[tuple[bytes, bytes]]
 HeaderList = list[tuple[bytes, bytes]]
 
@@ -72,36 +70,34 @@ def is_chunked(headers: Headers) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Identity:
-    """What the proxy asserts to the upstream about the caller."""
+    """What the proxy asserts to the upstream about the caller, ready to send."""
 
     peer_ip: str
-    spiffe_id: str
-    leaf_sha256: str
-    proxy_id: str | None
     request_id: str
+    spiffe_id: str  # the plain identity header: the origin via a trusted hop, else the peer
+    id_header: bytes
+    xfcc: str | None  # None: send no XFCC
+    forwarded_for: str  # X-Forwarded-For value
+    extra: tuple[tuple[bytes, bytes], ...] = ()  # RFC 9440 headers, a signed assertion
 
 
 def upstream_request_headers(
-    headers: Headers,
-    ident: Identity,
-    spiffe_id_header: bytes,
-    also_strip: frozenset[bytes] = frozenset(),
+    headers: Headers, ident: Identity, strip: frozenset[bytes] = frozenset()
 ) -> HeaderList:
-    """The headers to send upstream for an allowed request (``also_strip``: more to drop,
-    such as the JWT-SVID the route consumed)."""
-    out = strip_hop_by_hop(headers, _PROXY_SET | {spiffe_id_header} | also_strip)
+    """The headers to send upstream for an allowed request. ``strip``: more to drop
+    whatever the client sent (identity headers of every kind, a consumed JWT-SVID)."""
+    out = strip_hop_by_hop(headers, _PROXY_SET | {ident.id_header} | strip)
     if is_chunked(headers):
         out.append((b"transfer-encoding", b"chunked"))
-    pairs = [("Hash", ident.leaf_sha256), ("URI", ident.spiffe_id)]
-    if ident.proxy_id:
-        pairs.insert(0, ("By", ident.proxy_id))
     out += [
-        (b"x-forwarded-for", ident.peer_ip.encode("ascii")),
+        (b"x-forwarded-for", ident.forwarded_for.encode("ascii")),
         (b"x-forwarded-proto", b"https"),
         (REQUEST_ID, ident.request_id.encode("ascii")),
-        (XFCC, xfcc.format_element(pairs).encode("ascii")),
-        (spiffe_id_header, ident.spiffe_id.encode("ascii")),
     ]
+    if ident.xfcc is not None:
+        out.append((XFCC, ident.xfcc.encode("latin-1")))
+    out.append((ident.id_header, ident.spiffe_id.encode("ascii")))
+    out += ident.extra
     return out
 
 

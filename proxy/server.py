@@ -5,6 +5,7 @@ with its body streamed both ways, and logged. The only module joining core and s
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import datetime as dt
 import json
@@ -14,16 +15,20 @@ from dataclasses import dataclass
 
 import h11
 import trio
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL
 
-from proxy import audit, headers, svid
+from proxy import audit, headers, svid, xfcc
+from proxy.assertion import AssertionSigner
 from proxy.audit_sink import JsonLines
 from proxy.config import Config
-from proxy.errors import HttpError, SvidError, UpstreamError
+from proxy.errors import HttpError, SpiffeIdError, SvidError, UpstreamError
 from proxy.forward import UpstreamConnection, UpstreamPool
 from proxy.metrics import Metrics
 from proxy.policy.evaluate import ALLOWED, Request, evaluate
 from proxy.policy.model import Policy, Route
+from proxy.spiffe_id import SpiffeId
 from proxy.target import Target, host_for_matching, parse_target
 from proxy.tls import Credentials
 from proxy.tls_stream import TLSError, TLSStream
@@ -43,6 +48,22 @@ class Runtime:
     decisions: JsonLines
     events: JsonLines
     metrics: Metrics
+    signer: AssertionSigner | None = None
+
+    @property
+    def strip_always(self) -> frozenset[bytes]:
+        """Headers that only the proxy may set: every inbound copy is dropped."""
+        names = {
+            self.config.spiffe_id_header.lower().encode("ascii"),
+            b"client-cert",
+            b"client-cert-chain",
+        }
+        names |= {
+            u.assertion_header.lower().encode("ascii")
+            for u in self.config.upstreams.values()
+            if u.assertion_header
+        }
+        return frozenset(names)
 
 
 class ClientGone(Exception):
@@ -170,6 +191,64 @@ class HttpSession:
             h11.SERVER, max_incomplete_event_size=rt.config.limits.max_header_bytes
         )
         self.id_header = rt.config.spiffe_id_header.lower().encode("ascii")
+        self.strip = rt.strip_always
+        ident = rt.config.identity
+        # Whether this peer's XFCC counts is decided once, from its verified SPIFFE ID.
+        self.trusted_forwarder = any(p.matches(peer.spiffe_id) for p in ident.trusted_forwarders)
+        self._own_element: xfcc.Element | None = None
+        self._client_cert: tuple[tuple[bytes, bytes], ...] | None = None
+
+    def own_element(self) -> xfcc.Element:
+        """This hop's XFCC element for this peer (the same for every request)."""
+        if self._own_element is None:
+            creds = self.rt.credentials
+            leaf = self.peer.leaf
+            chain = self.peer.chain or (leaf,)
+            self._own_element = xfcc.element_for(
+                self.rt.config.identity.xfcc_fields,
+                by=str(creds.own_id) if creds.own_id else None,
+                leaf_sha256=self.peer.fingerprint,
+                cert_pem=leaf.public_bytes(Encoding.PEM).decode("ascii"),
+                chain_pem="".join(c.public_bytes(Encoding.PEM).decode("ascii") for c in chain),
+                subject=leaf.subject.rfc4514_string(),
+                uris=svid.uri_sans(leaf),
+                dns=svid.dns_sans(leaf),
+            )
+        return self._own_element
+
+    def client_cert_headers(self) -> tuple[tuple[bytes, bytes], ...]:
+        """RFC 9440: ``Client-Cert`` (the leaf) and ``Client-Cert-Chain`` (the
+        intermediates presented), each certificate a structured-field byte sequence."""
+        if self._client_cert is None:
+
+            def sf(cert: x509.Certificate) -> bytes:
+                return b":" + base64.b64encode(cert.public_bytes(Encoding.DER)) + b":"
+
+            out = [(b"client-cert", sf(self.peer.leaf))]
+            rest = self.peer.chain[1:]
+            if rest:
+                out.append((b"client-cert-chain", b", ".join(sf(c) for c in rest)))
+            self._client_cert = tuple(out)
+        return self._client_cert
+
+    def inbound_origin(self, req: h11.Request) -> tuple[str | None, SpiffeId | None]:
+        """A trusted forwarder's XFCC and the origin it names (its first element's URI).
+        From any other peer, XFCC never counts: (None, None)."""
+        values = [v for n, v in req.headers if n == headers.XFCC]
+        if not values or not self.trusted_forwarder:
+            return None, None
+        inbound = ",".join(v.decode("latin-1") for v in values)
+        try:
+            elements = xfcc.parse(inbound)
+        except xfcc.XfccError as exc:
+            raise HttpError(400, "malformed_xfcc", str(exc)) from exc
+        uri = xfcc.first_uri(elements[0])
+        if uri is None:
+            return inbound, None
+        try:
+            return inbound, SpiffeId.parse(uri)
+        except SpiffeIdError as exc:
+            raise HttpError(400, "xfcc_origin_not_a_spiffe_id", str(exc)) from exc
 
     # --- client I/O -------------------------------------------------------------------
 
@@ -296,10 +375,12 @@ class HttpSession:
         try:
             target = self._target(req, ex)
             token = _bearer_token(req.headers, policy.jwt_header)
+            inbound_xfcc, origin = self.inbound_origin(req)
+            ex.origin = str(origin) if origin else None
             ex.decision = decision = evaluate(
                 policy,
                 self.peer,
-                Request(ex.method, ex.host, ex.path, token),
+                Request(ex.method, ex.host, ex.path, token, origin),
                 started,
                 self.rt.credentials.jwt_authorities,
             )
@@ -318,7 +399,17 @@ class HttpSession:
                 if route.audiences and not route.keep_token
                 else ()
             )
-            return await self._forward(req, target, route, ex, has_body, frozenset(strip))
+            return await self._forward(
+                req,
+                target,
+                route,
+                ex,
+                has_body,
+                frozenset(strip),
+                inbound_xfcc,
+                origin,
+                policy.sha256,
+            )
         except HttpError as exc:
             ex.status = exc.status_hint
             ex.reason = exc.reason
@@ -374,26 +465,54 @@ class HttpSession:
         ex: audit.Exchange,
         has_body: bool,
         strip: frozenset[bytes],
+        inbound_xfcc: str | None,
+        origin: SpiffeId | None,
+        policy_sha256: str,
     ) -> bool:
         rt = self.rt
         pool = rt.pools[route.upstream]
+        upstream = pool.upstream
         ex.upstream = route.upstream
         creds = rt.credentials
+        caller = str(origin or self.peer.spiffe_id)
+        extra: list[tuple[bytes, bytes]] = []
+        if upstream.client_cert_headers:
+            extra += self.client_cert_headers()
+        if upstream.assertion_header and rt.signer is not None:
+            token = rt.signer.sign(
+                subject=caller,
+                audience=upstream.name,
+                request_id=ex.request_id,
+                route=route.name,
+                policy_sha256=policy_sha256,
+                now=time.time(),
+                ttl=upstream.assertion_ttl,
+            )
+            extra.append((upstream.assertion_header.lower().encode("ascii"), token.encode()))
+        forwarded_for = self.peer_ip
+        if self.trusted_forwarder:  # a trusted hop's X-Forwarded-For is extended, not reset
+            inbound_xff = b", ".join(v for n, v in req.headers if n == b"x-forwarded-for")
+            if inbound_xff:
+                forwarded_for = f"{inbound_xff.decode('latin-1')}, {self.peer_ip}"
         ident = headers.Identity(
             peer_ip=self.peer_ip,
-            spiffe_id=str(self.peer.spiffe_id),
-            leaf_sha256=self.peer.fingerprint,
-            proxy_id=str(creds.own_id) if creds.own_id else None,
             request_id=ex.request_id,
+            spiffe_id=caller,
+            id_header=self.id_header,
+            xfcc=xfcc.outbound(
+                rt.config.identity.xfcc, inbound_xfcc, self.trusted_forwarder, self.own_element()
+            ),
+            forwarded_for=forwarded_for,
+            extra=tuple(extra),
         )
         up_req = h11.Request(
             method=req.method,
             target=target.forward,
-            headers=headers.upstream_request_headers(req.headers, ident, self.id_header, strip),
+            headers=headers.upstream_request_headers(req.headers, ident, self.strip | strip),
         )
         if self.h.client_is_waiting_for_100_continue:
             await self._send(h11.InformationalResponse(status_code=100, headers=[]))
-        conn = await pool.acquire()
+        conn = await pool.acquire(creds)
         try:
             try:
                 await self._send_request(conn, up_req, ex)
@@ -407,7 +526,7 @@ class HttpSession:
                 if not (retryable and conn.reused):
                     raise
                 await conn.aclose()
-                conn = await pool.connect()
+                conn = await pool.connect(creds)
                 await conn.send(up_req)
                 await conn.send(h11.EndOfMessage())
                 response = await self._response_head(conn)

@@ -65,6 +65,7 @@ class PeerSvid:
     fingerprint: str
     not_before: dt.datetime
     not_after: dt.datetime
+    chain: tuple[x509.Certificate, ...] = ()  # as presented: leaf, then intermediates
 
 
 def fingerprint(cert: x509.Certificate) -> str:
@@ -86,6 +87,13 @@ def uri_sans(cert: x509.Certificate) -> list[str]:
     if not isinstance(san, x509.SubjectAlternativeName):
         return []
     return san.get_values_for_type(x509.UniformResourceIdentifier)
+
+
+def dns_sans(cert: x509.Certificate) -> list[str]:
+    san = _extension(cert, x509.SubjectAlternativeName)
+    if not isinstance(san, x509.SubjectAlternativeName):
+        return []
+    return san.get_values_for_type(x509.DNSName)
 
 
 def leaf_spiffe_id(leaf: x509.Certificate) -> SpiffeId:
@@ -164,5 +172,10 @@ def verify_peer(
     for signer in verified[1:]:
         check_signing_cert(signer)
     return PeerSvid(
-        spiffe_id, leaf, fingerprint(leaf), leaf.not_valid_before_utc, leaf.not_valid_after_utc
+        spiffe_id,
+        leaf,
+        fingerprint(leaf),
+        leaf.not_valid_before_utc,
+        leaf.not_valid_after_utc,
+        tuple(chain),
     )

@@ -38,6 +38,7 @@ class Credentials:
     own_not_after: dt.datetime
     trust: TrustStore
     jwt_authorities: dict[TrustDomain, dict[str, bundle_mod.PublicKey]]
+    client_context: SSL.Context  # for mTLS to upstreams, presenting the same SVID
 
 
 def _read(path: Path, what: str) -> bytes:
@@ -61,7 +62,7 @@ def _accept_any(conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int,
     return True  # verification happens in svid.verify_peer, per trust domain
 
 
-def server_context(chain_pem: bytes, key_pem: bytes, svid_path: str, key_path: str) -> SSL.Context:
+def _context(chain_pem: bytes, key_pem: bytes, svid_path: str, key_path: str) -> SSL.Context:
     ctx = SSL.Context(SSL.TLS_METHOD)
     ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
     ctx.set_options(SSL.OP_NO_TICKET | SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION)
@@ -85,7 +86,20 @@ def server_context(chain_pem: bytes, key_pem: bytes, svid_path: str, key_path: s
         ctx.check_privatekey()
     except SSL.Error as exc:
         raise ConfigError(key_path, "the private key does not match the SVID certificate") from exc
+    return ctx
+
+
+def server_context(chain_pem: bytes, key_pem: bytes, svid_path: str, key_path: str) -> SSL.Context:
+    ctx = _context(chain_pem, key_pem, svid_path, key_path)
     ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, _accept_any)
+    return ctx
+
+
+def client_context(chain_pem: bytes, key_pem: bytes, svid_path: str, key_path: str) -> SSL.Context:
+    """For upstream mTLS: presents the proxy's SVID; the upstream's SVID is verified by
+    ``svid.verify_peer`` after the handshake (OpenSSL is told to accept any)."""
+    ctx = _context(chain_pem, key_pem, svid_path, key_path)
+    ctx.set_verify(SSL.VERIFY_PEER, _accept_any)
     return ctx
 
 
@@ -112,4 +126,7 @@ def load_credentials(files: TlsFiles) -> Credentials:
         except BundleError as exc:
             raise ConfigError(str(path), str(exc)) from exc
         jwt_authorities.setdefault(td, {}).update(jwks.jwt_authorities)
-    return Credentials(ctx, own_id, leaf.not_valid_after_utc, TrustStore(bundles), jwt_authorities)
+    client = client_context(chain_pem, key_pem, str(files.svid), str(files.key))
+    return Credentials(
+        ctx, own_id, leaf.not_valid_after_utc, TrustStore(bundles), jwt_authorities, client
+    )

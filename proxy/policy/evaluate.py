@@ -26,6 +26,9 @@ REVOKED_ID = "spiffe_id_revoked"
 REVOKED_CERT = "certificate_revoked"
 CERT_EXPIRED = "certificate_expired"
 CERT_TOO_LONG = "certificate_lifetime_too_long"
+ORIGIN_MISSING = "origin_missing"
+ORIGIN_NOT_ALLOWED = "origin_not_allowed"
+ORIGIN_DENIED = "origin_denied"
 JWT_MISSING = "jwt_missing"
 JWT_SUBJECT_MISMATCH = "jwt_subject_mismatch"
 
@@ -52,6 +55,7 @@ class Request:
     host: str
     path: str
     token: str | None = None
+    origin: SpiffeId | None = None  # from a trusted forwarder's XFCC, never from anyone else
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +89,10 @@ def evaluate(
     jwt_authorities: JwtAuthorities | None = None,
 ) -> Decision:
     peer = caller.spiffe_id
-    if policy.revoked_ids and str(peer) in policy.revoked_ids:
+    origin = request.origin
+    if policy.revoked_ids and (
+        str(peer) in policy.revoked_ids or (origin and str(origin) in policy.revoked_ids)
+    ):
         return Decision(False, REVOKED_ID, rule="revoked.ids")
     if policy.revoked_sha256 and caller.fingerprint in policy.revoked_sha256:
         return Decision(False, REVOKED_CERT, rule="revoked.cert_sha256")
@@ -110,6 +117,17 @@ def evaluate(
     if i < 0:
         return deny(NOT_ALLOWED)
     rule = f"allow[{i}] {route.allow[i].text}"
+    if origin is not None:
+        i = route.deny_matcher.first(origin)
+        if i >= 0:
+            return deny(ORIGIN_DENIED, f"deny[{i}] {route.deny[i].text}")
+    if route.origin:
+        if origin is None:
+            return deny(ORIGIN_MISSING, rule)
+        i = route.origin_matcher.first(origin)
+        if i < 0:
+            return deny(ORIGIN_NOT_ALLOWED, rule)
+        rule += f"; origin[{i}] {route.origin[i].text}"
     jwt = None
     if route.audiences:
         if not request.token:

@@ -200,6 +200,7 @@ def _route(
         raise r.fail((*path, "upstream"), f"unknown upstream {upstream!r} (configured: {known})")
     allow = _patterns(r, m["allow"], (*path, "allow"))
     deny = _patterns(r, m.get("deny", []), (*path, "deny"))
+    origin = _patterns(r, m.get("origin", []), (*path, "origin"))
     audiences: tuple[str, ...] = ()
     if "audiences" in m:
         audiences = tuple(r.string_list(m["audiences"], (*path, "audiences")))
@@ -229,6 +230,7 @@ def _route(
         mode,
         life,
         r.source.at(path),
+        origin,
     )
 
 

@@ -60,6 +60,8 @@ class Route:
     the mTLS peer unless ``jwt_subject`` is ``any``; the token is removed before
     forwarding unless ``keep_token``. ``mode`` ``audit`` logs the decision and forwards
     anyway. ``max_cert_lifetime`` (seconds) refuses longer-lived client certificates.
+    ``origin``, when set, must match the origin identity: the caller a trusted forwarder
+    names as the first element of its XFCC (``allow`` then applies to the forwarder).
     """
 
     name: str
@@ -73,12 +75,15 @@ class Route:
     mode: str = ENFORCE
     max_cert_lifetime: float | None = None
     location: str = ""
+    origin: tuple[IdentityPattern, ...] = ()
     allow_matcher: IdentityMatcher = field(init=False, repr=False, compare=False)
     deny_matcher: IdentityMatcher = field(init=False, repr=False, compare=False)
+    origin_matcher: IdentityMatcher = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "allow_matcher", IdentityMatcher(self.allow))
         object.__setattr__(self, "deny_matcher", IdentityMatcher(self.deny))
+        object.__setattr__(self, "origin_matcher", IdentityMatcher(self.origin))
 
     def matches_request(self, method: str, host: str, path: str) -> bool:
         return self.match.matches(method, host, path)
