@@ -283,16 +283,19 @@ def load_config(data: bytes, filename: str, base_dir: Path) -> Config:
         )
 
     admin: tuple[str, int] | None = ("127.0.0.1", 9901)
+    # YAML 1.1 reads a bare `off` as false: both mean "disabled".
     if "admin" in top:
-        value = r.string(top["admin"], ("admin",))
-        try:
-            admin = None if value == "off" else parse_address(value)
-        except ValueError as exc:
-            raise r.fail(("admin",), f"{exc} (or 'off')") from None
+        if top["admin"] in (False, "off"):
+            admin = None
+        else:
+            try:
+                admin = parse_address(r.string(top["admin"], ("admin",)))
+            except ValueError as exc:
+                raise r.fail(("admin",), f"{exc} (or off)") from None
     policy_watch: float | None = 1.0
     if "policy_watch" in top:
         value = top["policy_watch"]
-        policy_watch = None if value == "off" else r.duration(value, ("policy_watch",))
+        policy_watch = None if value in (False, "off") else r.duration(value, ("policy_watch",))
 
     return Config(
         host,

@@ -25,6 +25,7 @@ _HEADER = re.compile(r"^[A-Za-z0-9-]+$")
 ROUTE_KEYS = [
     "match",
     "deny",
+    "origin",
     "audiences",
     "jwt_subject",
     "keep_token",

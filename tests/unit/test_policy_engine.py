@@ -255,6 +255,56 @@ def test_rules(
     assert (d.allowed, d.reason, d.route_name) == (allowed, reason, route)
 
 
+ORIGIN_POLICY = textwrap.dedent("""\
+    revoked: {ids: ["spiffe://e.org/ns/prod/sa/fired"]}
+    routes:
+      - name: via-edge
+        match: {path_prefix: /}
+        upstream: app
+        allow: ["spiffe://e.org/ns/edge/sa/pep"]
+        origin: ["spiffe://e.org/ns/prod/*"]
+        deny: ["spiffe://e.org/ns/prod/sa/batch"]
+""").encode()
+EDGE = "spiffe://e.org/ns/edge/sa/pep"
+
+
+@pytest.mark.parametrize(
+    ("peer", "origin", "allowed", "reason"),
+    [
+        (EDGE, "spiffe://e.org/ns/prod/sa/web", True, "allowed"),
+        (EDGE, None, False, "origin_missing"),
+        (EDGE, "spiffe://e.org/ns/dev/sa/web", False, "origin_not_allowed"),
+        (EDGE, "spiffe://e.org/ns/prod/sa/batch", False, "origin_denied"),
+        (EDGE, "spiffe://e.org/ns/prod/sa/fired", False, "spiffe_id_revoked"),
+        (
+            "spiffe://e.org/ns/prod/sa/web",
+            "spiffe://e.org/ns/prod/sa/web",
+            False,
+            "identity_not_allowed",
+        ),
+    ],
+    ids=[
+        "origin_allowed",
+        "origin_missing",
+        "origin_not_allowed",
+        "deny_applies_to_origin",
+        "revoked_origin",
+        "peer_must_still_be_allowed",
+    ],
+)
+def test_origin_rules(peer: str, origin: str | None, allowed: bool, reason: str) -> None:
+    policy = load_policy(ORIGIN_POLICY, "p.yaml", {"app"})
+    d = ev(
+        policy,
+        caller(peer),
+        Request("GET", "h", "/x", None, SpiffeId.parse(origin) if origin else None),
+        NOW,
+    )
+    assert (d.allowed, d.reason) == (allowed, reason)
+    if allowed:
+        assert d.rule == f"allow[0] {EDGE}; origin[0] spiffe://e.org/ns/prod/*"
+
+
 def test_audit_mode_forwards_a_denial_and_reports_it() -> None:
     policy = load_policy(POLICY, "p.yaml", {"app"})
     d = ev(policy, caller(WEB), Request("GET", "x", "/reports/q3/pdf"), NOW)
