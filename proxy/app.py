@@ -3,6 +3,7 @@ SIGHUP, serve the admin endpoints, stop cleanly on SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import signal
@@ -161,13 +162,6 @@ class PolicyReloader:
                 self.reload("sighup")
 
 
-async def _connection(rt: Runtime, stream: trio.SocketStream) -> None:
-    try:
-        await handle_connection(rt, stream)
-    except Exception as exc:  # one bad connection never takes the others down
-        rt.events.event("connection_error", error=f"{type(exc).__name__}: {exc}")
-
-
 def admin_routes(rt: Runtime) -> dict[bytes, admin.Handler]:
     def metrics() -> tuple[int, bytes, bytes]:
         return 200, CONTENT_TYPE.encode(), rt.metrics.exposition()
@@ -182,39 +176,73 @@ def admin_routes(rt: Runtime) -> dict[bytes, admin.Handler]:
     return routes
 
 
+async def _connection(rt: Runtime, stream: trio.SocketStream) -> None:
+    # Over the limit, refuse before any TLS work: the cheapest possible "no".
+    if rt.open_connections >= rt.config.limits.max_connections:
+        rt.metrics.connections_refused.inc()
+        await stream.aclose()
+        return
+    rt.open_connections += 1
+    try:
+        await handle_connection(rt, stream)
+    except Exception as exc:  # one bad connection never takes the others down
+        rt.events.event("connection_error", error=f"{type(exc).__name__}: {exc}")
+    finally:
+        rt.open_connections -= 1
+
+
 async def serve(
     rt: Runtime, *, task_status: trio.TaskStatus[dict[str, object]] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """Listen and serve until cancelled. ``task_status`` gets ``{"listen": [(host, port)],
-    "admin": port or None}``."""
+    """Listen and serve until cancelled, or until ``rt.drain_requested`` is set: then stop
+    accepting, let requests in flight finish (idle keep-alive connections close at once)
+    for at most ``timeouts.drain``, and return. ``task_status`` gets ``{"listen":
+    [(host, port)], "admin": port or None, "reloader": PolicyReloader}``."""
     cfg = rt.config
     listeners = await trio.open_tcp_listeners(cfg.listen_port, host=cfg.listen_host)
     bound = [tuple(lst.socket.getsockname()[:2]) for lst in listeners]
     reloader = PolicyReloader(rt)
     try:
-        async with trio.open_nursery() as nursery:
-            admin_port = None
-            if cfg.admin is not None:
-                admin_port = await nursery.start(admin.serve_admin, *cfg.admin, admin_routes(rt))
+        async with trio.open_nursery() as connections:
+            async with trio.open_nursery() as accepting:
+                admin_port = None
+                if cfg.admin is not None:
+                    admin_port = await accepting.start(
+                        admin.serve_admin, *cfg.admin, admin_routes(rt)
+                    )
+                rt.events.event(
+                    "listening",
+                    version=__version__,
+                    addresses=[f"{h}:{p}" for h, p in bound],
+                    admin=f"{cfg.admin[0]}:{admin_port}" if cfg.admin else None,
+                    spiffe_id=str(rt.credentials.own_id) if rt.credentials.own_id else None,
+                    policy=str(cfg.policy_path),
+                    policy_sha256=rt.policy.sha256,
+                    trust_domains=sorted(str(td) for td in rt.credentials.trust.bundles),
+                )
+                if cfg.policy_watch:
+                    accepting.start_soon(reloader.watch, cfg.policy_watch)
+                accepting.start_soon(reloader.on_sighup)
+
+                async def handler(stream: trio.SocketStream) -> None:
+                    await _connection(rt, stream)
+
+                accepting.start_soon(
+                    functools.partial(
+                        trio.serve_listeners, handler, listeners, handler_nursery=connections
+                    )
+                )
+                task_status.started({"listen": bound, "admin": admin_port, "reloader": reloader})
+                await rt.drain_requested.wait()
+                accepting.cancel_scope.cancel()  # stop accepting: the listeners close
+            rt.draining = True
+            for scope in list(rt.idle_scopes):
+                scope.cancel()
             rt.events.event(
-                "listening",
-                version=__version__,
-                addresses=[f"{h}:{p}" for h, p in bound],
-                admin=f"{cfg.admin[0]}:{admin_port}" if cfg.admin else None,
-                spiffe_id=str(rt.credentials.own_id) if rt.credentials.own_id else None,
-                policy=str(cfg.policy_path),
-                policy_sha256=rt.policy.sha256,
-                trust_domains=sorted(str(td) for td in rt.credentials.trust.bundles),
+                "draining", connections=rt.open_connections, deadline_s=cfg.timeouts.drain
             )
-            if cfg.policy_watch:
-                nursery.start_soon(reloader.watch, cfg.policy_watch)
-            nursery.start_soon(reloader.on_sighup)
-            task_status.started({"listen": bound, "admin": admin_port, "reloader": reloader})
-
-            async def handler(stream: trio.SocketStream) -> None:
-                await _connection(rt, stream)
-
-            await trio.serve_listeners(handler, listeners, handler_nursery=nursery)
+            connections.cancel_scope.deadline = trio.current_time() + cfg.timeouts.drain
+        rt.events.event("drained", cut_connections=rt.open_connections)
     finally:
         for pool in rt.pools.values():
             with trio.CancelScope(shield=True):
@@ -222,10 +250,20 @@ async def serve(
 
 
 async def run_until_signalled(rt: Runtime) -> None:
+    """Serve; the first SIGTERM/SIGINT drains gracefully, a second one stops at once."""
     async with trio.open_nursery() as nursery:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            nursery.start_soon(serve, rt)
-            async for signum in signals:
-                rt.events.event("stopping", signal=signal.Signals(signum).name)
+
+            async def run() -> None:
+                await serve(rt)
                 nursery.cancel_scope.cancel()
-                break
+
+            nursery.start_soon(run)
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if rt.drain_requested.is_set():
+                    rt.events.event("stopping", signal=name, graceful=False)
+                    nursery.cancel_scope.cancel()
+                    break
+                rt.events.event("stopping", signal=name, graceful=True)
+                rt.drain_requested.set()

@@ -6,6 +6,7 @@ directory of the config file. Every duration has a unit; unknown keys are errors
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,8 @@ class Timeouts:
 class Limits:
     max_header_bytes: int = 64 * 1024
     max_idle_upstream_connections: int = 64
+    max_connections: int = 10_000
+    max_body_bytes: int | None = None  # None: no limit
 
 
 @dataclass(frozen=True)
@@ -273,7 +276,13 @@ def load_config(data: bytes, filename: str, base_dir: Path) -> Config:
     if "limits" in top:
         names = list(Limits.__dataclass_fields__)
         lm = r.mapping(top["limits"], ("limits",), optional=names)
-        limits = Limits(**{k: r.size(v, ("limits", k)) for k, v in lm.items()})
+        sizes = {k: r.size(v, ("limits", k)) for k, v in lm.items() if k != "max_body_bytes"}
+        body = lm.get("max_body_bytes")
+        limits = Limits(**sizes)
+        if body not in (None, False, "off"):
+            limits = dataclasses.replace(
+                limits, max_body_bytes=r.size(body, ("limits", "max_body_bytes"))
+            )
 
     decision_log = "stdout"
     if "decision_log" in top:

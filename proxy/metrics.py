@@ -57,6 +57,11 @@ class Metrics:
         self.open_connections = Gauge(
             "spiffe_pep_open_connections", "Client connections open now.", registry=r
         )
+        self.connections_refused = Counter(
+            "spiffe_pep_connections_refused",
+            "Connections closed unserved: limits.max_connections.",
+            registry=r,
+        )
         self.policy_reloads = Counter(
             "spiffe_pep_policy_reloads",
             "Policy reloads by result (ok or failed).",

@@ -11,7 +11,7 @@ import datetime as dt
 import json
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import h11
 import trio
@@ -49,6 +49,11 @@ class Runtime:
     events: JsonLines
     metrics: Metrics
     signer: AssertionSigner | None = None
+    open_connections: int = 0
+    draining: bool = False
+    drain_requested: trio.Event = field(default_factory=trio.Event)
+    # Sessions waiting for a next request: cancelled at drain so idle keep-alives close.
+    idle_scopes: set[trio.CancelScope] = field(default_factory=set)
 
     @property
     def strip_always(self) -> frozenset[bytes]:
@@ -269,7 +274,8 @@ class HttpSession:
                 raise ClientGone(str(exc)) from exc
 
     async def _read_request(self) -> h11.Event | None:
-        """The next request head: ``idle`` to start it, ``request_head`` to finish it."""
+        """The next request head: ``idle`` to start it, ``request_head`` to finish it.
+        While idle (no byte of a next request yet) a drain closes the connection."""
         timeouts = self.rt.config.timeouts
         deadline = trio.current_time() + timeouts.idle
         started = False
@@ -277,8 +283,20 @@ class HttpSession:
             event = self.h.next_event()
             if event is not h11.NEED_DATA:
                 return event  # type: ignore[return-value]
+            if self.rt.draining and not started:
+                return None
             try:
-                await self._receive(deadline)
+                if started:
+                    await self._receive(deadline)
+                else:
+                    with trio.CancelScope() as idle:
+                        self.rt.idle_scopes.add(idle)
+                        try:
+                            await self._receive(deadline)
+                        finally:
+                            self.rt.idle_scopes.discard(idle)
+                    if idle.cancelled_caught:
+                        return None
             except trio.TooSlowError:
                 if started:
                     await self._reply_error(408, "request_head_timeout", "-", close=True)
@@ -449,6 +467,11 @@ class HttpSession:
             # h11 bounds only the bytes it buffers while a head is incomplete; a head that
             # arrives whole in one read is measured here.
             raise HttpError(431, "request_head_too_large")
+        limit = self.rt.config.limits.max_body_bytes
+        if limit is not None:
+            length = next((v for n, v in req.headers if n == b"content-length"), None)
+            if length is not None and int(length) > limit:
+                raise HttpError(413, "request_body_too_large")
         target = parse_target(req.method, req.target)
         host = target.authority
         if host is None:
@@ -575,6 +598,9 @@ class HttpSession:
                 raise HttpError(400, "malformed_request_body", str(exc)) from exc
             if isinstance(event, h11.Data):
                 ex.bytes_in += len(event.data)
+                limit = self.rt.config.limits.max_body_bytes
+                if limit is not None and ex.bytes_in > limit:
+                    raise HttpError(413, "request_body_too_large")
                 await conn.send(h11.Data(data=event.data))
             elif isinstance(event, h11.EndOfMessage):
                 await conn.send(h11.EndOfMessage())

@@ -176,7 +176,10 @@ def _raw_exchange(port: int, ctx: ssl.SSLContext, payloads: Sequence[bytes], pau
         ctx.wrap_socket(raw, server_hostname="localhost") as s,
     ):
         for p in payloads:
-            s.sendall(p)
+            try:
+                s.sendall(p)
+            except (ssl.SSLError, BrokenPipeError, ConnectionResetError):
+                break  # the proxy already answered and closed: read what it said
             if pause:
                 time.sleep(pause)
         s.settimeout(3)

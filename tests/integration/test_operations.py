@@ -1,0 +1,141 @@
+"""Operations: slowloris, connection and body limits, graceful drain on SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+from proxy import demo_upstream
+from tests.conftest import Pki
+from tests.integration.harness import Proxy, curl, raw, start, statuses, tls_client, write_config
+
+LIMITS = "timeouts: {request_head: 1s, upstream_response: 5s}\nlimits: {max_connections: 3, max_body_bytes: 1KiB}\n"
+
+
+@pytest.fixture
+async def proxy(nursery: trio.Nursery, tmp_path: Path, pki: Pki) -> Proxy:
+    return await start(nursery, tmp_path, pki, timeouts=LIMITS)
+
+
+async def test_slowloris_gets_408_and_others_are_served(proxy: Proxy) -> None:
+    drip = [
+        b"GET /orders HTTP/1.1\r\n",
+        b"Host: x\r\n",
+        b"X-A: 1\r\n",
+        b"X-B: 2\r\n",
+        b"X-C: 3\r\n",
+    ]
+    async with trio.open_nursery() as n:
+        results: list[bytes] = []
+
+        async def slow() -> None:
+            results.append(await raw(proxy, *drip, pause=0.4))  # never finishes its head
+
+        n.start_soon(slow)
+        await trio.sleep(0.2)
+        assert (await curl(proxy, "/orders")).status == 200
+    assert statuses(results[0]) == [408]
+
+
+def _open_idle_tls(port: int, ctx: ssl.SSLContext) -> ssl.SSLSocket:
+    raw_sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    return ctx.wrap_socket(raw_sock, server_hostname="localhost")
+
+
+async def test_max_connections_refused_before_handshake(proxy: Proxy, pki: Pki) -> None:
+    ctx = tls_client(pki)
+    idle = [await trio.to_thread.run_sync(_open_idle_tls, proxy.port, ctx) for _ in range(3)]
+    try:
+        with pytest.raises((ssl.SSLError, ConnectionResetError, OSError)):
+            extra = await trio.to_thread.run_sync(_open_idle_tls, proxy.port, ctx)
+            extra.close()
+        assert "spiffe_pep_connections_refused_total 1.0" in await proxy.metrics()
+    finally:
+        for s in idle:
+            s.close()
+    with trio.fail_after(5):
+        while (await curl(proxy, "/orders")).status != 200:
+            await trio.sleep(0.05)
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content_length", "chunked"])
+async def test_body_over_limit_is_413(proxy: Proxy, chunked: bool) -> None:
+    (proxy.dir / "big").write_bytes(b"x" * 2000)
+    args = ["--data-binary", f"@{proxy.dir}/big"]
+    if chunked:
+        args += ["-H", "Transfer-Encoding: chunked"]
+    r = await curl(proxy, "/upload", *args)
+    assert r.status == 413 and r.json()["error"] == "payload_too_large"
+    assert proxy.decisions()[-1]["reason"] == "request_body_too_large"
+    (proxy.dir / "small").write_bytes(b"x" * 1000)
+    assert (await curl(proxy, "/upload", "--data-binary", f"@{proxy.dir}/small")).status == 200
+
+
+async def test_sigterm_drains_in_flight_requests(
+    nursery: trio.Nursery, tmp_path: Path, pki: Pki
+) -> None:
+    upstream = await nursery.start(demo_upstream.serve, "127.0.0.1", 0)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = write_config(
+        tmp_path, pki, upstream, listen=f"127.0.0.1:{port}", timeouts="timeouts: {drain: 10s}\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "run", "-c", str(cfg)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        base = [
+            "curl",
+            "-sS",
+            "--cacert",
+            pki.bundle,
+            "--cert",
+            f"{pki.dir}/client.pem",
+            "--key",
+            f"{pki.dir}/client_key.pem",
+            "-w",
+            " %{http_code}",
+        ]
+        with trio.fail_after(15):
+            while (
+                await trio.run_process(
+                    [*base, f"https://localhost:{port}/x"], capture_stdout=True, check=False
+                )
+            ).returncode:
+                await trio.sleep(0.1)
+        results: list[bytes] = []
+
+        async def slow() -> None:
+            r = await trio.run_process(
+                [*base, f"https://localhost:{port}/sleep/1.5"], capture_stdout=True, check=False
+            )
+            results.append(r.stdout)
+
+        async with trio.open_nursery() as n:
+            n.start_soon(slow)
+            await trio.sleep(0.5)
+            proc.send_signal(signal.SIGTERM)
+            await trio.sleep(0.3)
+            # No longer accepting: a new connection is refused.
+            with pytest.raises(OSError):
+                s2 = await trio.open_tcp_stream("127.0.0.1", port)
+                await s2.aclose()
+        assert results and results[0].endswith(b" 200"), results  # the in-flight one finished
+        code = await trio.to_thread.run_sync(proc.wait, 10)
+        assert code == 0
+        stderr = proc.stderr.read().decode() if proc.stderr else ""
+        assert '"event":"draining"' in stderr and '"event":"drained"' in stderr
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
