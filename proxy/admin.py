@@ -38,15 +38,21 @@ async def _serve_one(stream: trio.SocketStream, routes: dict[bytes, Handler]) ->
                 status, ctype, body = 404, b"application/json", b'{"error":"not_found"}'
             else:
                 status, ctype, body = handler()
-            while not isinstance(conn.next_event(), h11.EndOfMessage | h11.PAUSED):
-                pass
+            while True:  # read (and ignore) any request body before answering
+                rest = conn.next_event()
+                if rest is h11.NEED_DATA:
+                    conn.receive_data(await stream.receive_some(65536))
+                elif not isinstance(rest, h11.Data):
+                    break
             out = conn.send(
                 h11.Response(
                     status_code=status,
                     headers=[(b"content-type", ctype), (b"content-length", b"%d" % len(body))],
                 )
             )
-            out = (out or b"") + (conn.send(h11.Data(data=body)) if event.method == b"GET" else b"")
+            out = (out or b"") + (
+                conn.send(h11.Data(data=body)) if event.method != b"HEAD" else b""
+            )
             out += conn.send(h11.EndOfMessage()) or b""
             await stream.send_all(out)
             if conn.our_state is not h11.DONE:

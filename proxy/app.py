@@ -3,10 +3,12 @@ SIGHUP, serve the admin endpoints, stop cleanly on SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import hashlib
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
@@ -52,6 +54,7 @@ def build_runtime(config: Config, events: JsonLines | None = None) -> Runtime:
     }
     metrics = Metrics()
     metrics.set_policy(policy.sha256)
+    metrics.set_credentials(credentials)
     return Runtime(
         config,
         credentials,
@@ -81,6 +84,70 @@ def load_signer(config: Config, issuer: str) -> AssertionSigner | None:
     return None
 
 
+def _stat(paths: list[Path]) -> tuple[tuple[int, int, int] | None, ...]:
+    out: list[tuple[int, int, int] | None] = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+            out.append((st.st_mtime_ns, st.st_size, st.st_ino))
+        except OSError:
+            out.append(None)
+    return tuple(out)
+
+
+async def watch_files(paths: list[Path], interval: float, on_change: Callable[[], object]) -> None:
+    """Call ``on_change`` once the files' (mtime, size, inode) changed and then held still
+    for one interval, so a writer's half-done update (spiffe-helper truncates and rewrites
+    the SVID, then the key, then the bundle, in place) is not even tried."""
+    seen = _stat(paths)
+    pending = False
+    while True:
+        await trio.sleep(interval)
+        now = _stat(paths)
+        if now != seen:
+            seen, pending = now, True
+        elif pending:
+            pending = False
+            on_change()
+
+
+class CredentialReloader:
+    """Swaps in new SVID, key and bundles when their files change or on SIGHUP. New
+    handshakes use the new ones; established connections keep theirs. A half-written or
+    mismatched set is rejected, logged and counted, and the old credentials keep serving."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+
+    def reload(self, trigger: str) -> bool:
+        rt = self.rt
+        try:
+            creds = load_credentials(rt.config.tls)
+        except ConfigError as exc:
+            rt.metrics.credential_reloads.labels(result="failed").inc()
+            rt.events.event(
+                "credentials_reload_failed",
+                trigger=trigger,
+                location=exc.location,
+                error=exc.message,
+                kept_not_after=_iso(rt.credentials.own_not_after),
+            )
+            return False
+        old = rt.credentials
+        rt.credentials = creds
+        rt.metrics.credential_reloads.labels(result="ok").inc()
+        rt.metrics.set_credentials(creds)
+        rt.events.event(
+            "credentials_reloaded",
+            trigger=trigger,
+            spiffe_id=str(creds.own_id) if creds.own_id else None,
+            old_not_after=_iso(old.own_not_after),
+            not_after=_iso(creds.own_not_after),
+            trust_domains=sorted(str(td) for td in creds.trust.bundles),
+        )
+        return True
+
+
 class PolicyReloader:
     """Swaps in a new policy when its file changes or on SIGHUP, atomically: a request
     reads ``rt.policy`` once and keeps that policy to its end. A bad edit is rejected,
@@ -93,13 +160,6 @@ class PolicyReloader:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         self._rejected: str | None = None
-
-    def _stat(self) -> tuple[int, int, int] | None:
-        try:
-            st = os.stat(self.rt.config.policy_path)
-        except OSError:
-            return None
-        return st.st_mtime_ns, st.st_size, st.st_ino
 
     def reload(self, trigger: str) -> bool:
         rt = self.rt
@@ -119,6 +179,7 @@ class PolicyReloader:
             return self._failed(trigger, exc.location, exc.message, sha256=sha, errors=errors)
         old = rt.policy
         rt.policy = policy
+        rt.policy_loaded_at = dt.datetime.now(dt.UTC)
         self._rejected = None
         rt.metrics.policy_reloads.labels(result="ok").inc()
         rt.metrics.set_policy(policy.sha256)
@@ -145,35 +206,15 @@ class PolicyReloader:
         return False
 
     async def watch(self, interval: float) -> None:
-        seen = self._stat()
-        pending = False
-        while True:
-            await trio.sleep(interval)
-            now = self._stat()
-            if now != seen:
-                seen, pending = now, True  # changed: wait until it holds still
-            elif pending:
-                pending = False
-                self.reload("watch")
-
-    async def on_sighup(self) -> None:
-        with trio.open_signal_receiver(signal.SIGHUP) as signals:
-            async for _ in signals:
-                self.reload("sighup")
+        await watch_files([self.rt.config.policy_path], interval, lambda: self.reload("watch"))
 
 
-def admin_routes(rt: Runtime) -> dict[bytes, admin.Handler]:
-    def metrics() -> tuple[int, bytes, bytes]:
-        return 200, CONTENT_TYPE.encode(), rt.metrics.exposition()
-
-    def healthz() -> tuple[int, object]:
-        return 200, {"status": "ok"}
-
-    routes = {b"/metrics": metrics, b"/healthz": admin.json_handler(healthz)}
-    signer = rt.signer
-    if signer is not None:
-        routes[b"/.well-known/jwks.json"] = admin.json_handler(lambda: (200, signer.jwks()))
-    return routes
+async def on_sighup(policy: PolicyReloader, credentials: CredentialReloader) -> None:
+    """SIGHUP reloads the policy and the credentials."""
+    with trio.open_signal_receiver(signal.SIGHUP) as signals:
+        async for _ in signals:
+            credentials.reload("sighup")
+            policy.reload("sighup")
 
 
 async def _connection(rt: Runtime, stream: trio.SocketStream) -> None:
@@ -189,6 +230,71 @@ async def _connection(rt: Runtime, stream: trio.SocketStream) -> None:
         rt.events.event("connection_error", error=f"{type(exc).__name__}: {exc}")
     finally:
         rt.open_connections -= 1
+
+
+def _iso(t: dt.datetime) -> str:
+    return t.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def admin_routes(rt: Runtime) -> dict[bytes, admin.Handler]:
+    def metrics() -> tuple[int, bytes, bytes]:
+        return 200, CONTENT_TYPE.encode(), rt.metrics.exposition()
+
+    def healthz() -> tuple[int, object]:
+        return 200, {"status": "ok"}
+
+    def readyz() -> tuple[int, object]:
+        """Ready: own SVID loaded and unexpired, a policy loaded, not draining."""
+        now = dt.datetime.now(dt.UTC)
+        problems = []
+        if rt.credentials.own_not_after <= now:
+            problems.append("the proxy's SVID has expired")
+        if rt.draining or rt.drain_requested.is_set():
+            problems.append("draining")
+        if problems:
+            return 503, {"status": "not ready", "problems": problems}
+        return 200, {"status": "ready"}
+
+    def status() -> tuple[int, object]:
+        creds, cfg = rt.credentials, rt.config
+        return 200, {
+            "version": __version__,
+            "pid": os.getpid(),
+            "spiffe_id": str(creds.own_id) if creds.own_id else None,
+            "svid": {"not_after": _iso(creds.own_not_after), "loaded_at": _iso(creds.loaded_at)},
+            "bundles": {
+                str(td): {
+                    "x509_authorities": len(b.x509_authorities),
+                    "jwt_authorities": len(creds.jwt_authorities.get(td, {})),
+                    "earliest_not_after": _iso(
+                        min(c.not_valid_after_utc for c in b.x509_authorities)
+                    )
+                    if b.x509_authorities
+                    else None,
+                    "sequence": b.sequence,
+                }
+                for td, b in creds.trust.bundles.items()
+            },
+            "policy": {
+                "file": str(cfg.policy_path),
+                "sha256": rt.policy.sha256,
+                "routes": len(rt.policy.routes),
+                "loaded_at": _iso(rt.policy_loaded_at),
+            },
+            "open_connections": rt.open_connections,
+            "draining": rt.draining,
+        }
+
+    routes = {
+        b"/metrics": metrics,
+        b"/healthz": admin.json_handler(healthz),
+        b"/readyz": admin.json_handler(readyz),
+        b"/status": admin.json_handler(status),
+    }
+    signer = rt.signer
+    if signer is not None:
+        routes[b"/.well-known/jwks.json"] = admin.json_handler(lambda: (200, signer.jwks()))
+    return routes
 
 
 async def serve(
@@ -222,7 +328,15 @@ async def serve(
                 )
                 if cfg.policy_watch:
                     accepting.start_soon(reloader.watch, cfg.policy_watch)
-                accepting.start_soon(reloader.on_sighup)
+                creds_reloader = CredentialReloader(rt)
+                if cfg.tls.watch:
+                    accepting.start_soon(
+                        watch_files,
+                        cfg.tls.files,
+                        cfg.tls.watch,
+                        lambda: creds_reloader.reload("watch"),
+                    )
+                accepting.start_soon(on_sighup, reloader, creds_reloader)
 
                 async def handler(stream: trio.SocketStream) -> None:
                     await _connection(rt, stream)
@@ -232,7 +346,14 @@ async def serve(
                         trio.serve_listeners, handler, listeners, handler_nursery=connections
                     )
                 )
-                task_status.started({"listen": bound, "admin": admin_port, "reloader": reloader})
+                task_status.started(
+                    {
+                        "listen": bound,
+                        "admin": admin_port,
+                        "reloader": reloader,
+                        "credentials": creds_reloader,
+                    }
+                )
                 await rt.drain_requested.wait()
                 accepting.cancel_scope.cancel()  # stop accepting: the listeners close
             rt.draining = True

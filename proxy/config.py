@@ -70,6 +70,11 @@ class TlsFiles:
     key: Path
     bundles: dict[TrustDomain, Path]
     jwt_bundles: dict[TrustDomain, Path] = field(default_factory=dict)
+    watch: float | None = 1.0  # poll interval for rotation; None: SIGHUP only
+
+    @property
+    def files(self) -> list[Path]:
+        return [self.svid, self.key, *self.bundles.values(), *self.jwt_bundles.values()]
 
 
 @dataclass(frozen=True)
@@ -231,7 +236,7 @@ def load_config(data: bytes, filename: str, base_dir: Path) -> Config:
         raise r.fail(("listen",), str(exc)) from None
 
     t = r.mapping(
-        top["tls"], ("tls",), required=["svid", "key", "bundles"], optional=["jwt_bundles"]
+        top["tls"], ("tls",), required=["svid", "key", "bundles"], optional=["jwt_bundles", "watch"]
     )
 
     def per_domain(key: str) -> dict[TrustDomain, Path]:
@@ -255,6 +260,9 @@ def load_config(data: bytes, filename: str, base_dir: Path) -> Config:
         path(t["key"], ("tls", "key")),
         bundles,
         per_domain("jwt_bundles"),
+        None
+        if t.get("watch", "1s") in (False, "off")
+        else r.duration(t.get("watch", "1s"), ("tls", "watch")),
     )
 
     ups_raw = r.mapping(top["upstreams"], ("upstreams",), optional=list(top["upstreams"] or {}))

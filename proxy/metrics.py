@@ -6,6 +6,8 @@ Its own registry (not the process-global default), so several proxies in one pro
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -74,6 +76,34 @@ class Metrics:
             ["sha256"],
             registry=r,
         )
+
+        self.svid_not_after = Gauge(
+            "spiffe_pep_svid_not_after_seconds",
+            "Expiry of the proxy's own SVID (Unix time).",
+            registry=r,
+        )
+        self.bundle_ca_not_after = Gauge(
+            "spiffe_pep_bundle_ca_not_after_seconds",
+            "Expiry of each X.509 authority of each trust bundle (Unix time).",
+            ["trust_domain", "subject"],
+            registry=r,
+        )
+        self.credential_reloads = Counter(
+            "spiffe_pep_credential_reloads",
+            "SVID/key/bundle reloads by result (ok or failed).",
+            ["result"],
+            registry=r,
+        )
+
+    def set_credentials(self, creds: Any) -> None:
+        """Expiry gauges for the credentials in force (a ``tls.Credentials``)."""
+        self.svid_not_after.set(creds.own_not_after.timestamp())
+        self.bundle_ca_not_after.clear()
+        for td, bundle in creds.trust.bundles.items():
+            for ca in bundle.x509_authorities:
+                self.bundle_ca_not_after.labels(
+                    trust_domain=str(td), subject=ca.subject.rfc4514_string()
+                ).set(ca.not_valid_after_utc.timestamp())
 
     def set_policy(self, sha256: str) -> None:
         self.policy_info.clear()

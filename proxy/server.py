@@ -50,6 +50,7 @@ class Runtime:
     metrics: Metrics
     signer: AssertionSigner | None = None
     open_connections: int = 0
+    policy_loaded_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
     draining: bool = False
     drain_requested: trio.Event = field(default_factory=trio.Event)
     # Sessions waiting for a next request: cancelled at drain so idle keep-alives close.

@@ -10,6 +10,7 @@ connection presents its full chain.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ class Credentials:
     trust: TrustStore
     jwt_authorities: dict[TrustDomain, dict[str, bundle_mod.PublicKey]]
     client_context: SSL.Context  # for mTLS to upstreams, presenting the same SVID
+    loaded_at: dt.datetime = dataclasses.field(default_factory=lambda: dt.datetime.now(dt.UTC))
 
 
 def _read(path: Path, what: str) -> bytes:
@@ -112,6 +114,10 @@ def load_credentials(files: TlsFiles) -> Credentials:
     now = dt.datetime.now(dt.UTC)
     if leaf.not_valid_after_utc < now:
         raise ConfigError(str(files.svid), f"the SVID expired at {leaf.not_valid_after_utc}")
+    if leaf.not_valid_before_utc > now:
+        raise ConfigError(
+            str(files.svid), f"the SVID is not valid before {leaf.not_valid_before_utc}"
+        )
     try:
         own_id: SpiffeId | None = svid.leaf_spiffe_id(leaf)
     except SvidError:
