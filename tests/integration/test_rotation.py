@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from proxy import app
 from proxy.audit_sink import JsonLines
@@ -80,16 +81,8 @@ async def test_rotation_under_live_keep_alive_traffic(proxy: Proxy, pki: Pki) ->
     assert len(statuses) > 10 and set(statuses) == {200}
     client_lines = [d for d in proxy.decisions() if d["path"] == "/orders"]
     assert len({d["peer_addr"] for d in client_lines}) == 1  # never dropped or reconnected
-    assert (
-        await trio.to_thread.run_sync(_fingerprint, proxy.port, ctx)
-        == hashlib.sha256(
-            new.cert.public_bytes(
-                __import__(
-                    "cryptography.hazmat.primitives.serialization", fromlist=["Encoding"]
-                ).Encoding.DER
-            )
-        ).hexdigest()
-    )
+    now_serving = await trio.to_thread.run_sync(_fingerprint, proxy.port, ctx)
+    assert now_serving == hashlib.sha256(new.cert.public_bytes(Encoding.DER)).hexdigest()
     reloaded = [e for e in proxy.events() if e["event"] == "credentials_reloaded"]
     assert reloaded and reloaded[-1]["trigger"] == "watch"
     assert 'spiffe_pep_credential_reloads_total{result="ok"}' in await proxy.metrics()
