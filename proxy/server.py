@@ -22,7 +22,7 @@ from OpenSSL import SSL
 from proxy import audit, headers, svid, xfcc
 from proxy.assertion import AssertionSigner
 from proxy.audit_sink import JsonLines
-from proxy.config import Config
+from proxy.config import Config, Upstream
 from proxy.errors import HttpError, SpiffeIdError, SvidError, UpstreamError
 from proxy.forward import UpstreamConnection, UpstreamPool
 from proxy.metrics import Metrics
@@ -149,6 +149,13 @@ async def _handshake(
             claimed_ids=svid.uri_sans(leaf) if leaf is not None else [],
         )
         return None
+
+
+def _upgrade_protocol(req: h11.Request) -> bytes | None:
+    """The protocol a request asks to switch to (``Connection: upgrade`` + ``Upgrade``)."""
+    if b"upgrade" not in headers.connection_tokens(req.headers):
+        return None
+    return next((v for n, v in req.headers if n == b"upgrade"), None)
 
 
 def _bearer_token(hdrs: headers.Headers, name: str) -> str | None:
@@ -412,6 +419,10 @@ class HttpSession:
                 return not has_body
             route = decision.route
             assert route is not None
+            upgrade = _upgrade_protocol(req)
+            if upgrade is not None:
+                await self._upgrade(req, target, route, ex, upgrade, origin, policy.sha256)
+                return False
             # The legacy app must not be able to replay the caller's JWT-SVID.
             strip = (
                 (policy.jwt_header.encode("ascii"),)
@@ -493,11 +504,78 @@ class HttpSession:
         origin: SpiffeId | None,
         policy_sha256: str,
     ) -> bool:
-        rt = self.rt
-        pool = rt.pools[route.upstream]
-        upstream = pool.upstream
+        pool = self.rt.pools[route.upstream]
         ex.upstream = route.upstream
-        creds = rt.credentials
+        creds = self.rt.credentials
+        up_req = h11.Request(
+            method=req.method,
+            target=target.forward,
+            headers=self._upstream_headers(
+                req, route, pool.upstream, ex, strip, inbound_xfcc, origin, policy_sha256
+            ),
+        )
+        if self.h.client_is_waiting_for_100_continue:
+            await self._send(h11.InformationalResponse(status_code=100, headers=[]))
+        conn = await pool.acquire(creds)
+        try:
+            try:
+                await self._send_request(conn, up_req, ex)
+                response = await self._response_head(conn)
+            except UpstreamError:
+                # A pooled connection the upstream closed just as we reused it fails before
+                # any response byte. Retry once on a fresh connection, but only when that
+                # cannot repeat a side effect: an idempotent method and no body (RFC 9110
+                # section 9.2.2).
+                retryable = req.method in IDEMPOTENT and not has_body
+                if not (retryable and conn.reused):
+                    raise
+                await conn.aclose()
+                conn = await pool.connect(creds)
+                await conn.send(up_req)
+                await conn.send(h11.EndOfMessage())
+                response = await self._response_head(conn)
+            ex.upstream_status = ex.status = response.status_code
+            await self._send(
+                h11.Response(
+                    status_code=response.status_code,
+                    reason=response.reason,
+                    headers=headers.downstream_response_headers(response.headers, ex.request_id),
+                )
+            )
+            timeout = self.rt.config.timeouts.upstream_response
+            while True:
+                try:
+                    event = await conn.next_event(timeout)
+                except UpstreamError as exc:
+                    # The head is out: the only honest signal left is to cut the connection.
+                    ex.reason = exc.reason
+                    raise ClientGone("upstream broke mid-response") from exc
+                if isinstance(event, h11.Data):
+                    ex.bytes_out += len(event.data)
+                    await self._send(h11.Data(data=event.data))
+                elif isinstance(event, h11.EndOfMessage):
+                    await self._send(h11.EndOfMessage())
+                    break
+                else:
+                    raise ClientGone(f"unexpected upstream event {event!r}")
+        except BaseException:
+            await conn.aclose()
+            raise
+        await pool.release(conn)
+        return self.h.our_state is h11.DONE
+
+    def _upstream_headers(
+        self,
+        req: h11.Request,
+        route: Route,
+        upstream: Upstream,
+        ex: audit.Exchange,
+        strip: frozenset[bytes],
+        inbound_xfcc: str | None,
+        origin: SpiffeId | None,
+        policy_sha256: str,
+    ) -> headers.HeaderList:
+        rt = self.rt
         caller = str(origin or self.peer.spiffe_id)
         extra: list[tuple[bytes, bytes]] = []
         if upstream.client_cert_headers:
@@ -529,60 +607,111 @@ class HttpSession:
             forwarded_for=forwarded_for,
             extra=tuple(extra),
         )
-        up_req = h11.Request(
-            method=req.method,
-            target=target.forward,
-            headers=headers.upstream_request_headers(req.headers, ident, self.strip | strip),
+        return headers.upstream_request_headers(req.headers, ident, self.strip | strip)
+
+    async def _upgrade(
+        self,
+        req: h11.Request,
+        target: Target,
+        route: Route,
+        ex: audit.Exchange,
+        protocol: bytes,
+        origin: SpiffeId | None,
+        policy_sha256: str,
+    ) -> None:
+        """An allowed ``Upgrade`` (WebSocket): the upgrade request goes upstream with the
+        identity headers on a fresh connection; on ``101`` both sides become one byte
+        stream until either closes. Anything else is relayed as a plain response."""
+        pool = self.rt.pools[route.upstream]
+        ex.upstream = route.upstream
+        inbound_xfcc, _ = self.inbound_origin(req)
+        hdrs = self._upstream_headers(
+            req, route, pool.upstream, ex, frozenset(), inbound_xfcc, origin, policy_sha256
         )
-        if self.h.client_is_waiting_for_100_continue:
-            await self._send(h11.InformationalResponse(status_code=100, headers=[]))
-        conn = await pool.acquire(creds)
+        hdrs += [(b"connection", b"upgrade"), (b"upgrade", protocol)]
+        event = await self._next_body_event()
+        if not isinstance(event, h11.EndOfMessage):
+            raise HttpError(400, "upgrade_with_body")
+        conn = await pool.connect(self.rt.credentials)
         try:
-            try:
-                await self._send_request(conn, up_req, ex)
-                response = await self._response_head(conn)
-            except UpstreamError:
-                # A pooled connection the upstream closed just as we reused it fails before
-                # any response byte. Retry once on a fresh connection, but only when that
-                # cannot repeat a side effect: an idempotent method and no body (RFC 9110
-                # section 9.2.2).
-                retryable = req.method in IDEMPOTENT and not has_body
-                if not (retryable and conn.reused):
-                    raise
-                await conn.aclose()
-                conn = await pool.connect(creds)
-                await conn.send(up_req)
-                await conn.send(h11.EndOfMessage())
-                response = await self._response_head(conn)
-            ex.upstream_status = ex.status = response.status_code
+            await conn.send(h11.Request(method=req.method, target=target.forward, headers=hdrs))
+            await conn.send(h11.EndOfMessage())
+            response = await conn.next_event(self.rt.config.timeouts.upstream_response)
+            if isinstance(response, h11.InformationalResponse) and response.status_code == 101:
+                ex.status = ex.upstream_status = 101
+                back = headers.strip_hop_by_hop(response.headers, frozenset({headers.REQUEST_ID}))
+                back += [
+                    (b"connection", b"upgrade"),
+                    (b"upgrade", protocol),
+                    (headers.REQUEST_ID, ex.request_id.encode("ascii")),
+                ]
+                await self._send(h11.InformationalResponse(status_code=101, headers=back))
+                await self._pump(conn, ex)
+                return
+            if not isinstance(response, h11.Response):
+                raise UpstreamError(502, "upstream_bad_response", repr(response))
+            # Declined: relay the answer; the connection ends with it.
+            ex.status = ex.upstream_status = response.status_code
             await self._send(
                 h11.Response(
                     status_code=response.status_code,
                     reason=response.reason,
-                    headers=headers.downstream_response_headers(response.headers, ex.request_id),
+                    headers=[
+                        *headers.downstream_response_headers(response.headers, ex.request_id),
+                        (b"connection", b"close"),
+                    ],
                 )
             )
-            timeout = rt.config.timeouts.upstream_response
             while True:
-                try:
-                    event = await conn.next_event(timeout)
-                except UpstreamError as exc:
-                    # The head is out: the only honest signal left is to cut the connection.
-                    ex.reason = exc.reason
-                    raise ClientGone("upstream broke mid-response") from exc
+                event = await conn.next_event(self.rt.config.timeouts.upstream_response)
                 if isinstance(event, h11.Data):
                     ex.bytes_out += len(event.data)
                     await self._send(h11.Data(data=event.data))
-                elif isinstance(event, h11.EndOfMessage):
-                    await self._send(h11.EndOfMessage())
-                    break
                 else:
-                    raise ClientGone(f"unexpected upstream event {event!r}")
-        except BaseException:
+                    await self._send(h11.EndOfMessage())
+                    return
+        finally:
             await conn.aclose()
-            raise
-        await pool.release(conn)
-        return self.h.our_state is h11.DONE
+
+    async def _pump(self, conn: UpstreamConnection, ex: audit.Exchange) -> None:
+        """Bytes both ways until either side closes; then both close."""
+        client_early, _ = self.h.trailing_data
+        upstream_early, _ = conn.h11.trailing_data
+
+        async def up(cancel: trio.CancelScope) -> None:
+            with contextlib.suppress(
+                TLSError, trio.BrokenResourceError, trio.ClosedResourceError, OSError
+            ):
+                if client_early:
+                    ex.bytes_in += len(client_early)
+                    await conn.stream.send_all(client_early)
+                while True:
+                    data = await self.tls.receive_some()
+                    if not data:
+                        break
+                    ex.bytes_in += len(data)
+                    await conn.stream.send_all(data)
+            cancel.cancel()
+
+        async def down(cancel: trio.CancelScope) -> None:
+            with contextlib.suppress(
+                TLSError, trio.BrokenResourceError, trio.ClosedResourceError, OSError
+            ):
+                data = upstream_early
+                if data:
+                    ex.bytes_out += len(data)
+                    await self.tls.send_all(data)
+                while True:
+                    data = await conn.stream.receive_some(65536)
+                    if not data:
+                        break
+                    ex.bytes_out += len(data)
+                    await self.tls.send_all(data)
+            cancel.cancel()
+
+        async with trio.open_nursery() as n:
+            n.start_soon(up, n.cancel_scope)
+            n.start_soon(down, n.cancel_scope)
 
     async def _send_request(
         self,

@@ -1,8 +1,8 @@
 """TLS on a trio stream with pyOpenSSL over memory BIOs (the model of trio's ``_ssl.py``).
 
 The OpenSSL ``Connection`` never sees the socket: ciphertext moves between its BIOs and
-the trio stream here, so the event loop stays in charge of all waiting. One task drives
-a stream at a time (the HTTP handler is sequential per connection).
+the trio stream here, so the event loop stays in charge of all waiting. One task reads and
+one task writes at a time (an upgraded connection pumps both ways at once).
 """
 
 from __future__ import annotations
@@ -43,16 +43,20 @@ class TLSStream:
         self.transport = transport
         self.conn = conn
         self._closed = False
+        # A reader may need to write (TLS 1.3 key updates) while another task writes: one
+        # sender at a time on the socket (an upgraded connection pumps both ways at once).
+        self._send_lock = trio.StrictFIFOLock()
 
     async def _flush(self) -> None:
-        chunks = []
-        while True:
-            try:
-                chunks.append(self.conn.bio_read(_BIO_CHUNK))
-            except SSL.WantReadError:
-                break
-        if chunks:
-            await self.transport.send_all(b"".join(chunks))
+        async with self._send_lock:
+            chunks = []
+            while True:
+                try:
+                    chunks.append(self.conn.bio_read(_BIO_CHUNK))
+                except SSL.WantReadError:
+                    break
+            if chunks:
+                await self.transport.send_all(b"".join(chunks))
 
     async def _fill(self) -> bool:
         data = await self.transport.receive_some(_RECV_CHUNK)
