@@ -92,6 +92,7 @@ class Config:
     admin: tuple[str, int] | None = ("127.0.0.1", 9901)
     policy_watch: float | None = 1.0
     assertion_key: Path | None = None
+    proxy_protocol: bool = False
 
     @property
     def spiffe_id_header(self) -> str:
@@ -223,6 +224,7 @@ def load_config(data: bytes, filename: str, base_dir: Path) -> Config:
             "admin",
             "policy_watch",
             "assertion_key",
+            "proxy_protocol",
         ],
     )
 
@@ -328,4 +330,5 @@ def load_config(data: bytes, filename: str, base_dir: Path) -> Config:
         admin,
         policy_watch,
         assertion_key,
+        r.boolean(top["proxy_protocol"], ("proxy_protocol",)) if "proxy_protocol" in top else False,
     )

@@ -19,7 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL
 
-from proxy import audit, headers, svid, xfcc
+from proxy import audit, headers, proxyproto, svid, xfcc
 from proxy.assertion import AssertionSigner
 from proxy.audit_sink import JsonLines
 from proxy.config import Config, Upstream
@@ -91,13 +91,50 @@ def _tls_reason(detail: str) -> str:
     return "tls_" + "_".join(detail.lower().replace("(", " ").replace(")", " ").split())[:60]
 
 
+async def _read_proxy_header(
+    rt: Runtime, stream: trio.SocketStream, peer_addr: str
+) -> tuple[proxyproto.ProxyHeader, bytes] | None:
+    """The PROXY protocol header an L4 balancer puts before the TLS bytes, and whatever
+    arrived after it (the start of the ClientHello)."""
+    data = b""
+    try:
+        with trio.fail_after(rt.config.timeouts.handshake):
+            while True:
+                header = proxyproto.parse(data)
+                if header is not None:
+                    return header, data[header.length :]
+                chunk = await stream.receive_some(4096)
+                if not chunk:
+                    raise proxyproto.ProxyProtocolError("connection closed before the header")
+                data += chunk
+    except proxyproto.ProxyProtocolError as exc:
+        _handshake_failed(rt, "proxy_protocol_invalid", peer_addr, detail=exc.reason)
+    except trio.TooSlowError:
+        _handshake_failed(rt, "proxy_protocol_timeout", peer_addr)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        _handshake_failed(rt, "connection_broken", peer_addr, detail=str(exc))
+    return None
+
+
 async def handle_connection(rt: Runtime, stream: trio.SocketStream) -> None:
     peer_ip, peer_addr = _peer_addr(stream)
     with contextlib.suppress(OSError):
         stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+    early = b""
+    if rt.config.proxy_protocol:
+        got = await _read_proxy_header(rt, stream, peer_addr)
+        if got is None:
+            await stream.aclose()
+            return
+        header, early = got
+        if header.source is not None:  # LOCAL/UNKNOWN: the balancer itself, keep the socket's
+            peer_ip, port = header.source
+            peer_addr = f"[{peer_ip}]:{port}" if ":" in peer_ip else f"{peer_ip}:{port}"
     creds = rt.credentials
     conn = SSL.Connection(creds.context, None)
     conn.set_accept_state()
+    if early:
+        conn.bio_write(early)
     tls = TLSStream(stream, conn)
     rt.metrics.open_connections.inc()
     try:
