@@ -12,5 +12,9 @@ RUN useradd --system --uid 10001 --no-create-home spiffe-pep
 COPY config/spiffe-pep.yaml config/policy.yaml /etc/spiffe-pep/
 USER 10001
 EXPOSE 8443
+# The admin listener (127.0.0.1:9901 by default) answers /healthz; the slim image has no
+# curl, so Python's urllib asks.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
+  CMD ["python", "-c", "import urllib.request as u; u.urlopen('http://127.0.0.1:9901/healthz', timeout=2)"]
 ENTRYPOINT ["spiffe-pep"]
 CMD ["run", "-c", "/etc/spiffe-pep/spiffe-pep.yaml"]

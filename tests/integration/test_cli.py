@@ -174,3 +174,17 @@ async def test_readme_dev_command_serves_client_and_refuses_denied(tmp_path: Pat
         with trio.fail_after(10):
             code = await proc.wait()
     assert code == 0
+
+
+def test_kubernetes_example_config_and_policy_are_valid(tmp_path: Path) -> None:
+    import yaml
+
+    docs = list(
+        yaml.safe_load_all((ROOT / "config" / "kubernetes" / "legacy-billing.yaml").read_text())
+    )
+    assert [d["kind"] for d in docs] == ["ConfigMap", "Deployment", "Service"]
+    data = docs[0]["data"]
+    (tmp_path / "spiffe-pep.yaml").write_text(data["spiffe-pep.yaml"])
+    (tmp_path / "policy.yaml").write_text(data["policy.yaml"])
+    done = spiffe_pep("check", str(tmp_path / "spiffe-pep.yaml"))
+    assert done.returncode == 0, done.stderr
