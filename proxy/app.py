@@ -8,6 +8,7 @@ import functools
 import hashlib
 import os
 import signal
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -297,15 +298,36 @@ def admin_routes(rt: Runtime) -> dict[bytes, admin.Handler]:
     return routes
 
 
+async def open_listeners(host: str, port: int, reuse_port: bool) -> list[trio.SocketListener]:
+    """TCP listeners; with ``reuse_port`` one SO_REUSEPORT socket, so several worker
+    processes can each listen on the same port and the kernel spreads connections."""
+    if not reuse_port:
+        return await trio.open_tcp_listeners(port, host=host)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        await sock.bind((host, port))
+        sock.listen(socket.SOMAXCONN)
+    except BaseException:
+        sock.close()
+        raise
+    return [trio.SocketListener(sock)]
+
+
 async def serve(
-    rt: Runtime, *, task_status: trio.TaskStatus[dict[str, object]] = trio.TASK_STATUS_IGNORED
+    rt: Runtime,
+    *,
+    reuse_port: bool = False,
+    task_status: trio.TaskStatus[dict[str, object]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Listen and serve until cancelled, or until ``rt.drain_requested`` is set: then stop
     accepting, let requests in flight finish (idle keep-alive connections close at once)
     for at most ``timeouts.drain``, and return. ``task_status`` gets ``{"listen":
     [(host, port)], "admin": port or None, "reloader": PolicyReloader}``."""
     cfg = rt.config
-    listeners = await trio.open_tcp_listeners(cfg.listen_port, host=cfg.listen_host)
+    listeners = await open_listeners(cfg.listen_host, cfg.listen_port, reuse_port)
     bound = [tuple(lst.socket.getsockname()[:2]) for lst in listeners]
     reloader = PolicyReloader(rt)
     try:
@@ -370,16 +392,27 @@ async def serve(
                 await pool.aclose()
 
 
-async def run_until_signalled(rt: Runtime) -> None:
-    """Serve; the first SIGTERM/SIGINT drains gracefully, a second one stops at once."""
+async def _exit_with_parent(rt: Runtime, parent: int) -> None:
+    """A worker whose supervisor died drains and exits instead of living on orphaned."""
+    while os.getppid() == parent:
+        await trio.sleep(1)
+    rt.events.event("supervisor_gone", parent=parent)
+    rt.drain_requested.set()
+
+
+async def run_until_signalled(rt: Runtime, *, worker_of: int | None = None) -> None:
+    """Serve; the first SIGTERM/SIGINT drains gracefully, a second one stops at once.
+    ``worker_of``: the supervisor's pid (worker mode: SO_REUSEPORT, exit with it)."""
     async with trio.open_nursery() as nursery:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
 
             async def run() -> None:
-                await serve(rt)
+                await serve(rt, reuse_port=worker_of is not None)
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(run)
+            if worker_of is not None:
+                nursery.start_soon(_exit_with_parent, rt, worker_of)
             async for signum in signals:
                 name = signal.Signals(signum).name
                 if rt.drain_requested.is_set():

@@ -79,5 +79,13 @@ class AssertionSigner:
             claims, self._key, algorithm="ES256", headers={"kid": self.kid, "typ": "JWT"}
         )
 
+    def private_pem(self) -> bytes:
+        """The key as PKCS#8 PEM, to hand one key to every worker process."""
+        return self._key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
     def jwks(self) -> dict[str, Any]:
         return {"keys": [{**self._public, "kid": self.kid, "use": "sig", "alg": "ES256"}]}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,9 @@ class Exchange:
     bytes_out: int = 0
 
 
+_PID = os.getpid()
+
+
 def _iso(t: dt.datetime) -> str:
     return t.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
@@ -45,6 +49,7 @@ def build_record(
     return {
         "time": _iso(started),
         "event": "request",
+        "worker": _PID,
         "request_id": ex.request_id,
         "peer_addr": ex.peer_addr,
         "spiffe_id": str(peer.spiffe_id) if peer else None,

@@ -5,6 +5,9 @@ no logic of its own."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +20,7 @@ from proxy.errors import ConfigError, SpiffeIdError
 from proxy.policy import tools
 from proxy.policy.loader import load_policy
 from proxy.policy.model import Policy
+from proxy.supervisor import Supervisor
 
 EXIT_CONFIG = 2
 
@@ -28,10 +32,37 @@ def _fail(exc: ConfigError) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     try:
-        rt = build_runtime(read_config(Path(args.config)))
+        config = read_config(Path(args.config))
+        workers = (
+            config.workers
+            if args.workers is None
+            else (os.cpu_count() or 1 if args.workers == "auto" else int(args.workers))
+        )
+        if workers > 1:  # the supervisor validates everything, then starts the workers
+            config = dataclasses.replace(config, workers=workers)
+            rt = build_runtime(config)
+            return trio.run(Supervisor(rt, Path(args.config), workers).run)
+        rt = build_runtime(config)
     except ConfigError as exc:
         return _fail(exc)
     trio.run(run_until_signalled, rt)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """One worker under a supervisor: its port, no admin listener, the shared key."""
+    try:
+        config = dataclasses.replace(
+            read_config(Path(args.config)),
+            listen_port=args.port,
+            admin=None,
+            workers=1,
+            assertion_key=Path(args.assertion_key) if args.assertion_key else None,
+        )
+        rt = build_runtime(config)
+    except ConfigError as exc:
+        return _fail(exc)
+    trio.run(functools.partial(run_until_signalled, rt, worker_of=args.supervisor))
     return 0
 
 
@@ -171,7 +202,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the proxy with a configuration file")
     run.add_argument("-c", "--config", required=True, help="the runtime configuration (YAML)")
+    run.add_argument(
+        "--workers",
+        help="worker processes sharing the port (N or auto: one per "
+        "CPU); overrides the configuration's 'workers'",
+    )
     run.set_defaults(func=cmd_run)
+    worker = sub.add_parser("_worker")  # started by the supervisor, not by people
+    worker.add_argument("-c", "--config", required=True)
+    worker.add_argument("--port", type=int, required=True)
+    worker.add_argument("--supervisor", type=int, required=True)
+    worker.add_argument("--worker-id", type=int, default=0)
+    worker.add_argument("--assertion-key")
+    worker.set_defaults(func=cmd_worker)
     check = sub.add_parser(
         "check",
         help="validate a policy, or a runtime configuration and its policy; print "

@@ -7,6 +7,7 @@ directory of the config file. Every duration has a unit; unknown keys are errors
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,7 @@ class Config:
     policy_watch: float | None = 1.0
     assertion_key: Path | None = None
     proxy_protocol: bool = False
+    workers: int = 1  # "auto" in YAML: one per CPU
 
     @property
     def spiffe_id_header(self) -> str:
@@ -225,6 +227,7 @@ def load_config(data: bytes, filename: str, base_dir: Path) -> Config:
             "policy_watch",
             "assertion_key",
             "proxy_protocol",
+            "workers",
         ],
     )
 
@@ -331,4 +334,11 @@ def load_config(data: bytes, filename: str, base_dir: Path) -> Config:
         policy_watch,
         assertion_key,
         r.boolean(top["proxy_protocol"], ("proxy_protocol",)) if "proxy_protocol" in top else False,
+        _workers(r, top.get("workers", "auto")),
     )
+
+
+def _workers(r: Reader, value: Any) -> int:
+    if value == "auto":
+        return os.cpu_count() or 1
+    return r.integer(value, ("workers",), minimum=1)

@@ -6,6 +6,7 @@ Its own registry (not the process-global default), so several proxies in one pro
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -57,7 +58,10 @@ class Metrics:
             registry=r,
         )
         self.open_connections = Gauge(
-            "spiffe_pep_open_connections", "Client connections open now.", registry=r
+            "spiffe_pep_open_connections",
+            "Client connections open now.",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.connections_refused = Counter(
             "spiffe_pep_connections_refused",
@@ -75,18 +79,22 @@ class Metrics:
             "The policy in force (value 1), by its SHA-256.",
             ["sha256"],
             registry=r,
+            multiprocess_mode="livemax",
         )
+        self._policy_sha: str | None = None
 
         self.svid_not_after = Gauge(
             "spiffe_pep_svid_not_after_seconds",
             "Expiry of the proxy's own SVID (Unix time).",
             registry=r,
+            multiprocess_mode="livemin",
         )
         self.bundle_ca_not_after = Gauge(
             "spiffe_pep_bundle_ca_not_after_seconds",
             "Expiry of each X.509 authority of each trust bundle (Unix time).",
             ["trust_domain", "subject"],
             registry=r,
+            multiprocess_mode="livemin",
         )
         self.credential_reloads = Counter(
             "spiffe_pep_credential_reloads",
@@ -98,7 +106,8 @@ class Metrics:
     def set_credentials(self, creds: Any) -> None:
         """Expiry gauges for the credentials in force (a ``tls.Credentials``)."""
         self.svid_not_after.set(creds.own_not_after.timestamp())
-        self.bundle_ca_not_after.clear()
+        if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:  # not supported across workers
+            self.bundle_ca_not_after.clear()
         for td, bundle in creds.trust.bundles.items():
             for ca in bundle.x509_authorities:
                 self.bundle_ca_not_after.labels(
@@ -106,8 +115,12 @@ class Metrics:
                 ).set(ca.not_valid_after_utc.timestamp())
 
     def set_policy(self, sha256: str) -> None:
-        self.policy_info.clear()
+        # Zero the old version rather than removing it: removal does not reach the files
+        # other processes read in multiprocess mode.
+        if self._policy_sha and self._policy_sha != sha256:
+            self.policy_info.labels(sha256=self._policy_sha).set(0)
         self.policy_info.labels(sha256=sha256).set(1)
+        self._policy_sha = sha256
 
     def exposition(self) -> bytes:
         return bytes(generate_latest(self.registry))

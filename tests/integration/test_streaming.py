@@ -53,7 +53,7 @@ async def test_200mb_each_way_with_bounded_memory(
     port = _free_port()
     cfg = write_config(tmp_path, pki, upstream_port, listen=f"127.0.0.1:{port}")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "run", "-c", str(cfg)],
+        [sys.executable, "-m", "proxy", "run", "-c", str(cfg), "--workers", "1"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
