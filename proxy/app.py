@@ -11,6 +11,7 @@ import signal
 import socket
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -24,7 +25,7 @@ from proxy.metrics import CONTENT_TYPE, Metrics
 from proxy.policy.loader import load_policy
 from proxy.policy.model import Policy
 from proxy.server import Runtime, handle_connection
-from proxy.tls import load_credentials
+from proxy.tls import Credentials, load_credentials
 
 
 def read_config(path: Path) -> Config:
@@ -45,9 +46,19 @@ def read_policy(config: Config, data: bytes | None = None) -> Policy:
     return load_policy(data, str(path), set(config.upstreams))
 
 
+def load_tls(config: Config) -> tuple[Credentials, Any]:
+    """The proxy's credentials, from files or from the Workload API (then also the source)."""
+    if config.tls.workload_api is None:
+        return load_credentials(config.tls), None
+    from proxy.workload_api import WorkloadApiSource  # grpc is only loaded when used
+
+    source = WorkloadApiSource(config.tls)
+    return source.credentials(), source
+
+
 def build_runtime(config: Config, events: JsonLines | None = None) -> Runtime:
     """Read every file the proxy needs; raise ConfigError naming the first bad one."""
-    credentials = load_credentials(config.tls)
+    credentials, source = load_tls(config)
     policy = read_policy(config)
     pools = {
         name: UpstreamPool(up, config.timeouts, config.limits.max_idle_upstream_connections)
@@ -65,6 +76,7 @@ def build_runtime(config: Config, events: JsonLines | None = None) -> Runtime:
         events or JsonLines("stderr"),
         metrics,
         load_signer(config, str(credentials.own_id) if credentials.own_id else "spiffe-pep"),
+        source,
     )
 
 
@@ -123,7 +135,10 @@ class CredentialReloader:
     def reload(self, trigger: str) -> bool:
         rt = self.rt
         try:
-            creds = load_credentials(rt.config.tls)
+            if rt.x509_source is not None:
+                creds = rt.x509_source.credentials()
+            else:
+                creds = load_credentials(rt.config.tls)
         except ConfigError as exc:
             rt.metrics.credential_reloads.labels(result="failed").inc()
             rt.events.event(
@@ -359,6 +374,8 @@ async def serve(
                         lambda: creds_reloader.reload("watch"),
                     )
                 accepting.start_soon(on_sighup, reloader, creds_reloader)
+                if rt.x509_source is not None:
+                    rt.x509_source.follow(lambda: creds_reloader.reload("workload_api"))
 
                 async def handler(stream: trio.SocketStream) -> None:
                     await _connection(rt, stream)
@@ -390,6 +407,8 @@ async def serve(
         for pool in rt.pools.values():
             with trio.CancelScope(shield=True):
                 await pool.aclose()
+        if rt.x509_source is not None:
+            rt.x509_source.close()
 
 
 async def _exit_with_parent(rt: Runtime, parent: int) -> None:

@@ -67,15 +67,21 @@ class Limits:
 
 @dataclass(frozen=True)
 class TlsFiles:
-    svid: Path
-    key: Path
+    """Where the proxy's SVID, key and bundles come from: files (spiffe-helper's layout),
+    or a SPIRE agent's Workload API (``workload_api``), with files adding bundles."""
+
+    svid: Path | None
+    key: Path | None
     bundles: dict[TrustDomain, Path]
     jwt_bundles: dict[TrustDomain, Path] = field(default_factory=dict)
     watch: float | None = 1.0  # poll interval for rotation; None: SIGHUP only
+    workload_api: str | None = None  # unix:///path or tcp://ip:port
+    workload_api_timeout: float = 30.0
 
     @property
     def files(self) -> list[Path]:
-        return [self.svid, self.key, *self.bundles.values(), *self.jwt_bundles.values()]
+        own = [self.svid, self.key] if self.svid and self.key else []
+        return [*own, *self.bundles.values(), *self.jwt_bundles.values()]
 
 
 @dataclass(frozen=True)
@@ -241,8 +247,27 @@ def load_config(data: bytes, filename: str, base_dir: Path) -> Config:
         raise r.fail(("listen",), str(exc)) from None
 
     t = r.mapping(
-        top["tls"], ("tls",), required=["svid", "key", "bundles"], optional=["jwt_bundles", "watch"]
+        top["tls"],
+        ("tls",),
+        optional=["svid", "key", "bundles", "jwt_bundles", "watch", "workload_api"],
     )
+    workload_api = None
+    if "workload_api" in t:
+        workload_api = r.string(t["workload_api"], ("tls", "workload_api"))
+        if not workload_api.startswith(("unix://", "tcp://")):
+            raise r.fail(
+                ("tls", "workload_api"),
+                f"expected unix:///path/agent.sock or tcp://ip:port, got {workload_api!r}",
+            )
+        for key in ("svid", "key"):
+            if key in t:
+                raise r.fail(
+                    ("tls", key), "the SVID comes from the Workload API: no svid/key files"
+                )
+    else:
+        for key in ("svid", "key", "bundles"):
+            if key not in t:
+                raise r.fail(("tls",), f"missing required key {key!r} (or use workload_api)")
 
     def per_domain(key: str) -> dict[TrustDomain, Path]:
         raw = t.get(key) or {}
@@ -258,16 +283,17 @@ def load_config(data: bytes, filename: str, base_dir: Path) -> Config:
         return out
 
     bundles = per_domain("bundles")
-    if not bundles:
+    if not bundles and workload_api is None:
         raise r.fail(("tls", "bundles"), "at least one trust domain bundle is needed")
     tls = TlsFiles(
-        path(t["svid"], ("tls", "svid")),
-        path(t["key"], ("tls", "key")),
+        path(t["svid"], ("tls", "svid")) if "svid" in t else None,
+        path(t["key"], ("tls", "key")) if "key" in t else None,
         bundles,
         per_domain("jwt_bundles"),
         None
         if t.get("watch", "1s") in (False, "off")
         else r.duration(t.get("watch", "1s"), ("tls", "watch")),
+        workload_api,
     )
 
     ups_raw = r.mapping(top["upstreams"], ("upstreams",), optional=list(top["upstreams"] or {}))

@@ -12,6 +12,7 @@ import json
 import socket
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import h11
 import trio
@@ -49,6 +50,7 @@ class Runtime:
     events: JsonLines
     metrics: Metrics
     signer: AssertionSigner | None = None
+    x509_source: Any = None  # a WorkloadApiSource when the SVID comes from a SPIRE agent
     open_connections: int = 0
     policy_loaded_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
     draining: bool = False

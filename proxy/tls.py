@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -64,75 +65,109 @@ def _accept_any(conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int,
     return True  # verification happens in svid.verify_peer, per trust domain
 
 
-def _context(chain_pem: bytes, key_pem: bytes, svid_path: str, key_path: str) -> SSL.Context:
+PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+
+
+def _context(chain: Sequence[x509.Certificate], key: PrivateKey, key_source: str) -> SSL.Context:
     ctx = SSL.Context(SSL.TLS_METHOD)
     ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
     ctx.set_options(SSL.OP_NO_TICKET | SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION)
     ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
-    try:
-        certs = x509.load_pem_x509_certificates(chain_pem)
-    except ValueError as exc:
-        raise ConfigError(svid_path, f"no PEM certificate could be read: {exc}") from exc
-    ctx.use_certificate(certs[0])
-    for cert in certs[1:]:
+    ctx.use_certificate(chain[0])
+    for cert in chain[1:]:
         ctx.add_extra_chain_cert(cert)
-    try:
-        key = serialization.load_pem_private_key(key_pem, password=None)
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(key_path, f"the private key cannot be read: {exc}") from exc
-    if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
-        raise ConfigError(key_path, "the private key must be RSA or EC")
     try:
         ctx.use_privatekey(key)
         ctx.check_privatekey()
     except SSL.Error as exc:
-        raise ConfigError(key_path, "the private key does not match the SVID certificate") from exc
+        raise ConfigError(
+            key_source, "the private key does not match the SVID certificate"
+        ) from exc
     return ctx
 
 
-def server_context(chain_pem: bytes, key_pem: bytes, svid_path: str, key_path: str) -> SSL.Context:
-    ctx = _context(chain_pem, key_pem, svid_path, key_path)
+def server_context(
+    chain: Sequence[x509.Certificate], key: PrivateKey, key_source: str
+) -> SSL.Context:
+    ctx = _context(chain, key, key_source)
     ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, _accept_any)
     return ctx
 
 
-def client_context(chain_pem: bytes, key_pem: bytes, svid_path: str, key_path: str) -> SSL.Context:
+def client_context(
+    chain: Sequence[x509.Certificate], key: PrivateKey, key_source: str
+) -> SSL.Context:
     """For upstream mTLS: presents the proxy's SVID; the upstream's SVID is verified by
     ``svid.verify_peer`` after the handshake (OpenSSL is told to accept any)."""
-    ctx = _context(chain_pem, key_pem, svid_path, key_path)
+    ctx = _context(chain, key, key_source)
     ctx.set_verify(SSL.VERIFY_PEER, _accept_any)
     return ctx
 
 
-def load_credentials(files: TlsFiles) -> Credentials:
-    """Read and check the proxy's SVID, key and bundles; raise ConfigError naming the file."""
-    chain_pem = _read(files.svid, "SVID")
-    key_pem = _read(files.key, "SVID key")
-    ctx = server_context(chain_pem, key_pem, str(files.svid), str(files.key))
-    leaf = x509.load_pem_x509_certificates(chain_pem)[0]
+def credentials_from(
+    chain: Sequence[x509.Certificate],
+    key: Any,
+    bundles: dict[TrustDomain, Bundle],
+    jwt_authorities: dict[TrustDomain, dict[str, bundle_mod.PublicKey]],
+    svid_source: str,
+    key_source: str,
+) -> Credentials:
+    """Check and assemble credentials (whatever they came from): the SVID is valid now
+    and its key matches; raise ConfigError naming the source otherwise."""
+    if not chain:
+        raise ConfigError(svid_source, "no certificate")
+    if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
+        raise ConfigError(key_source, "the private key must be RSA or EC")
+    leaf = chain[0]
     now = dt.datetime.now(dt.UTC)
     if leaf.not_valid_after_utc < now:
-        raise ConfigError(str(files.svid), f"the SVID expired at {leaf.not_valid_after_utc}")
+        raise ConfigError(svid_source, f"the SVID expired at {leaf.not_valid_after_utc}")
     if leaf.not_valid_before_utc > now:
-        raise ConfigError(
-            str(files.svid), f"the SVID is not valid before {leaf.not_valid_before_utc}"
-        )
+        raise ConfigError(svid_source, f"the SVID is not valid before {leaf.not_valid_before_utc}")
+    ctx = server_context(chain, key, key_source)
     try:
         own_id: SpiffeId | None = svid.leaf_spiffe_id(leaf)
     except SvidError:
         own_id = None  # a plain server certificate: XFCC then carries no By=
-    bundles = load_bundles(files.bundles)
-    jwt_authorities = {
-        td: dict(b.jwt_authorities) for td, b in bundles.items() if b.jwt_authorities
-    }
-    for td, path in files.jwt_bundles.items():
+    client = client_context(chain, key, key_source)
+    return Credentials(
+        ctx, own_id, leaf.not_valid_after_utc, TrustStore(bundles), jwt_authorities, client
+    )
+
+
+def jwt_authorities_of(
+    bundles: dict[TrustDomain, Bundle], files: Mapping[TrustDomain, Path]
+) -> dict[TrustDomain, dict[str, bundle_mod.PublicKey]]:
+    out = {td: dict(b.jwt_authorities) for td, b in bundles.items() if b.jwt_authorities}
+    for td, path in files.items():
         try:
             jwks = bundle_mod.parse_jwks(td, _read(path, f"JWT bundle of {td}"), str(path))
         except BundleError as exc:
             raise ConfigError(str(path), str(exc)) from exc
-        jwt_authorities.setdefault(td, {}).update(jwks.jwt_authorities)
-    client = client_context(chain_pem, key_pem, str(files.svid), str(files.key))
-    return Credentials(
-        ctx, own_id, leaf.not_valid_after_utc, TrustStore(bundles), jwt_authorities, client
+        out.setdefault(td, {}).update(jwks.jwt_authorities)
+    return out
+
+
+def load_credentials(files: TlsFiles) -> Credentials:
+    """Read and check the proxy's SVID, key and bundles; raise ConfigError naming the file."""
+    assert files.svid is not None and files.key is not None
+    chain_pem = _read(files.svid, "SVID")
+    key_pem = _read(files.key, "SVID key")
+    try:
+        chain = x509.load_pem_x509_certificates(chain_pem)
+    except ValueError as exc:
+        raise ConfigError(str(files.svid), f"no PEM certificate could be read: {exc}") from exc
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(str(files.key), f"the private key cannot be read: {exc}") from exc
+    bundles = load_bundles(files.bundles)
+    return credentials_from(
+        chain,
+        key,
+        bundles,
+        jwt_authorities_of(bundles, files.jwt_bundles),
+        str(files.svid),
+        str(files.key),
     )

@@ -77,6 +77,14 @@ def _decisions(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line]
 
 
+async def _wait_decisions(path: Path, count: int) -> list[dict[str, Any]]:
+    """A proxy process logs a request just after its response: wait for the line."""
+    with trio.fail_after(5):
+        while not path.exists() or len(_decisions(path)) < count:
+            await trio.sleep(0.02)
+    return _decisions(path)
+
+
 async def test_two_proxies_chained_over_mtls(
     nursery: trio.Nursery, tmp_path: Path, pki: Pki
 ) -> None:
@@ -162,7 +170,7 @@ async def test_two_proxies_chained_over_mtls(
         assert dict(elements[0])["By"] == EDGE_ID and dict(elements[1])["By"] == INNER_ID
         assert seen["x-client-spiffe-id"] == CLIENT_ID  # the origin, asserted via a trusted hop
         assert "evil" not in r.stdout.decode() and "sa/admin" not in r.stdout.decode()
-        inner_log = _decisions(tmp_path / "inner-decisions.jsonl")
+        inner_log = await _wait_decisions(tmp_path / "inner-decisions.jsonl", 2)
         assert inner_log[0]["spiffe_id"] == EDGE_ID
         assert inner_log[0]["origin_spiffe_id"] == CLIENT_ID
         assert inner_log[0]["rule"] == (
@@ -176,7 +184,7 @@ async def test_two_proxies_chained_over_mtls(
             [*base, "-w", " %{http_code}", f"https://localhost:{inner_port}/x"], capture_stdout=True
         )
         assert r.stdout.endswith(b" 403")
-        last = _decisions(tmp_path / "inner-decisions.jsonl")[-1]
+        last = (await _wait_decisions(tmp_path / "inner-decisions.jsonl", 3))[-1]
         assert last["origin_spiffe_id"] is None and last["reason"] == "identity_not_allowed"
     finally:
         for p in procs:

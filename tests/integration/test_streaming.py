@@ -92,7 +92,10 @@ async def test_200mb_each_way_with_bounded_memory(
 
         peak = _status_kib(proc.pid, "VmHWM")
         assert peak - baseline < RSS_BUDGET, f"RSS grew {(peak - baseline) >> 20} MiB"
-        log = [line for line in (tmp_path / "decisions.jsonl").read_text().splitlines()]
+        with trio.fail_after(5):  # the proxy logs a request just after its response
+            while len((tmp_path / "decisions.jsonl").read_text().splitlines()) < 4:
+                await trio.sleep(0.02)
+        log = (tmp_path / "decisions.jsonl").read_text().splitlines()
         assert f'"bytes_in":{SIZE}' in log[1] and f'"bytes_in":{SIZE}' in log[2]
         assert f'"bytes_out":{SIZE}' in log[3]
     finally:

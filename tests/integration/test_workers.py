@@ -67,6 +67,10 @@ async def test_workers_share_port_restart_reload_and_drain(
         # Both workers serve (the kernel spreads new connections across their sockets).
         codes = [await _get(pki, port, f"/n{i}") for i in range(40)]
         assert set(codes) == {200}
+        log = tmp_path / "decisions.jsonl"
+        with trio.fail_after(5):  # each worker logs a request just after its response
+            while len(log.read_text().splitlines()) < len(codes) + 1:
+                await trio.sleep(0.02)
         served = {
             json.loads(line)["worker"]
             for line in (tmp_path / "decisions.jsonl").read_text().splitlines()
@@ -85,7 +89,6 @@ async def test_workers_share_port_restart_reload_and_drain(
         # goes on until the replacement has served requests itself.
         victim = sorted(pids)[0]
         os.kill(victim, signal.SIGKILL)
-        log = tmp_path / "decisions.jsonl"
         with trio.fail_after(20):
             while True:
                 status = await _status(admin)

@@ -24,6 +24,11 @@ CORE = [
     "yamlsrc",
     "schema",
     "config",
+    "proxyproto",
+    "jwtsvid",
+    "assertion",
+    "policy/matcher",
+    "policy/tools",
 ]
 FORBIDDEN = {
     "trio",
@@ -47,6 +52,9 @@ SHELL = {
     "demo_upstream",
     "devcerts",
     "metrics",
+    "admin",
+    "supervisor",
+    "workload_api",
 }
 
 
