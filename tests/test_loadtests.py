@@ -7,6 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import trio
+
+from proxy import app, demo_upstream
+from proxy.audit_sink import JsonLines
+from tests.conftest import Pki
+from tests.integration.harness import write_config
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -37,3 +44,67 @@ def test_policy_benchmark_runs(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     assert result["decisions"] == 300 and 0.5 < result["allowed_fraction"] < 0.9
     assert "median" in done.stdout
+
+
+async def test_load_generator_against_a_live_proxy(
+    nursery: trio.Nursery, tmp_path: Path, pki: Pki
+) -> None:
+    """One second of load (and a fixed request count in handshake mode) on a real proxy."""
+    upstream = await nursery.start(demo_upstream.serve, "127.0.0.1", 0)
+    cfg = write_config(tmp_path, pki, upstream)
+    rt = app.build_runtime(app.read_config(cfg), events=JsonLines(str(tmp_path / "events.jsonl")))
+    started = await nursery.start(app.serve, rt)
+    port = started["listen"][0][1]
+    base = [
+        sys.executable,
+        "-m",
+        "loadtests",
+        f"https://127.0.0.1:{port}/orders",
+        "--cert",
+        f"{pki.dir}/client.pem",
+        "--key",
+        f"{pki.dir}/client_key.pem",
+        "--cacert",
+        pki.bundle,
+        "-c",
+        "4",
+        "--processes",
+        "2",
+    ]
+    out = tmp_path / "ka.json"
+    done = await trio.run_process(
+        [*base, "-d", "1", "--json", str(out)],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    assert result["completed"] > 10 and result["errors"] == {}
+    assert result["statuses"] == {"200": result["completed"]} and result["processes"] == 2
+    lat = result["latency_ms"]
+    assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+    assert b"requests/s" in done.stdout and b"requests" in done.stderr  # final line, progress
+    out = tmp_path / "hs.json"
+    await trio.run_process(
+        [*base, "-n", "20", "--mode", "handshake", "--json", str(out)],
+        capture_stdout=True,
+        capture_stderr=True,
+        cwd=ROOT,
+    )
+    result = json.loads(out.read_text())
+    assert result["completed"] == 20 and result["mode"] == "handshake"
+    lines = (tmp_path / "decisions.jsonl").read_text().splitlines()
+    assert len({json.loads(d)["peer_addr"] for d in lines[-20:]}) == 20  # 20 connections
+
+
+def test_load_generator_refuses_remote_targets() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "loadtests", "https://example.com/", "-d", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0 and "only 127.0.0.1" in done.stderr

@@ -1,0 +1,5 @@
+import sys
+
+from loadtests.loadgen import main
+
+sys.exit(main())
