@@ -248,6 +248,9 @@ class HttpSession:
         # Whether this peer's XFCC counts is decided once, from its verified SPIFFE ID.
         self.trusted_forwarder = any(p.matches(peer.spiffe_id) for p in ident.trusted_forwarders)
         self._own_element: xfcc.Element | None = None
+        self._http10_keepalive = False
+        self._reuse_http10 = False
+        self._method = b""
         self._client_cert: tuple[tuple[bytes, bytes], ...] | None = None
 
     def own_element(self) -> xfcc.Element:
@@ -314,11 +317,41 @@ class HttpSession:
 
     async def _send(self, event: h11.Event) -> None:
         data = self.h.send(event)
+        if self._http10_keepalive and type(event) is h11.Response:
+            data = self._keep_http10_alive(event, data)
         if data:
             try:
                 await self.tls.send_all(data)
             except (TLSError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 raise ClientGone(str(exc)) from exc
+
+    def _keep_http10_alive(self, response: h11.Response, data: bytes | None) -> bytes | None:
+        """HTTP/1.0 keep-alive, which h11 does not do: an HTTP/1.0 client that asked for it
+        (ab -k does) gets it when the response has a length; the next request then gets a
+        fresh h11 connection (see ``run``)."""
+        if data is None or any(
+            n == b"connection" and b"close" in v.lower() for n, v in response.headers
+        ):
+            return data  # the proxy itself decided to close
+        has_length = (
+            response.status_code in (204, 304)
+            or self._method == b"HEAD"
+            or any(n == b"content-length" for n, _ in response.headers)
+        )
+        if not has_length:
+            return data  # close-delimited body: the connection must end
+        self._reuse_http10 = True
+        return data.replace(b"\r\nConnection: close\r\n", b"\r\nConnection: keep-alive\r\n", 1)
+
+    def _fresh_connection(self) -> None:
+        leftover, closed = self.h.trailing_data
+        self.h = h11.Connection(
+            h11.SERVER, max_incomplete_event_size=self.rt.config.limits.max_header_bytes
+        )
+        if leftover:
+            self.h.receive_data(leftover)
+        if closed:
+            self.h.receive_data(b"")
 
     async def _read_request(self) -> h11.Event | None:
         """The next request head: ``idle`` to start it, ``request_head`` to finish it.
@@ -391,7 +424,20 @@ class HttpSession:
                     return
                 if event is None or not isinstance(event, h11.Request):
                     return
-                if not await self.handle(event):
+                self._http10_keepalive = event.http_version == b"1.0" and (
+                    b"keep-alive" in headers.connection_tokens(event.headers)
+                )
+                self._reuse_http10 = False
+                self._method = event.method
+                keep = await self.handle(event)
+                if (
+                    self._reuse_http10
+                    and self.h.our_state is h11.MUST_CLOSE
+                    and (self.h.their_state in (h11.DONE, h11.MUST_CLOSE))
+                ):
+                    self._fresh_connection()
+                    continue
+                if not keep:
                     return
                 if self.h.our_state is not h11.DONE or self.h.their_state is not h11.DONE:
                     return
@@ -453,6 +499,10 @@ class HttpSession:
             ex.reason = decision.reason
             if not decision.forward:
                 # Never read the body of a refused request: answer and close if it has one.
+                # A bodiless one is complete already; take its end so the connection can
+                # carry the next request.
+                if not has_body:
+                    await self._next_body_event()
                 ex.status = 403
                 await self._reply_error(403, ex.reason, rid, close=has_body)
                 return not has_body

@@ -338,3 +338,58 @@ async def test_certificate_expiring_mid_connection_is_denied_from_then_on(
     out = await raw(proxy, first, second, cert="short", pause=3.2)
     assert statuses(out) == [200, 403]
     assert [d["reason"] for d in proxy.decisions()] == ["allowed", "certificate_expired"]
+
+
+async def test_http10_keep_alive_for_ab(proxy: Proxy) -> None:
+    # ab -k speaks HTTP/1.0 with "Connection: Keep-Alive": three requests, one connection.
+    req = b"GET /orders HTTP/1.0\r\nHost: localhost\r\nConnection: Keep-Alive\r\n\r\n"
+    last = b"GET /orders HTTP/1.0\r\nHost: localhost\r\n\r\n"
+    out = await raw(proxy, req + req, last)
+    assert statuses(out) == [200, 200, 200]
+    assert out.count(b"Connection: keep-alive") == 2
+    assert len({d["peer_addr"] for d in proxy.decisions()}) == 1
+    # A denied HTTP/1.0 keep-alive request keeps the connection too (its 403 has a length).
+    out = await raw(proxy, req, last, cert="denied")
+    assert statuses(out) == [403, 403]
+
+
+async def test_keep_alive_survives_a_denied_request(proxy: Proxy) -> None:
+    req = b"GET /orders HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    out = await raw(
+        proxy,
+        req,
+        req + b"GET /orders HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        cert="denied",
+    )
+    assert statuses(out) == [403, 403, 403]
+    assert len({d["peer_addr"] for d in proxy.decisions()}) == 1
+
+
+async def test_ab_keep_alive_really_keeps_alive(proxy: Proxy, pki: Pki) -> None:
+    import shutil
+
+    if shutil.which("ab") is None:
+        pytest.skip("ApacheBench (apache2-utils) is not installed")
+    pem = proxy.dir / "ab.pem"
+    pem.write_bytes(
+        (pki.dir / "client.pem").read_bytes() + (pki.dir / "client_key.pem").read_bytes()
+    )
+    done = await trio.run_process(
+        [
+            "ab",
+            "-k",
+            "-n",
+            "200",
+            "-c",
+            "4",
+            "-E",
+            str(pem),
+            f"https://127.0.0.1:{proxy.port}/orders",
+        ],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    out = done.stdout.decode()
+    assert "Keep-Alive requests:    200" in out, out
+    assert "Failed requests:        0" in out
