@@ -39,7 +39,10 @@ _PID = os.getpid()
 
 
 def _iso(t: dt.datetime) -> str:
-    return t.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """UTC, microseconds, ``Z`` (isoformat is several times cheaper than strftime)."""
+    if t.utcoffset():
+        t = t.astimezone(dt.UTC)
+    return t.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 def build_record(

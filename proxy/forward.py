@@ -12,7 +12,7 @@ import datetime as dt
 import ipaddress
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import h11
@@ -43,18 +43,6 @@ def _is_ip(host: str) -> bool:
     return True
 
 
-@contextlib.contextmanager
-def _map_errors(reason: str = BROKEN) -> Iterator[None]:
-    try:
-        yield
-    except trio.TooSlowError as exc:
-        raise UpstreamError(504, TIMEOUT, "no answer in time") from exc
-    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-        raise UpstreamError(502, reason, str(exc) or type(exc).__name__) from exc
-    except h11.RemoteProtocolError as exc:
-        raise UpstreamError(502, BAD_RESPONSE, str(exc)) from exc
-
-
 class ByteStream(Protocol):
     async def send_all(self, data: bytes) -> None: ...
     async def receive_some(self, max_bytes: int = ...) -> bytes: ...
@@ -77,19 +65,36 @@ class UpstreamConnection:
     async def send(self, event: h11.Event) -> None:
         data = self.h11.send(event)
         if data:
-            with _map_errors():
+            try:
                 await self.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                raise UpstreamError(502, BROKEN, str(exc) or type(exc).__name__) from exc
 
-    async def next_event(self, timeout: float) -> h11.Event:
-        """The next event from the upstream; waits at most ``timeout`` seconds for bytes."""
+    async def next_event(
+        self, timeout: float, before_wait: Callable[[], Awaitable[None]] | None = None
+    ) -> h11.Event:
+        """The next event from the upstream; waits at most ``timeout`` seconds for bytes.
+        ``before_wait`` runs before any wait (the caller flushes what it buffered)."""
         while True:
-            with _map_errors():
+            try:
                 event = self.h11.next_event()
-                if event is not h11.NEED_DATA:
-                    return event  # type: ignore[return-value]
+            except h11.RemoteProtocolError as exc:
+                raise UpstreamError(502, BAD_RESPONSE, str(exc)) from exc
+            if event is not h11.NEED_DATA:
+                return event  # type: ignore[return-value]
+            if before_wait is not None:
+                await before_wait()
+            try:
                 with trio.fail_after(timeout):
                     data = await self.stream.receive_some(_CHUNK)
+            except trio.TooSlowError as exc:
+                raise UpstreamError(504, TIMEOUT, "no answer in time") from exc
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                raise UpstreamError(502, BROKEN, str(exc) or type(exc).__name__) from exc
+            try:
                 self.h11.receive_data(data)
+            except RuntimeError as exc:  # data after the upstream closed
+                raise UpstreamError(502, BAD_RESPONSE, str(exc)) from exc
 
     @property
     def reusable(self) -> bool:

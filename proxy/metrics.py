@@ -82,6 +82,7 @@ class Metrics:
             multiprocess_mode="livemax",
         )
         self._policy_sha: str | None = None
+        self._request_children: dict[tuple[str, str, str, str], Any] = {}
 
         self.svid_not_after = Gauge(
             "spiffe_pep_svid_not_after_seconds",
@@ -102,6 +103,18 @@ class Metrics:
             ["result"],
             registry=r,
         )
+
+    def count_request(
+        self, route: str, decision: str, reason: str, mode: str, seconds: float
+    ) -> None:
+        """One finished request (label children are cached: ``labels()`` is not cheap)."""
+        key = (route, decision, reason, mode)
+        child = self._request_children.get(key)
+        if child is None:
+            child = self.requests.labels(route=route, decision=decision, reason=reason, mode=mode)
+            self._request_children[key] = child
+        child.inc()
+        self.duration.observe(seconds)
 
     def set_credentials(self, creds: Any) -> None:
         """Expiry gauges for the credentials in force (a ``tls.Credentials``)."""

@@ -35,6 +35,7 @@ from proxy.tls import Credentials
 from proxy.tls_stream import TLSError, TLSStream
 
 _NO_CLIENT_CERT_REASONS = ("peer did not return a certificate", "certificate required")
+_OUT_HIGH_WATER = 64 * 1024  # buffered response bytes are written out at least this often
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 
@@ -177,7 +178,7 @@ async def _handshake(
         if cert not in chain:
             chain.append(cert)
     try:
-        return svid.verify_peer(chain, creds.trust, dt.datetime.now(dt.UTC))
+        return _verified_peer(creds, chain)
     except SvidError as exc:
         _handshake_failed(
             rt,
@@ -190,11 +191,44 @@ async def _handshake(
         return None
 
 
-def _upgrade_protocol(req: h11.Request) -> bytes | None:
+def _upgrade_protocol(hdrs: headers.Headers) -> bytes | None:
     """The protocol a request asks to switch to (``Connection: upgrade`` + ``Upgrade``)."""
-    if b"upgrade" not in headers.connection_tokens(req.headers):
+    if b"upgrade" not in headers.connection_tokens(hdrs):
         return None
-    return next((v for n, v in req.headers if n == b"upgrade"), None)
+    return next((v for n, v in hdrs if n == b"upgrade"), None)
+
+
+def _trusted(event: type[h11.Request] | type[h11.Response], **fields: Any) -> Any:
+    """An h11 event whose headers are NOT re-validated (h11's own ``_parsed`` path, used by
+    its parser). Only for headers h11 already validated on the way in, or that the proxy
+    generated from validated values: it saves two regex checks per header per hop."""
+    return event(**fields, _parsed=True)
+
+
+_PEER_CACHE_MAX = 4096
+_PEER_CACHE_TTL = 300.0
+
+
+def _verified_peer(creds: Credentials, chain: list[x509.Certificate]) -> svid.PeerSvid:
+    """``svid.verify_peer``, remembered for a chain seen before: clients reconnect with the
+    same SVID over and over, and path validation is the dearest part of a handshake after
+    the key exchange. An entry is only used with the trust store it was verified against
+    (the cache belongs to the credentials), within the validity of every certificate of
+    the chain, and for at most five minutes; revocation and expiry stay per request."""
+    now = time.time()
+    key = tuple(c.public_bytes(Encoding.DER) for c in chain)
+    hit = creds.peer_cache.get(key)
+    if hit is not None:
+        peer, valid_until = hit
+        if now < valid_until and peer.not_before.timestamp() <= now:
+            return peer  # type: ignore[no-any-return]
+        del creds.peer_cache[key]
+    peer = svid.verify_peer(chain, creds.trust, dt.datetime.fromtimestamp(now, dt.UTC))
+    valid_until = min(now + _PEER_CACHE_TTL, *(c.not_valid_after_utc.timestamp() for c in chain))
+    if len(creds.peer_cache) >= _PEER_CACHE_MAX:
+        del creds.peer_cache[next(iter(creds.peer_cache))]  # the oldest entry
+    creds.peer_cache[key] = (peer, valid_until)
+    return peer
 
 
 def _bearer_token(hdrs: headers.Headers, name: str) -> str | None:
@@ -248,6 +282,8 @@ class HttpSession:
         # Whether this peer's XFCC counts is decided once, from its verified SPIFFE ID.
         self.trusted_forwarder = any(p.matches(peer.spiffe_id) for p in ident.trusted_forwarders)
         self._own_element: xfcc.Element | None = None
+        self._out = bytearray()
+        self._hdrs: list[tuple[bytes, bytes]] = []
         self._http10_keepalive = False
         self._reuse_http10 = False
         self._method = b""
@@ -259,15 +295,21 @@ class HttpSession:
             creds = self.rt.credentials
             leaf = self.peer.leaf
             chain = self.peer.chain or (leaf,)
+            fields = self.rt.config.identity.xfcc_fields
+            # Only what the configured fields need: PEM-encoding a chain is not free.
             self._own_element = xfcc.element_for(
-                self.rt.config.identity.xfcc_fields,
+                fields,
                 by=str(creds.own_id) if creds.own_id else None,
                 leaf_sha256=self.peer.fingerprint,
-                cert_pem=leaf.public_bytes(Encoding.PEM).decode("ascii"),
-                chain_pem="".join(c.public_bytes(Encoding.PEM).decode("ascii") for c in chain),
-                subject=leaf.subject.rfc4514_string(),
-                uris=svid.uri_sans(leaf),
-                dns=svid.dns_sans(leaf),
+                cert_pem=leaf.public_bytes(Encoding.PEM).decode("ascii")
+                if "Cert" in fields
+                else "",
+                chain_pem="".join(c.public_bytes(Encoding.PEM).decode("ascii") for c in chain)
+                if "Chain" in fields
+                else "",
+                subject=leaf.subject.rfc4514_string() if "Subject" in fields else "",
+                uris=[str(self.peer.spiffe_id)] if "URI" in fields else [],
+                dns=svid.dns_sans(leaf) if "DNS" in fields else [],
             )
         return self._own_element
 
@@ -289,7 +331,7 @@ class HttpSession:
     def inbound_origin(self, req: h11.Request) -> tuple[str | None, SpiffeId | None]:
         """A trusted forwarder's XFCC and the origin it names (its first element's URI).
         From any other peer, XFCC never counts: (None, None)."""
-        values = [v for n, v in req.headers if n == headers.XFCC]
+        values = [v for n, v in self._hdrs if n == headers.XFCC]
         if not values or not self.trusted_forwarder:
             return None, None
         inbound = ",".join(v.decode("latin-1") for v in values)
@@ -315,15 +357,26 @@ class HttpSession:
             raise ClientGone(str(exc)) from exc
         self.h.receive_data(data)
 
-    async def _send(self, event: h11.Event) -> None:
+    async def _send(self, event: h11.Event, flush: bool = True) -> None:
+        """Queue an event's bytes for the client; write them out unless ``flush`` is off.
+        A response head and a small body thus leave in one TLS record and one ``send``."""
         data = self.h.send(event)
         if self._http10_keepalive and type(event) is h11.Response:
             data = self._keep_http10_alive(event, data)
         if data:
-            try:
-                await self.tls.send_all(data)
-            except (TLSError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                raise ClientGone(str(exc)) from exc
+            self._out += data
+        if flush or len(self._out) >= _OUT_HIGH_WATER:
+            await self._flush_out()
+
+    async def _flush_out(self) -> None:
+        if not self._out:
+            return
+        data = bytes(self._out)
+        self._out.clear()
+        try:
+            await self.tls.send_all(data)
+        except (TLSError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise ClientGone(str(exc)) from exc
 
     def _keep_http10_alive(self, response: h11.Response, data: bytes | None) -> bytes | None:
         """HTTP/1.0 keep-alive, which h11 does not do: an HTTP/1.0 client that asked for it
@@ -408,8 +461,8 @@ class HttpSession:
         ]
         if close:
             hdrs.append((b"connection", b"close"))
-        await self._send(h11.Response(status_code=status, headers=hdrs))
-        await self._send(h11.Data(data=body))
+        await self._send(h11.Response(status_code=status, headers=hdrs), flush=False)
+        await self._send(h11.Data(data=body), flush=False)
         await self._send(h11.EndOfMessage())
 
     # --- the loop -----------------------------------------------------------------------
@@ -464,28 +517,28 @@ class HttpSession:
         record = audit.build_record(ex, self.peer, policy_sha256, started, elapsed)
         record.update(extra)
         self.rt.decisions.write(record)
-        m = self.rt.metrics
-        m.requests.labels(
-            route=record["route"] or "", decision=ex.outcome, reason=ex.reason, mode=record["mode"]
-        ).inc()
-        m.duration.observe(elapsed)
+        self.rt.metrics.count_request(
+            record["route"] or "", ex.outcome, ex.reason, record["mode"], elapsed
+        )
 
     async def handle(self, req: h11.Request) -> bool:
         """Serve one request; return whether the connection may carry another."""
         t0 = time.perf_counter()
         started = dt.datetime.now(dt.UTC)
-        rid = headers.request_id(req.headers)
+        # h11's Headers iterates in Python, item by item: read it once per request.
+        self._hdrs = hdrs = list(req.headers)
+        rid = headers.request_id(hdrs)
         ex = audit.Exchange(
             request_id=rid, peer_addr=self.peer_addr, method=req.method.decode("ascii", "replace")
         )
         policy = self.rt.policy
         has_body = any(
             n in (b"content-length", b"transfer-encoding") and (n != b"content-length" or v != b"0")
-            for n, v in req.headers
+            for n, v in hdrs
         )
         try:
             target = self._target(req, ex)
-            token = _bearer_token(req.headers, policy.jwt_header)
+            token = _bearer_token(hdrs, policy.jwt_header)
             inbound_xfcc, origin = self.inbound_origin(req)
             ex.origin = str(origin) if origin else None
             ex.decision = decision = evaluate(
@@ -508,7 +561,7 @@ class HttpSession:
                 return not has_body
             route = decision.route
             assert route is not None
-            upgrade = _upgrade_protocol(req)
+            upgrade = _upgrade_protocol(hdrs)
             if upgrade is not None:
                 await self._upgrade(req, target, route, ex, upgrade, origin, policy.sha256)
                 return False
@@ -559,24 +612,24 @@ class HttpSession:
     def _target(self, req: h11.Request, ex: audit.Exchange) -> Target:
         if req.method == b"CONNECT":
             raise HttpError(405, "connect_not_supported")
-        names = [n for n, _ in req.headers]
+        names = [n for n, _ in self._hdrs]
         if b"transfer-encoding" in names and b"content-length" in names:
             # RFC 9112 section 6.1 lets a server refuse this; a proxy must, or it smuggles.
             raise HttpError(400, "content_length_with_transfer_encoding")
-        size = len(req.target) + sum(len(n) + len(v) + 4 for n, v in req.headers)
+        size = len(req.target) + sum(len(n) + len(v) + 4 for n, v in self._hdrs)
         if size > self.rt.config.limits.max_header_bytes:
             # h11 bounds only the bytes it buffers while a head is incomplete; a head that
             # arrives whole in one read is measured here.
             raise HttpError(431, "request_head_too_large")
         limit = self.rt.config.limits.max_body_bytes
         if limit is not None:
-            length = next((v for n, v in req.headers if n == b"content-length"), None)
+            length = next((v for n, v in self._hdrs if n == b"content-length"), None)
             if length is not None and int(length) > limit:
                 raise HttpError(413, "request_body_too_large")
         target = parse_target(req.method, req.target)
         host = target.authority
         if host is None:
-            host = next((v.decode("ascii", "replace") for n, v in req.headers if n == b"host"), "")
+            host = next((v.decode("ascii", "replace") for n, v in self._hdrs if n == b"host"), "")
         ex.host = host_for_matching(host)
         ex.path = target.path
         return target
@@ -596,7 +649,8 @@ class HttpSession:
         pool = self.rt.pools[route.upstream]
         ex.upstream = route.upstream
         creds = self.rt.credentials
-        up_req = h11.Request(
+        up_req = _trusted(
+            h11.Request,
             method=req.method,
             target=target.forward,
             headers=self._upstream_headers(
@@ -625,23 +679,27 @@ class HttpSession:
                 response = await self._response_head(conn)
             ex.upstream_status = ex.status = response.status_code
             await self._send(
-                h11.Response(
+                _trusted(
+                    h11.Response,
                     status_code=response.status_code,
                     reason=response.reason,
                     headers=headers.downstream_response_headers(response.headers, ex.request_id),
-                )
+                ),
+                flush=False,
             )
             timeout = self.rt.config.timeouts.upstream_response
             while True:
                 try:
-                    event = await conn.next_event(timeout)
+                    # Bytes already here are buffered; waiting for more flushes them first.
+                    event = await conn.next_event(timeout, self._flush_out)
                 except UpstreamError as exc:
-                    # The head is out: the only honest signal left is to cut the connection.
+                    # The head is committed: the only honest signal left is to cut the
+                    # connection.
                     ex.reason = exc.reason
                     raise ClientGone("upstream broke mid-response") from exc
                 if isinstance(event, h11.Data):
                     ex.bytes_out += len(event.data)
-                    await self._send(h11.Data(data=event.data))
+                    await self._send(h11.Data(data=event.data), flush=False)
                 elif isinstance(event, h11.EndOfMessage):
                     await self._send(h11.EndOfMessage())
                     break
@@ -682,7 +740,7 @@ class HttpSession:
             extra.append((upstream.assertion_header.lower().encode("ascii"), token.encode()))
         forwarded_for = self.peer_ip
         if self.trusted_forwarder:  # a trusted hop's X-Forwarded-For is extended, not reset
-            inbound_xff = b", ".join(v for n, v in req.headers if n == b"x-forwarded-for")
+            inbound_xff = b", ".join(v for n, v in self._hdrs if n == b"x-forwarded-for")
             if inbound_xff:
                 forwarded_for = f"{inbound_xff.decode('latin-1')}, {self.peer_ip}"
         ident = headers.Identity(
@@ -696,7 +754,7 @@ class HttpSession:
             forwarded_for=forwarded_for,
             extra=tuple(extra),
         )
-        return headers.upstream_request_headers(req.headers, ident, self.strip | strip)
+        return headers.upstream_request_headers(self._hdrs, ident, self.strip | strip)
 
     async def _upgrade(
         self,

@@ -42,6 +42,11 @@ class Credentials:
     jwt_authorities: dict[TrustDomain, dict[str, bundle_mod.PublicKey]]
     client_context: SSL.Context  # for mTLS to upstreams, presenting the same SVID
     loaded_at: dt.datetime = dataclasses.field(default_factory=lambda: dt.datetime.now(dt.UTC))
+    # Verified peer SVIDs by the exact DER chain presented (see server._verified_peer). It
+    # lives and dies with these credentials, so a bundle change empties it.
+    peer_cache: dict[tuple[bytes, ...], tuple[Any, float]] = dataclasses.field(
+        default_factory=dict, compare=False, repr=False
+    )
 
 
 def _read(path: Path, what: str) -> bytes:

@@ -40,7 +40,18 @@ class XfccError(ProxyError, ValueError):
         self.reason = reason
 
 
+def _neutralize(value: str) -> str:
+    """Control characters (a certificate's DN may hold anything) become %XX escapes, so
+    no value can ever break out of its header line."""
+    if all(" " <= c < "\x7f" for c in value):
+        return value
+    return "".join(
+        c if " " <= c < "\x7f" else "".join(f"%{b:02X}" for b in c.encode()) for c in value
+    )
+
+
 def quote(value: str, force: bool = False) -> str:
+    value = _neutralize(value)
     if not force and not _SPECIAL.intersection(value):
         return value
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'

@@ -393,3 +393,17 @@ async def test_ab_keep_alive_really_keeps_alive(proxy: Proxy, pki: Pki) -> None:
     out = done.stdout.decode()
     assert "Keep-Alive requests:    200" in out, out
     assert "Failed requests:        0" in out
+
+
+async def test_verified_svid_cache_is_per_credentials(proxy: Proxy) -> None:
+    for _ in range(3):
+        assert (await curl(proxy, "/orders")).status == 200
+    cache = proxy.rt.credentials.peer_cache
+    assert len(cache) == 1  # three handshakes, one path validation
+    assert (await curl(proxy, "/orders", cert="untrusted")).returncode != 0
+    assert len(cache) == 1  # a rejected chain is never remembered
+    from proxy.app import CredentialReloader
+
+    assert CredentialReloader(proxy.rt).reload("test")
+    assert proxy.rt.credentials.peer_cache == {}  # new trust store, new cache
+    assert (await curl(proxy, "/orders")).status == 200

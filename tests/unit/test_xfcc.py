@@ -151,3 +151,14 @@ def test_element_fields_in_envoy_order() -> None:
     text = xfcc.format_element(e)
     assert "Cert=-----BEGIN%20X%3D%0A" in text and 'Subject="CN=a,O=b"' in text
     assert xfcc.parse(text) == [e]
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["CN=a\r\nX-Evil: 1", "CN=\x00b", "CN=caf\u00e9", "O=\x7f"],
+    ids=["crlf", "nul", "non_ascii", "del"],
+)
+def test_values_can_never_break_the_header_line(value: str) -> None:
+    text = xfcc.format_element([("Subject", value), ("DNS", value)])
+    assert all(" " <= c < "\x7f" for c in text)
+    assert "%0D%0A" in xfcc.format_element([("Subject", "a\r\nb")])
