@@ -282,6 +282,7 @@ class HttpSession:
         # Whether this peer's XFCC counts is decided once, from its verified SPIFFE ID.
         self.trusted_forwarder = any(p.matches(peer.spiffe_id) for p in ident.trusted_forwarders)
         self._own_element: xfcc.Element | None = None
+        self._own_text: str | None = None
         self._out = bytearray()
         self._hdrs: list[tuple[bytes, bytes]] = []
         self._http10_keepalive = False
@@ -312,6 +313,12 @@ class HttpSession:
                 dns=svid.dns_sans(leaf) if "DNS" in fields else [],
             )
         return self._own_element
+
+    def own_text(self) -> str:
+        """This hop's XFCC element, formatted once per connection."""
+        if self._own_text is None:
+            self._own_text = xfcc.format_element(self.own_element())
+        return self._own_text
 
     def client_cert_headers(self) -> tuple[tuple[bytes, bytes], ...]:
         """RFC 9440: ``Client-Cert`` (the leaf) and ``Client-Cert-Chain`` (the
@@ -749,7 +756,7 @@ class HttpSession:
             spiffe_id=caller,
             id_header=self.id_header,
             xfcc=xfcc.outbound(
-                rt.config.identity.xfcc, inbound_xfcc, self.trusted_forwarder, self.own_element()
+                rt.config.identity.xfcc, inbound_xfcc, self.trusted_forwarder, self.own_text()
             ),
             forwarded_for=forwarded_for,
             extra=tuple(extra),

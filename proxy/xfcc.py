@@ -163,19 +163,20 @@ def first_uri(element: Element) -> str | None:
     return next((v for k, v in element if k == "URI"), None)
 
 
-def outbound(mode: str, inbound: str | None, trusted: bool, own: Element) -> str | None:
+def outbound(mode: str, inbound: str | None, trusted: bool, own: Element | str) -> str | None:
     """The XFCC value to send upstream, or None to send none.
 
     ``inbound`` is what the peer sent (already combined into one value); it only counts
-    when the peer is a ``trusted`` forwarder.
+    when the peer is a ``trusted`` forwarder. ``own`` is this hop's element, or its text.
     """
     kept = inbound if trusted and inbound else None
+    own_text = own if isinstance(own, str) else format_element(own)
     if mode == "sanitize":
         return None
     if mode == "sanitize_set":
-        return format_element(own)
+        return own_text
     if mode in ("forward_only", "always_forward_only"):
         return kept
     if mode == "append_forward":
-        return f"{kept},{format_element(own)}" if kept else format_element(own)
+        return f"{kept},{own_text}" if kept else own_text
     raise ValueError(f"unknown XFCC mode {mode!r}")
