@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 from proxy import xfcc
 from proxy.errors import SpiffeIdError
-from proxy.policy.patterns import IdentityPattern
+from proxy.policy.patterns import IdentityPattern, read_patterns
 from proxy.schema import Reader
 from proxy.spiffe_id import TrustDomain
 from proxy.yamlsrc import Path as DataPath
@@ -125,16 +125,6 @@ def _header_name(r: Reader, value: Any, where: DataPath) -> str:
     return name
 
 
-def _patterns(r: Reader, value: Any, where: DataPath) -> tuple[IdentityPattern, ...]:
-    out = []
-    for i, text in enumerate(r.string_list(value, where, allow_empty=True)):
-        try:
-            out.append(IdentityPattern.parse(text))
-        except SpiffeIdError as exc:
-            raise r.fail((*where, i), f"invalid identity pattern {text!r}: {exc.reason}") from None
-    return tuple(out)
-
-
 def _upstream(r: Reader, name: str, spec: Any) -> Upstream:
     where: DataPath = ("upstreams", name)
     u = r.mapping(
@@ -152,7 +142,7 @@ def _upstream(r: Reader, name: str, spec: Any) -> Upstream:
             raise r.fail(where, "an https upstream needs tls: {expect: <SPIFFE ID or pattern>}")
         t = r.mapping(u["tls"], (*where, "tls"), required=["expect"], optional=["server_name"])
         raw = t["expect"] if isinstance(t["expect"], list) else [t["expect"]]
-        expect = _patterns(r, raw, (*where, "tls", "expect"))
+        expect = read_patterns(r, raw, (*where, "tls", "expect"))
         if "server_name" in t:
             server_name = r.string(t["server_name"], (*where, "tls", "server_name"))
     elif "tls" in u:
@@ -211,7 +201,7 @@ def _identity_headers(r: Reader, value: Any) -> IdentityHeaders:
         if "spiffe_id_header" in ih
         else out.spiffe_id_header
     )
-    trusted = _patterns(r, ih.get("trusted_forwarders", []), (*base, "trusted_forwarders"))
+    trusted = read_patterns(r, ih.get("trusted_forwarders", []), (*base, "trusted_forwarders"))
     return IdentityHeaders(str(mode), fields, header, trusted)
 
 

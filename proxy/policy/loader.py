@@ -13,7 +13,7 @@ from typing import Any
 
 from proxy.errors import ConfigError, PolicyError, SpiffeIdError
 from proxy.policy.model import AUDIT, ENFORCE, Policy, PolicyTest, Route, RouteMatch
-from proxy.policy.patterns import HostPattern, IdentityPattern, PathMatch
+from proxy.policy.patterns import HostPattern, PathMatch, read_patterns
 from proxy.schema import Reader
 from proxy.spiffe_id import SpiffeId
 from proxy.yamlsrc import Path, load
@@ -138,16 +138,6 @@ def _mode(r: Reader, value: Any, path: Path) -> str:
     return str(value)
 
 
-def _patterns(r: Reader, value: Any, path: Path) -> tuple[IdentityPattern, ...]:
-    out = []
-    for j, text in enumerate(r.string_list(value, path, allow_empty=True)):
-        try:
-            out.append(IdentityPattern.parse(text))
-        except SpiffeIdError as exc:
-            raise r.fail((*path, j), f"invalid identity pattern {text!r}: {exc.reason}") from None
-    return tuple(out)
-
-
 def _revoked(r: Reader, value: Any) -> tuple[frozenset[str], frozenset[str]]:
     if value is None:
         return frozenset(), frozenset()
@@ -199,9 +189,9 @@ def _route(
     if upstreams is not None and upstream not in upstreams:
         known = ", ".join(sorted(upstreams)) or "none"
         raise r.fail((*path, "upstream"), f"unknown upstream {upstream!r} (configured: {known})")
-    allow = _patterns(r, m["allow"], (*path, "allow"))
-    deny = _patterns(r, m.get("deny", []), (*path, "deny"))
-    origin = _patterns(r, m.get("origin", []), (*path, "origin"))
+    allow = read_patterns(r, m["allow"], (*path, "allow"))
+    deny = read_patterns(r, m.get("deny", []), (*path, "deny"))
+    origin = read_patterns(r, m.get("origin", []), (*path, "origin"))
     audiences: tuple[str, ...] = ()
     if "audiences" in m:
         audiences = tuple(r.string_list(m["audiences"], (*path, "audiences")))

@@ -17,9 +17,12 @@ more labels); compared case-insensitively, without the port.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from proxy.errors import SpiffeIdError
+from proxy.schema import Reader
 from proxy.spiffe_id import SCHEME, SpiffeId, TrustDomain, check_path
+from proxy.yamlsrc import Path
 
 WILDCARD = "*"
 
@@ -200,3 +203,14 @@ class PathMatch:
 
     def __str__(self) -> str:
         return f"{'path_prefix' if self.kind == 'prefix' else 'path'} {self.value}"
+
+
+def read_patterns(r: Reader, value: Any, path: Path) -> tuple[IdentityPattern, ...]:
+    """A YAML list of identity patterns; errors name the item (``...allow[2]``)."""
+    out = []
+    for i, text in enumerate(r.string_list(value, path, allow_empty=True)):
+        try:
+            out.append(IdentityPattern.parse(text))
+        except SpiffeIdError as exc:
+            raise r.fail((*path, i), f"invalid identity pattern {text!r}: {exc.reason}") from None
+    return tuple(out)

@@ -3,10 +3,12 @@ and talk to them with real clients: curl, and a raw TLS socket for malformed inp
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import socket
 import ssl
+import subprocess
 import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -199,6 +201,37 @@ async def raw(proxy: Proxy, *payloads: bytes, cert: str = "client", pause: float
     """Send bytes over a real TLS connection; return everything read until close or 3 s."""
     ctx = tls_client(proxy.pki, cert)
     return await trio.to_thread.run_sync(_raw_exchange, proxy.port, ctx, payloads, pause)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def wait_listening(port: int, proc: subprocess.Popen[bytes]) -> None:
+    """Until a proxy process started with ``subprocess`` accepts connections on ``port``."""
+    with trio.fail_after(15):
+        while True:
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else "exited"
+            try:
+                s = await trio.open_tcp_stream("127.0.0.1", port)
+            except OSError:
+                await trio.sleep(0.05)
+                continue
+            await s.aclose()
+            return
+
+
+def server_fingerprint(port: int, ctx: ssl.SSLContext) -> str:
+    """SHA-256 of the certificate the server presents on a new handshake (blocking)."""
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        ctx.wrap_socket(raw, server_hostname="localhost") as s,
+    ):
+        der = s.getpeercert(binary_form=True)
+        assert der is not None
+        return hashlib.sha256(der).hexdigest()
 
 
 def statuses(response: bytes) -> list[int]:

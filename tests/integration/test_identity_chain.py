@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
 import subprocess
 import sys
 import textwrap
@@ -24,17 +23,18 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from proxy import demo_upstream, xfcc
 from proxy.devcerts import issue_svid
 from tests.conftest import CLIENT_ID, Pki
-from tests.integration.harness import Proxy, curl, start, upstream_headers
+from tests.integration.harness import (
+    Proxy,
+    curl,
+    free_port,
+    start,
+    upstream_headers,
+    wait_listening,
+)
 
 EDGE_ID = "spiffe://example.org/ns/edge/sa/edge-pep"
 INNER_ID = "spiffe://example.org/ns/mesh/sa/inner-pep"
 FORGED = "By=spiffe://evil;Hash=00;URI=spiffe://example.org/ns/prod/sa/admin"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _config(
@@ -60,19 +60,6 @@ def _config(
     return cfg
 
 
-async def _wait(port: int, proc: subprocess.Popen[bytes]) -> None:
-    with trio.fail_after(15):
-        while True:
-            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else "exited"
-            try:
-                s = await trio.open_tcp_stream("127.0.0.1", port)
-            except OSError:
-                await trio.sleep(0.05)
-                continue
-            await s.aclose()
-            return
-
-
 def _decisions(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line]
 
@@ -93,7 +80,7 @@ async def test_two_proxies_chained_over_mtls(
         "inner", issue_svid(pki.intermediate, [INNER_ID], dns=["localhost"], ips=["127.0.0.1"])
     )
     echo = await nursery.start(demo_upstream.serve, "127.0.0.1", 0)
-    edge_port, inner_port = _free_port(), _free_port()
+    edge_port, inner_port = free_port(), free_port()
     inner_cfg = _config(
         tmp_path,
         pki,
@@ -134,8 +121,8 @@ async def test_two_proxies_chained_over_mtls(
         for c in (inner_cfg, edge_cfg)
     ]
     try:
-        await _wait(inner_port, procs[0])
-        await _wait(edge_port, procs[1])
+        await wait_listening(inner_port, procs[0])
+        await wait_listening(edge_port, procs[1])
         base = [
             "curl",
             "-sS",

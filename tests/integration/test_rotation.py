@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import socket
-import ssl
 from pathlib import Path
 
 import httpx
@@ -17,17 +15,7 @@ from proxy import app
 from proxy.audit_sink import JsonLines
 from proxy.devcerts import issue_svid
 from tests.conftest import SERVER_ID, Pki
-from tests.integration.harness import Proxy, tls_client, write_config
-
-
-def _fingerprint(port: int, ctx: ssl.SSLContext) -> str:
-    with (
-        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
-        ctx.wrap_socket(raw, server_hostname="localhost") as s,
-    ):
-        der = s.getpeercert(binary_form=True)
-        assert der is not None
-        return hashlib.sha256(der).hexdigest()
+from tests.integration.harness import Proxy, server_fingerprint, tls_client, write_config
 
 
 @pytest.fixture
@@ -55,7 +43,7 @@ async def _wait_event(proxy: Proxy, name: str, count: int = 1) -> None:
 
 async def test_rotation_under_live_keep_alive_traffic(proxy: Proxy, pki: Pki) -> None:
     ctx = tls_client(pki)
-    before = await trio.to_thread.run_sync(_fingerprint, proxy.port, ctx)
+    before = await trio.to_thread.run_sync(server_fingerprint, proxy.port, ctx)
     statuses: list[int] = []
     stop = trio.Event()
 
@@ -74,14 +62,14 @@ async def test_rotation_under_live_keep_alive_traffic(proxy: Proxy, pki: Pki) ->
         (proxy.dir / "server.pem").write_bytes(new.chain_pem())
         (proxy.dir / "server_key.pem").write_bytes(new.key_pem())
         with trio.fail_after(5):
-            while await trio.to_thread.run_sync(_fingerprint, proxy.port, ctx) == before:
+            while await trio.to_thread.run_sync(server_fingerprint, proxy.port, ctx) == before:
                 await trio.sleep(0.1)
         await trio.sleep(0.2)
         stop.set()
     assert len(statuses) > 10 and set(statuses) == {200}
     client_lines = [d for d in proxy.decisions() if d["path"] == "/orders"]
     assert len({d["peer_addr"] for d in client_lines}) == 1  # never dropped or reconnected
-    now_serving = await trio.to_thread.run_sync(_fingerprint, proxy.port, ctx)
+    now_serving = await trio.to_thread.run_sync(server_fingerprint, proxy.port, ctx)
     assert now_serving == hashlib.sha256(new.cert.public_bytes(Encoding.DER)).hexdigest()
     reloaded = [e for e in proxy.events() if e["event"] == "credentials_reloaded"]
     assert reloaded and reloaded[-1]["trigger"] == "watch"
@@ -93,7 +81,7 @@ async def test_bad_rotation_rejected_old_credentials_keep_serving(
     proxy: Proxy, pki: Pki, damage: str
 ) -> None:
     ctx = tls_client(pki)
-    before = await trio.to_thread.run_sync(_fingerprint, proxy.port, ctx)
+    before = await trio.to_thread.run_sync(server_fingerprint, proxy.port, ctx)
     cert = proxy.dir / "server.pem"
     if damage == "half_written":
         cert.write_bytes(cert.read_bytes()[:300])
@@ -114,7 +102,7 @@ async def test_bad_rotation_rejected_old_credentials_keep_serving(
         cert.write_bytes(old.chain_pem())
         (proxy.dir / "server_key.pem").write_bytes(old.key_pem())
     await _wait_event(proxy, "credentials_reload_failed")
-    assert await trio.to_thread.run_sync(_fingerprint, proxy.port, ctx) == before
+    assert await trio.to_thread.run_sync(server_fingerprint, proxy.port, ctx) == before
     async with httpx.AsyncClient(verify=ctx) as c:
         assert (await c.get(proxy.url + "/orders")).status_code == 200
     failed = [e for e in proxy.events() if e["event"] == "credentials_reload_failed"][-1]

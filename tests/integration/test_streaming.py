@@ -3,7 +3,6 @@ buffered whole (the proxy's peak RSS grows by less than 50 MB)."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,16 +12,10 @@ import trio
 
 from proxy import demo_upstream
 from tests.conftest import Pki
-from tests.integration.harness import write_config
+from tests.integration.harness import free_port, wait_listening, write_config
 
 SIZE = 200 * 1024 * 1024
 RSS_BUDGET = 50 * 1024 * 1024
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _status_kib(pid: int, field: str) -> int:
@@ -32,25 +25,12 @@ def _status_kib(pid: int, field: str) -> int:
     raise AssertionError(field)
 
 
-async def _wait_listening(port: int, proc: subprocess.Popen[bytes]) -> None:
-    with trio.fail_after(15):
-        while True:
-            assert proc.poll() is None, "the proxy exited"
-            try:
-                s = await trio.open_tcp_stream("127.0.0.1", port)
-            except OSError:
-                await trio.sleep(0.05)
-                continue
-            await s.aclose()
-            return
-
-
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
 async def test_200mb_each_way_with_bounded_memory(
     nursery: trio.Nursery, tmp_path: Path, pki: Pki
 ) -> None:
     upstream_port = await nursery.start(demo_upstream.serve, "127.0.0.1", 0)
-    port = _free_port()
+    port = free_port()
     cfg = write_config(tmp_path, pki, upstream_port, listen=f"127.0.0.1:{port}")
     proc = subprocess.Popen(
         [sys.executable, "-m", "proxy", "run", "-c", str(cfg), "--workers", "1"],
@@ -58,7 +38,7 @@ async def test_200mb_each_way_with_bounded_memory(
         stderr=subprocess.DEVNULL,
     )
     try:
-        await _wait_listening(port, proc)
+        await wait_listening(port, proc)
         base = [
             "curl",
             "-sS",

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,13 +16,7 @@ import trio
 
 from proxy import demo_upstream
 from tests.conftest import Pki
-from tests.integration.harness import POLICY, tls_client, write_config
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.integration.harness import POLICY, free_port, tls_client, write_config
 
 
 async def _status(admin: int) -> dict[str, Any]:
@@ -40,7 +33,7 @@ async def test_workers_share_port_restart_reload_and_drain(
     nursery: trio.Nursery, tmp_path: Path, pki: Pki
 ) -> None:
     upstream = await nursery.start(demo_upstream.serve, "127.0.0.1", 0)
-    port, admin = _free_port(), _free_port()
+    port, admin = free_port(), free_port()
     cfg = write_config(tmp_path, pki, upstream, listen=f"127.0.0.1:{port}", policy_watch="off")
     cfg.write_text(cfg.read_text().replace("admin: 127.0.0.1:0", f"admin: 127.0.0.1:{admin}"))
     proc = subprocess.Popen(

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import queue
-import socket
-import ssl
 import textwrap
 from collections.abc import Iterator
 from concurrent import futures
@@ -23,7 +21,7 @@ from proxy import app, demo_upstream
 from proxy.audit_sink import JsonLines
 from proxy.devcerts import Issued, issue_svid
 from tests.conftest import SERVER_ID, Pki
-from tests.integration.harness import POLICY, Proxy, curl, tls_client
+from tests.integration.harness import POLICY, Proxy, curl, server_fingerprint, tls_client
 
 
 class FakeAgent(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[misc]
@@ -60,16 +58,6 @@ def response(svid: Issued, bundle_der: bytes, federated: dict[str, bytes]) -> An
         ],
         federated_bundles=federated,
     )
-
-
-def _fingerprint(port: int, ctx: ssl.SSLContext) -> str:
-    with (
-        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
-        ctx.wrap_socket(raw, server_hostname="localhost") as s,
-    ):
-        der = s.getpeercert(binary_form=True)
-        assert der is not None
-        return hashlib.sha256(der).hexdigest()
 
 
 @pytest.fixture
@@ -123,17 +111,17 @@ async def test_svid_and_bundles_from_the_workload_api_and_rotation(
     r = await curl(proxy, "/orders", cert="confused")  # partner's CA minting example.org
     assert r.returncode != 0
     ctx = tls_client(pki)
-    fp1 = await trio.to_thread.run_sync(_fingerprint, proxy.port, ctx)
+    fp1 = await trio.to_thread.run_sync(server_fingerprint, proxy.port, ctx)
     assert fp1 == hashlib.sha256(first.cert.public_bytes(Encoding.DER)).hexdigest()
 
     # The agent rotates the SVID: new handshakes present the new one.
     second = issue_svid(pki.intermediate, [SERVER_ID], dns=["localhost"], ips=["127.0.0.1"])
     fake.updates.put(response(second, root_der, {"spiffe://partner.org": partner_der}))
     with trio.fail_after(10):
-        while await trio.to_thread.run_sync(_fingerprint, proxy.port, ctx) == fp1:
+        while await trio.to_thread.run_sync(server_fingerprint, proxy.port, ctx) == fp1:
             await trio.sleep(0.05)
     assert (
-        await trio.to_thread.run_sync(_fingerprint, proxy.port, ctx)
+        await trio.to_thread.run_sync(server_fingerprint, proxy.port, ctx)
         == hashlib.sha256(second.cert.public_bytes(Encoding.DER)).hexdigest()
     )
     assert (await curl(proxy, "/orders")).status == 200
