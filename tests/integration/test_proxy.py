@@ -407,3 +407,22 @@ async def test_verified_svid_cache_is_per_credentials(proxy: Proxy) -> None:
     assert CredentialReloader(proxy.rt).reload("test")
     assert proxy.rt.credentials.peer_cache == {}  # new trust store, new cache
     assert (await curl(proxy, "/orders")).status == 200
+
+
+def test_trusted_h11_events_keep_h11_framing_checks() -> None:
+    """proxy.server._trusted skips h11's header re-validation (its private ``_parsed`` path)
+    but h11 must still apply Content-Length/Transfer-Encoding semantics: pin the behaviour
+    the proxy relies on, so an h11 upgrade that changes it fails here, not in production."""
+    import h11
+
+    from proxy.server import _trusted
+
+    event = _trusted(h11.Request, method=b"GET", target=b"/", headers=[(b"Host", b"x")])
+    assert list(event.headers) == [(b"host", b"x")]  # names still normalized
+    with pytest.raises(h11.LocalProtocolError):
+        _trusted(
+            h11.Response,
+            status_code=200,
+            reason=b"",
+            headers=[(b"content-length", b"1"), (b"content-length", b"2")],
+        )
