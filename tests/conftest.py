@@ -35,6 +35,17 @@ class Pki:
     ) -> tuple[str, str]:
         return self.write(name, issue_svid(issuer or self.intermediate, uris, **kwargs))  # type: ignore[arg-type]
 
+    def client_args(self, cert: str = "client") -> list[str]:
+        """curl's flags to verify the server against the bundle and present ``cert``."""
+        return [
+            "--cacert",
+            self.bundle,
+            "--cert",
+            f"{self.dir}/{cert}.pem",
+            "--key",
+            f"{self.dir}/{cert}_key.pem",
+        ]
+
     @property
     def bundle(self) -> str:
         return str(self.dir / "bundle.pem")

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import trio
 
-from proxy import app, demo_upstream
-from proxy.audit_sink import JsonLines
+from proxy import demo_upstream
 from tests.conftest import Pki
-from tests.integration.harness import write_config
+from tests.integration.harness import serve, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,20 +51,13 @@ async def test_load_generator_against_a_live_proxy(
     """One second of load (and a fixed request count in handshake mode) on a real proxy."""
     upstream = await nursery.start(demo_upstream.serve, "127.0.0.1", 0)
     cfg = write_config(tmp_path, pki, upstream)
-    rt = app.build_runtime(app.read_config(cfg), events=JsonLines(str(tmp_path / "events.jsonl")))
-    started = await nursery.start(app.serve, rt)
-    port = started["listen"][0][1]
+    port = (await serve(nursery, cfg, pki, upstream)).port
     base = [
         sys.executable,
         "-m",
         "loadtests",
         f"https://127.0.0.1:{port}/orders",
-        "--cert",
-        f"{pki.dir}/client.pem",
-        "--key",
-        f"{pki.dir}/client_key.pem",
-        "--cacert",
-        pki.bundle,
+        *pki.client_args(),
         "-c",
         "4",
         "--processes",

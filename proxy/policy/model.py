@@ -125,11 +125,6 @@ class Policy:
         ]
         object.__setattr__(self, "index", RouteIndex(paths))
 
-    @property
-    def version(self) -> str:
-        """A short form of the SHA-256 for humans; logs carry the full hash."""
-        return self.sha256[:12]
-
     def route_for(self, method: str, host: str, path: str) -> Route | None:
         """The first route matching the request, found through the index."""
         for i in self.index.candidates(path):

@@ -65,10 +65,6 @@ class IdentityPattern:
         return cls(text, td, tuple(segments), tail)
 
     @property
-    def exact(self) -> bool:
-        return not self.tail and WILDCARD not in self.segments
-
-    @property
     def whole_trust_domain(self) -> bool:
         return self.tail and not self.segments
 

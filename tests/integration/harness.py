@@ -117,16 +117,23 @@ def write_config(
     return cfg
 
 
-async def start(
-    nursery: trio.Nursery, tmp: Path, pki: Pki, *, timeouts: str = "", **config: Any
-) -> Proxy:
-    upstream_port = await nursery.start(demo_upstream.serve, "127.0.0.1", 0)
-    cfg = write_config(tmp, pki, upstream_port, timeouts=timeouts, **config)
+async def serve(nursery: trio.Nursery, cfg: Path, pki: Pki, upstream_port: int) -> Proxy:
+    """The proxy of config file ``cfg``, in the test's nursery; events go to the file's
+    directory, beside the decision log that ``write_config`` puts there."""
+    tmp = cfg.parent
     rt = app.build_runtime(app.read_config(cfg), events=JsonLines(str(tmp / "events.jsonl")))
     started = await nursery.start(app.serve, rt)
     return Proxy(
         started["listen"][0][1], upstream_port, rt, tmp, pki, started["admin"], started["reloader"]
     )
+
+
+async def start(
+    nursery: trio.Nursery, tmp: Path, pki: Pki, *, timeouts: str = "", **config: Any
+) -> Proxy:
+    upstream_port = await nursery.start(demo_upstream.serve, "127.0.0.1", 0)
+    cfg = write_config(tmp, pki, upstream_port, timeouts=timeouts, **config)
+    return await serve(nursery, cfg, pki, upstream_port)
 
 
 @dataclass
@@ -142,14 +149,8 @@ class CurlResult:
 
 async def curl(proxy: Proxy, path: str, *args: str, cert: str | None = "client") -> CurlResult:
     """curl with the SVID named ``cert`` (from the PKI dir), verifying the proxy's SVID."""
-    cmd = ["curl", "-sS", "--max-time", "30", "--cacert", proxy.pki.bundle, "-w", "\n%{http_code}"]
-    if cert:
-        cmd += [
-            "--cert",
-            str(proxy.pki.dir / f"{cert}.pem"),
-            "--key",
-            str(proxy.pki.dir / f"{cert}_key.pem"),
-        ]
+    cmd = ["curl", "-sS", "--max-time", "30", "-w", "\n%{http_code}"]
+    cmd += proxy.pki.client_args(cert) if cert else ["--cacert", proxy.pki.bundle]
     cmd += [*args, proxy.url + path]
     done = await trio.run_process(cmd, capture_stdout=True, capture_stderr=True, check=False)
     body, _, code = done.stdout.rpartition(b"\n")

@@ -27,6 +27,7 @@ from tests.integration.harness import (
     Proxy,
     curl,
     free_port,
+    serve,
     start,
     upstream_headers,
     wait_listening,
@@ -128,12 +129,7 @@ async def test_two_proxies_chained_over_mtls(
             "-sS",
             "--max-time",
             "20",
-            "--cacert",
-            pki.bundle,
-            "--cert",
-            f"{pki.dir}/client.pem",
-            "--key",
-            f"{pki.dir}/client_key.pem",
+            *pki.client_args(),
             "-H",
             f"X-Forwarded-Client-Cert: {FORGED}",
             "-H",
@@ -194,15 +190,7 @@ async def _start_with(
     )
     cfg += "identity_headers:\n" + textwrap.indent(identity, "  ") + "\n"
     (tmp_path / "spiffe-pep.yaml").write_text(cfg)
-    from proxy import app
-    from proxy.audit_sink import JsonLines
-
-    rt = app.build_runtime(
-        app.read_config(tmp_path / "spiffe-pep.yaml"),
-        events=JsonLines(str(tmp_path / "events.jsonl")),
-    )
-    started = await nursery.start(app.serve, rt)
-    return Proxy(started["listen"][0][1], px.upstream_port, rt, tmp_path, pki, started["admin"])
+    return await serve(nursery, tmp_path / "spiffe-pep.yaml", pki, px.upstream_port)
 
 
 async def test_all_xfcc_fields_and_rfc9440_headers(
@@ -293,15 +281,7 @@ async def test_upstream_identity_mismatch_is_502(
         )
     )
     (tmp_path / "spiffe-pep.yaml").write_text(cfg)
-    from proxy import app
-    from proxy.audit_sink import JsonLines
-
-    rt = app.build_runtime(
-        app.read_config(tmp_path / "spiffe-pep.yaml"),
-        events=JsonLines(str(tmp_path / "events.jsonl")),
-    )
-    started = await nursery.start(app.serve, rt)
-    bad = Proxy(started["listen"][0][1], 0, rt, tmp_path, pki)
+    bad = await serve(nursery, tmp_path / "spiffe-pep.yaml", pki, 0)
     r = await curl(bad, "/x")
     assert r.status == 502
     assert bad.decisions()[-1]["reason"] == "upstream_identity_mismatch"

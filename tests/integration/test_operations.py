@@ -97,12 +97,7 @@ async def test_sigterm_drains_in_flight_requests(
         base = [
             "curl",
             "-sS",
-            "--cacert",
-            pki.bundle,
-            "--cert",
-            f"{pki.dir}/client.pem",
-            "--key",
-            f"{pki.dir}/client_key.pem",
+            *pki.client_args(),
             "-w",
             " %{http_code}",
         ]

@@ -11,11 +11,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from proxy import app, demo_upstream
-from proxy.audit_sink import JsonLines
+from proxy import demo_upstream
 from proxy.proxyproto import v2_header
 from tests.conftest import Pki
-from tests.integration.harness import Proxy, curl, tls_client, write_config
+from tests.integration.harness import Proxy, curl, serve, tls_client, write_config
 
 
 @pytest.fixture
@@ -23,9 +22,7 @@ async def proxy(nursery: trio.Nursery, tmp_path: Path, pki: Pki) -> Proxy:
     upstream = await nursery.start(demo_upstream.serve, "127.0.0.1", 0)
     cfg = write_config(tmp_path, pki, upstream)
     cfg.write_text(cfg.read_text() + "proxy_protocol: true\n")
-    rt = app.build_runtime(app.read_config(cfg), events=JsonLines(str(tmp_path / "events.jsonl")))
-    started = await nursery.start(app.serve, rt)
-    return Proxy(started["listen"][0][1], upstream, rt, tmp_path, pki)
+    return await serve(nursery, cfg, pki, upstream)
 
 
 async def test_v1_from_curl(proxy: Proxy) -> None:

@@ -11,11 +11,9 @@ import pytest
 import trio
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from proxy import app
-from proxy.audit_sink import JsonLines
 from proxy.devcerts import issue_svid
 from tests.conftest import SERVER_ID, Pki
-from tests.integration.harness import Proxy, server_fingerprint, tls_client, write_config
+from tests.integration.harness import Proxy, serve, server_fingerprint, tls_client, write_config
 
 
 @pytest.fixture
@@ -28,11 +26,7 @@ async def proxy(nursery: trio.Nursery, tmp_path: Path, pki: Pki) -> Proxy:
     cfg = write_config(tmp_path, pki, upstream)
     text = cfg.read_text().replace(f"{pki.dir}/server", f"{tmp_path}/server")
     cfg.write_text(text.replace("tls:\n", "tls:\n  watch: 200ms\n", 1))
-    rt = app.build_runtime(app.read_config(cfg), events=JsonLines(str(tmp_path / "events.jsonl")))
-    started = await nursery.start(app.serve, rt)
-    return Proxy(
-        started["listen"][0][1], upstream, rt, tmp_path, pki, started["admin"], started["reloader"]
-    )
+    return await serve(nursery, cfg, pki, upstream)
 
 
 async def _wait_event(proxy: Proxy, name: str, count: int = 1) -> None:

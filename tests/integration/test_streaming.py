@@ -45,12 +45,7 @@ async def test_200mb_each_way_with_bounded_memory(
             "--fail",
             "--max-time",
             "120",
-            "--cacert",
-            pki.bundle,
-            "--cert",
-            f"{pki.dir}/client.pem",
-            "--key",
-            f"{pki.dir}/client_key.pem",
+            *pki.client_args(),
         ]
         url = f"https://localhost:{port}"
         await trio.run_process([*base, "-o", "/dev/null", f"{url}/warmup"])

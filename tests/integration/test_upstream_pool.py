@@ -9,10 +9,8 @@ import h11
 import pytest
 import trio
 
-from proxy import app
-from proxy.audit_sink import JsonLines
 from tests.conftest import Pki
-from tests.integration.harness import Proxy, curl, write_config
+from tests.integration.harness import Proxy, curl, serve, write_config
 
 
 async def _read_request(conn: h11.Connection, stream: trio.SocketStream) -> bool:
@@ -59,9 +57,7 @@ async def _start(nursery: trio.Nursery, tmp: Path, pki: Pki, handler: object) ->
     )
     port = listeners[0].socket.getsockname()[1]
     cfg = write_config(tmp, pki, port)
-    rt = app.build_runtime(app.read_config(cfg), events=JsonLines(str(tmp / "events.jsonl")))
-    started = await nursery.start(app.serve, rt)
-    return Proxy(started["listen"][0][1], port, rt, tmp, pki)
+    return await serve(nursery, cfg, pki, port)
 
 
 async def test_idempotent_request_retried_when_pooled_connection_dies(

@@ -20,10 +20,8 @@ from wsproto.events import (
     TextMessage,
 )
 
-from proxy import app
-from proxy.audit_sink import JsonLines
 from tests.conftest import CLIENT_ID, Pki
-from tests.integration.harness import Proxy, tls_client, write_config
+from tests.integration.harness import Proxy, serve, tls_client, write_config
 
 
 class EchoServer:
@@ -107,9 +105,7 @@ async def proxy(nursery: trio.Nursery, tmp_path: Path, pki: Pki) -> tuple[Proxy,
     )
     port = listeners[0].socket.getsockname()[1]
     cfg = write_config(tmp_path, pki, port)
-    rt = app.build_runtime(app.read_config(cfg), events=JsonLines(str(tmp_path / "events.jsonl")))
-    started = await nursery.start(app.serve, rt)
-    return Proxy(started["listen"][0][1], port, rt, tmp_path, pki), echo
+    return await serve(nursery, cfg, pki, port), echo
 
 
 async def test_websocket_echo_through_the_proxy(proxy: tuple[Proxy, EchoServer], pki: Pki) -> None:
