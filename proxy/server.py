@@ -26,6 +26,7 @@ from proxy.audit_sink import JsonLines
 from proxy.config import Config, Upstream
 from proxy.errors import HttpError, SpiffeIdError, SvidError, UpstreamError
 from proxy.forward import UpstreamConnection, UpstreamPool
+from proxy.http1 import new_server_connection
 from proxy.metrics import Metrics
 from proxy.policy.evaluate import ALLOWED, Request, evaluate
 from proxy.policy.model import Policy, Route
@@ -259,6 +260,7 @@ _ERRORS = {
     501: ("not_implemented", "the request uses an unsupported feature"),
     502: ("bad_gateway", "the upstream service is unavailable"),
     504: ("gateway_timeout", "the upstream service did not answer in time"),
+    505: ("http_version_not_supported", "only HTTP/1.1 and HTTP/1.0 are served"),
 }
 
 
@@ -273,9 +275,7 @@ class HttpSession:
         self.peer = peer
         self.peer_ip = peer_ip
         self.peer_addr = peer_addr
-        self.h = h11.Connection(
-            h11.SERVER, max_incomplete_event_size=rt.config.limits.max_header_bytes
-        )
+        self.h = new_server_connection(rt.config.limits.max_header_bytes)
         self.id_header = rt.config.spiffe_id_header.lower().encode("ascii")
         self.strip = rt.strip_always
         ident = rt.config.identity
@@ -405,9 +405,7 @@ class HttpSession:
 
     def _fresh_connection(self) -> None:
         leftover, closed = self.h.trailing_data
-        self.h = h11.Connection(
-            h11.SERVER, max_incomplete_event_size=self.rt.config.limits.max_header_bytes
-        )
+        self.h = new_server_connection(self.rt.config.limits.max_header_bytes)
         if leftover:
             self.h.receive_data(leftover)
         if closed:
@@ -619,6 +617,8 @@ class HttpSession:
     def _target(self, req: h11.Request, ex: audit.Exchange) -> Target:
         if req.method == b"CONNECT":
             raise HttpError(405, "connect_not_supported")
+        if req.http_version not in (b"1.1", b"1.0"):
+            raise HttpError(505, "http_version_not_supported")
         names = [n for n, _ in self._hdrs]
         if b"transfer-encoding" in names and b"content-length" in names:
             # RFC 9112 section 6.1 lets a server refuse this; a proxy must, or it smuggles.
@@ -634,9 +634,11 @@ class HttpSession:
             if length is not None and int(length) > limit:
                 raise HttpError(413, "request_body_too_large")
         target = parse_target(req.method, req.target)
-        host = target.authority
-        if host is None:
-            host = next((v.decode("ascii", "replace") for n, v in self._hdrs if n == b"host"), "")
+        host = next((v.decode("ascii", "replace") for n, v in self._hdrs if n == b"host"), "")
+        # Absolute-form: the target's authority wins (RFC 9112 section 3.2.2), but the
+        # upstream gets origin-form and routes on Host, so the two must agree.
+        if target.authority is not None and host.strip().lower() != target.authority:
+            raise HttpError(400, "host_does_not_match_target")
         ex.host = host_for_matching(host)
         ex.path = target.path
         return target
@@ -664,12 +666,16 @@ class HttpSession:
                 req, route, pool.upstream, ex, strip, inbound_xfcc, origin, policy_sha256
             ),
         )
+        # Body bytes that came with the head are parsed before anything goes upstream: a
+        # malformed start of a body (a bad chunk size) is refused without the upstream
+        # ever seeing the request.
+        first = self._buffered_body_event() if has_body else None
         if self.h.client_is_waiting_for_100_continue:
             await self._send(h11.InformationalResponse(status_code=100, headers=[]))
         conn = await pool.acquire(creds)
         try:
             try:
-                await self._send_request(conn, up_req, ex)
+                await self._send_request(conn, up_req, ex, first)
                 response = await self._response_head(conn)
             except UpstreamError:
                 # A pooled connection the upstream closed just as we reused it fails before
@@ -867,19 +873,32 @@ class HttpSession:
             n.start_soon(up, n.cancel_scope)
             n.start_soon(down, n.cancel_scope)
 
+    def _buffered_body_event(self) -> h11.Event | None:
+        """The first body event if its bytes are here already, else None."""
+        try:
+            event = self.h.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise HttpError(400, "malformed_request_body", str(exc)) from exc
+        return None if event is h11.NEED_DATA else event  # type: ignore[return-value]
+
     async def _send_request(
         self,
         conn: UpstreamConnection,
         up_req: h11.Request,
         ex: audit.Exchange,
+        first: h11.Event | None = None,
     ) -> None:
-        """Send the head, then stream the client's body to the upstream."""
+        """Send the head, then stream the client's body (``first`` is its first event,
+        already read) to the upstream."""
         await conn.send(up_req)
         while True:
-            try:
-                event = await self._next_body_event()
-            except h11.RemoteProtocolError as exc:
-                raise HttpError(400, "malformed_request_body", str(exc)) from exc
+            if first is not None:
+                event, first = first, None
+            else:
+                try:
+                    event = await self._next_body_event()
+                except h11.RemoteProtocolError as exc:
+                    raise HttpError(400, "malformed_request_body", str(exc)) from exc
             if isinstance(event, h11.Data):
                 ex.bytes_in += len(event.data)
                 limit = self.rt.config.limits.max_body_bytes

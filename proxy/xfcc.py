@@ -46,13 +46,15 @@ def _neutralize(value: str) -> str:
     if all(" " <= c < "\x7f" for c in value):
         return value
     return "".join(
-        c if " " <= c < "\x7f" else "".join(f"%{b:02X}" for b in c.encode()) for c in value
+        c if " " <= c < "\x7f" else "".join(f"%{b:02X}" for b in c.encode("utf-8", "surrogatepass"))
+        for c in value
     )
 
 
 def quote(value: str, force: bool = False) -> str:
     value = _neutralize(value)
-    if not force and not _SPECIAL.intersection(value):
+    # Unquoted values are read back stripped: quote any that starts or ends with a space.
+    if not force and not _SPECIAL.intersection(value) and value.strip() == value:
         return value
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 

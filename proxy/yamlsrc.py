@@ -56,16 +56,16 @@ def load(
     try:
         # libyaml's C composer when PyYAML has it (10x faster on large policies), else Python.
         node = yaml.compose(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        if node is None:
+            return None, source
+        # Constructing a scalar can fail too (an unknown tag such as ``!x``).
+        return _convert(node, (), source, yaml.SafeLoader("")), source
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{filename}:{mark.line + 1}:{mark.column + 1}" if mark else filename
         raise cls(where, f"invalid YAML: {exc.problem or exc.context}") from exc
     except yaml.YAMLError as exc:
         raise cls(filename, f"invalid YAML: {exc}") from exc
-    if node is None:
-        return None, source
-    constructor = yaml.SafeLoader("")
-    return _convert(node, (), source, constructor), source
 
 
 def _convert(node: yaml.Node, path: Path, source: Source, constructor: yaml.SafeLoader) -> Any:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from proxy.bundle import spiffe_bundle_json
 from proxy.devcerts import Issued, issue_ca, issue_svid
@@ -81,3 +83,16 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     )
     p.svid("leaf_ca", [CLIENT_ID], ca=True)
     return p
+
+
+# Property-based tests: "ci" (the default) keeps the suite inside its budget with thousands
+# of examples in all; HYPOTHESIS_PROFILE=fuzz runs a hundred times more.
+FUZZ_FACTOR = 100 if os.environ.get("HYPOTHESIS_PROFILE") == "fuzz" else 1
+settings.register_profile("ci", max_examples=1000, deadline=None, print_blob=True)
+settings.register_profile("fuzz", max_examples=100_000, deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def examples(n: int) -> settings:
+    """Settings for a property whose examples are dear: ``n`` under "ci", scaled under "fuzz"."""
+    return settings(max_examples=n * FUZZ_FACTOR)

@@ -281,7 +281,7 @@ def _tests(r: Reader, value: Any, route_names: set[str]) -> list[PolicyTest]:
         expect = m["expect"]
         if expect not in ("allow", "deny"):
             raise r.fail((*p, "expect"), f"expect must be 'allow' or 'deny', got {expect!r}")
-        route = m.get("route")
+        route = r.string(m["route"], (*p, "route")) if "route" in m else None
         if route is not None and route not in route_names:
             raise r.fail((*p, "route"), f"no route named {route!r}")
         audience = r.string(m["audience"], (*p, "audience")) if "audience" in m else None

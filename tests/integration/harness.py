@@ -8,13 +8,15 @@ import json
 import re
 import socket
 import ssl
+import struct
 import subprocess
 import textwrap
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import h11
 import httpx
 import trio
 
@@ -137,6 +139,87 @@ async def start(
 
 
 @dataclass
+class Received:
+    """One request as the recording upstream saw it."""
+
+    method: bytes
+    target: bytes
+    headers: list[tuple[bytes, bytes]]
+    body: bytes = b""
+    complete: bool = False  # False: the connection ended before the end of the body
+
+
+@dataclass
+class RecordingUpstream:
+    """A real HTTP/1.1 server (h11 over TCP) that records every byte and request it gets.
+
+    ``GET /reset...`` answers a head promising 1,000 bytes, sends 10 and resets the TCP
+    connection; anything else gets ``200 ok`` once its body has arrived."""
+
+    port: int = 0
+    raw: bytearray = field(default_factory=bytearray)
+    requests: list[Received] = field(default_factory=list)
+
+    async def _serve_one(self, stream: trio.SocketStream) -> None:
+        conn = h11.Connection(h11.SERVER)
+        current: Received | None = None
+        try:
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    data = await stream.receive_some(65536)
+                    self.raw += data
+                    conn.receive_data(data)
+                    continue
+                if isinstance(event, h11.Request):
+                    current = Received(event.method, event.target, list(event.headers))
+                    self.requests.append(current)
+                elif isinstance(event, h11.Data) and current is not None:
+                    current.body += event.data
+                elif isinstance(event, h11.EndOfMessage) and current is not None:
+                    current.complete = True
+                    if current.target.startswith(b"/reset"):
+                        await stream.send_all(
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n0123456789"
+                        )
+                        await trio.sleep(0.05)
+                        stream.socket.setsockopt(
+                            socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                        )
+                        return  # closing with linger 0 sends RST
+                    await stream.send_all(
+                        conn.send(h11.Response(status_code=200, headers=[("content-length", "2")]))
+                        + (conn.send(h11.Data(data=b"ok")) or b"")
+                        + (conn.send(h11.EndOfMessage()) or b"")
+                    )
+                    conn.start_next_cycle()
+                    current = None
+                else:
+                    return
+        except (h11.RemoteProtocolError, trio.BrokenResourceError, OSError):
+            return
+        finally:
+            await stream.aclose()
+
+    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        async with trio.open_nursery() as n:
+            task_status.started(self.port)
+            await trio.serve_listeners(self._serve_one, listeners, handler_nursery=n)
+
+
+async def start_recording(
+    nursery: trio.Nursery, tmp: Path, pki: Pki, **config: Any
+) -> tuple[Proxy, RecordingUpstream]:
+    """The proxy in front of a :class:`RecordingUpstream` (as upstream ``app``)."""
+    upstream = RecordingUpstream()
+    port = await nursery.start(upstream.serve)
+    cfg = write_config(tmp, pki, port, **config)
+    return await serve(nursery, cfg, pki, port), upstream
+
+
+@dataclass
 class CurlResult:
     returncode: int
     status: int
@@ -171,7 +254,9 @@ def tls_client(pki: Pki, cert: str = "client") -> ssl.SSLContext:
     return ctx
 
 
-def _raw_exchange(port: int, ctx: ssl.SSLContext, payloads: Sequence[bytes], pause: float) -> bytes:
+def _raw_exchange(
+    port: int, ctx: ssl.SSLContext, payloads: Sequence[bytes], pause: float
+) -> tuple[bytes, bool]:
     import time
 
     with (
@@ -187,19 +272,30 @@ def _raw_exchange(port: int, ctx: ssl.SSLContext, payloads: Sequence[bytes], pau
                 time.sleep(pause)
         s.settimeout(3)
         chunks = []
+        closed = False
         try:
             while True:
                 data = s.recv(65536)
                 if not data:
+                    closed = True
                     break
                 chunks.append(data)
-        except (TimeoutError, ssl.SSLError, ConnectionResetError):
+        except (ssl.SSLError, ConnectionResetError):
+            closed = True
+        except TimeoutError:
             pass
-        return b"".join(chunks)
+        return b"".join(chunks), closed
 
 
 async def raw(proxy: Proxy, *payloads: bytes, cert: str = "client", pause: float = 0) -> bytes:
     """Send bytes over a real TLS connection; return everything read until close or 3 s."""
+    return (await raw_exchange(proxy, *payloads, cert=cert, pause=pause))[0]
+
+
+async def raw_exchange(
+    proxy: Proxy, *payloads: bytes, cert: str = "client", pause: float = 0
+) -> tuple[bytes, bool]:
+    """Like :func:`raw`, and whether the proxy closed the connection (within 3 s)."""
     ctx = tls_client(proxy.pki, cert)
     return await trio.to_thread.run_sync(_raw_exchange, proxy.port, ctx, payloads, pause)
 

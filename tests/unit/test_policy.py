@@ -316,6 +316,15 @@ LOADER_ERRORS = [
         "p.yaml:2:57",
         "invalid host pattern",
     ),
+    # Found by fuzzing (tests/fuzz): both escaped as exceptions of another type.
+    ("unknown_yaml_tag", "!:", "p.yaml:1:1", "invalid YAML"),
+    (
+        "test_route_not_a_string",
+        "routes:\n  - {name: a, upstream: app, allow: []}\n"
+        "tests:\n  - {id: 'spiffe://e.org/x', request: 'GET h /', expect: deny, route: []}\n",
+        "p.yaml:4:71",
+        "tests[0].route: expected a non-empty string, got a list",
+    ),
 ]
 
 

@@ -76,7 +76,7 @@ def test_envoy_documented_examples_parse_and_round_trip(header: str, elements: l
 
 @pytest.mark.parametrize(
     "value",
-    ["a,b", "a;b", "a=b", 'say "hi"', "back\\slash", 'CN=x,O=y "z";w', "plain"],
+    ["a,b", "a;b", "a=b", 'say "hi"', "back\\slash", 'CN=x,O=y "z";w', "plain", " ", " pad "],
 )
 def test_quoting_round_trips(value: str) -> None:
     element = [("By", "spiffe://e.org/p"), ("Subject", value), ("URI", value)]

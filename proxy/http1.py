@@ -1,0 +1,58 @@
+"""The proxy's HTTP/1.1 server parser: h11, with the request head read strictly.
+
+h11 follows RFC 9112's leniencies: it unfolds obs-fold continuation lines and accepts a
+bare LF as a line ending. Both are allowed to a server, and both are classic request
+smuggling material when two parsers in a chain disagree about them, so a PEP refuses
+them with 400 (RFC 9112 sections 2.2 and 5.2 permit that). So are control characters
+other than HTAB, which h11 passes through in header values. The check runs on the head
+bytes h11 has just cut out of its buffer (request line, headers, trailers): two
+``bytes.count`` calls and two ``in`` tests per head.
+
+It hooks h11's private ``ReceiveBuffer``; h11 is pinned below 0.17 for that reason, and
+tests/integration/test_http_attacks.py pins the behaviour.
+"""
+
+from __future__ import annotations
+
+import re
+
+import h11
+from h11._receivebuffer import ReceiveBuffer
+
+# Control characters other than HTAB, CR and LF. h11 lets them through in field values
+# (it only refuses NUL and whitespace); RFC 9110 section 5.5 calls them invalid.
+_CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+class _StrictReceiveBuffer(ReceiveBuffer):
+    _in_head = False
+
+    def maybe_extract_lines(self) -> list[bytearray] | None:
+        self._in_head = True
+        try:
+            return super().maybe_extract_lines()
+        finally:
+            self._in_head = False
+
+    def _extract(self, count: int) -> bytearray:
+        out = super()._extract(count)
+        if self._in_head:
+            check_head(out)
+        return out
+
+
+def check_head(head: bytes | bytearray) -> None:
+    """Refuse a bare LF line ending, an obs-fold continuation line, or a control
+    character in a message head."""
+    if head.count(b"\n") != head.count(b"\r\n"):
+        raise h11.LocalProtocolError("bare LF line ending in the request head", 400)
+    if b"\n " in head or b"\n\t" in head:
+        raise h11.LocalProtocolError("obsolete line folding in the request head", 400)
+    if _CONTROL.search(head):
+        raise h11.LocalProtocolError("control character in the request head", 400)
+
+
+def new_server_connection(max_header_bytes: int) -> h11.Connection:
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_bytes)
+    conn._receive_buffer = _StrictReceiveBuffer()
+    return conn
