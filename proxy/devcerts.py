@@ -15,10 +15,10 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-PrivateKey = ec.EllipticCurvePrivateKey
+PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,7 @@ def issue_ca(
     not_before: dt.datetime | None = None,
     not_after: dt.datetime | None = None,
     key: PrivateKey | None = None,
+    signature_hash: str = "sha256",
 ) -> Issued:
     """A CA for ``trust_domain``: self-signed root, or an intermediate under ``parent``.
 
@@ -112,7 +113,7 @@ def issue_ca(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(parent.key.public_key()),
             critical=False,
         )
-    cert = builder.sign(signer, hashes.SHA256())
+    cert = _sign(builder, signer, signature_hash)
     # The chain above a CA stops below the root: roots travel in bundles, not chains.
     parents = (parent.cert, *parent.parents) if parent and _is_intermediate(parent) else ()
     return Issued(cert, key, parents)
@@ -129,13 +130,16 @@ def issue_svid(
     not_before: dt.datetime | None = None,
     not_after: dt.datetime | None = None,
     lifetime: dt.timedelta = dt.timedelta(days=30),
+    key: PrivateKey | None = None,
+    signature_hash: str = "sha256",
 ) -> Issued:
     """An X.509-SVID for ``uris`` (normally exactly one SPIFFE ID) signed by ``issuer``.
 
     ``key_usage=True`` gives the standard digitalSignature KU, ``None`` omits the
     extension, or pass an explicit ``x509.KeyUsage`` to break the rules on purpose.
+    ``key`` and ``signature_hash`` (default: a new P-256 key, SHA-256) make weak ones.
     """
-    key = ec.generate_private_key(ec.SECP256R1())
+    key = key or ec.generate_private_key(ec.SECP256R1())
     now = _now()
     sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(u) for u in uris]
     sans += [x509.DNSName(d) for d in dns]
@@ -167,9 +171,32 @@ def issue_svid(
         builder = builder.add_extension(key_usage, critical=True)
     if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-    cert = builder.sign(issuer.key, hashes.SHA256())
+    cert = _sign(builder, issuer.key, signature_hash)
     parents = (issuer.cert, *issuer.parents) if _is_intermediate(issuer) else ()
     return Issued(cert, key, parents)
+
+
+_HASHES: dict[str, hashes.SHA256 | hashes.SHA384 | hashes.SHA512] = {
+    "sha256": hashes.SHA256(),
+    "sha384": hashes.SHA384(),
+    "sha512": hashes.SHA512(),
+}
+
+
+def _sign(builder: x509.CertificateBuilder, key: PrivateKey, digest: str) -> x509.Certificate:
+    if digest in _HASHES:
+        return builder.sign(key, _HASHES[digest])
+    # cryptography refuses to sign with a broken hash; tests need such certificates, so
+    # OpenSSL re-signs one (X509_sign also rewrites the signature algorithm in the TBS).
+    import warnings
+
+    from OpenSSL import crypto
+
+    cert = crypto.X509.from_cryptography(builder.sign(key, hashes.SHA256()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # X509.sign: what we want here
+        cert.sign(crypto.PKey.from_cryptography_key(key), digest)
+    return cert.to_cryptography()
 
 
 def _is_intermediate(issued: Issued) -> bool:

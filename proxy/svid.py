@@ -4,9 +4,14 @@
 Pure: takes cryptography objects, a path validator for one trust domain and ``now``.
 Order of checks: chain present; exactly one URI SAN; a valid SPIFFE ID with a path;
 leaf not a CA; key usage present with digitalSignature and without keyCertSign or
-cRLSign; leaf valid at ``now``; path validation against the bundle of the trust domain
-named in the leaf's own ID (never another trusted bundle); every signing certificate in
-the verified path is a CA with keyCertSign whose SPIFFE ID, if any, has no path.
+cRLSign; leaf valid at ``now``; keys and signatures of the presented chain strong enough; path
+validation against the bundle of the trust domain named in the leaf's own ID (never
+another trusted bundle); every signing certificate in the verified path is a CA with
+keyCertSign whose SPIFFE ID, if any, has no path, and has a strong key.
+
+"Strong enough" is policy beyond the SPIFFE spec, as in every TLS stack's defaults
+(OpenSSL security level 2, the CA/Browser Forum): RSA of at least 2048 bits, EC on
+P-256, P-384 or P-521, Ed25519 or Ed448; no DSA; no signature over MD5 or SHA-1.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from proxy.errors import SpiffeIdError, SvidError
 from proxy.spiffe_id import SpiffeId, TrustDomain
@@ -39,6 +46,12 @@ NO_BUNDLE = "no_bundle_for_trust_domain"
 EMPTY_BUNDLE = "bundle_has_no_x509_authorities"
 UNTRUSTED = "chain_not_verified"
 BAD_SIGNING_CERT = "invalid_signing_certificate"
+WEAK_KEY = "weak_key"
+WEAK_SIGNATURE = "weak_signature_algorithm"
+
+MIN_RSA_BITS = 2048
+_STRONG_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
+_WEAK_HASHES = (hashes.MD5, hashes.SHA1)
 
 
 class PathValidator(Protocol):
@@ -138,6 +151,40 @@ def check_validity(cert: x509.Certificate, now: dt.datetime) -> None:
         )
 
 
+def _describe(cert: x509.Certificate) -> str:
+    return cert.subject.rfc4514_string() or "(empty subject)"
+
+
+def check_key(cert: x509.Certificate) -> None:
+    """The certificate's public key is of a kind and size still considered safe."""
+    try:
+        key = cert.public_key()
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise SvidError(MALFORMED, f"cannot read the public key of {_describe(cert)}") from exc
+    if isinstance(key, rsa.RSAPublicKey):
+        if key.key_size < MIN_RSA_BITS:
+            raise SvidError(
+                WEAK_KEY, f"{_describe(cert)}: RSA key of {key.key_size} bits (< {MIN_RSA_BITS})"
+            )
+    elif isinstance(key, ec.EllipticCurvePublicKey):
+        if not isinstance(key.curve, _STRONG_CURVES):
+            raise SvidError(WEAK_KEY, f"{_describe(cert)}: EC key on curve {key.curve.name}")
+    elif not isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
+        raise SvidError(WEAK_KEY, f"{_describe(cert)}: {type(key).__name__} keys are not accepted")
+
+
+def check_signature_algorithm(cert: x509.Certificate) -> None:
+    """The signature over the certificate uses no broken hash (MD5, SHA-1)."""
+    try:
+        digest = cert.signature_hash_algorithm
+    except UnsupportedAlgorithm as exc:
+        raise SvidError(
+            WEAK_SIGNATURE, f"{_describe(cert)}: unsupported signature algorithm"
+        ) from exc
+    if isinstance(digest, _WEAK_HASHES):
+        raise SvidError(WEAK_SIGNATURE, f"{_describe(cert)}: signed with {digest.name.upper()}")
+
+
 def check_signing_cert(cert: x509.Certificate) -> None:
     """A certificate that signs another in an SVID path must be a CA with keyCertSign."""
     subject = cert.subject.rfc4514_string()
@@ -168,9 +215,17 @@ def verify_peer(
     leaf = chain[0]
     spiffe_id = leaf_spiffe_id(leaf)
     check_validity(leaf, now)
+    # Key and signature strength of everything presented, before path validation (whose
+    # own refusal of a weak chain would only say "not verified"). A self-signed
+    # certificate's signature proves nothing either way, so its hash is not judged.
+    for cert in chain:
+        check_key(cert)
+        if cert.issuer != cert.subject:
+            check_signature_algorithm(cert)
     verified = validate_path(spiffe_id.trust_domain, leaf, chain[1:])
     for signer in verified[1:]:
         check_signing_cert(signer)
+        check_key(signer)
     return PeerSvid(
         spiffe_id,
         leaf,

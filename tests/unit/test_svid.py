@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from proxy import svid
 from proxy.bundle import Bundle
@@ -18,6 +19,7 @@ from proxy.trust import TrustStore
 NOW = dt.datetime.now(dt.UTC)
 A = TrustDomain("a.org")
 B = TrustDomain("b.org")
+C = TrustDomain("c.org")
 
 
 class World:
@@ -25,10 +27,12 @@ class World:
         self.root_a = issue_ca("a.org")
         self.int_a = issue_ca("a.org", parent=self.root_a, common_name="a.org intermediate")
         self.root_b = issue_ca("b.org")
+        self.root_sha1 = issue_ca("c.org", signature_hash="sha1")
         self.store = TrustStore(
             {
                 A: Bundle(A, (self.root_a.cert,)),
                 B: Bundle(B, (self.root_b.cert,)),
+                C: Bundle(C, (self.root_sha1.cert,)),
             }
         )
 
@@ -60,7 +64,66 @@ ACCEPT: list[tuple[str, Callable[[World], Issued], str]] = [
     ),
 ]
 
+
+def rsa_key(bits: int) -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=bits)
+
+
+ACCEPT += [
+    (
+        "rsa_2048_leaf",
+        lambda w: issue_svid(w.int_a, ["spiffe://a.org/x"], key=rsa_key(2048)),
+        "spiffe://a.org/x",
+    ),
+    (
+        "sha384_signature",
+        lambda w: issue_svid(w.int_a, ["spiffe://a.org/x"], signature_hash="sha384"),
+        "spiffe://a.org/x",
+    ),
+    # A trust anchor's self-signature proves nothing, so its hash does not matter.
+    (
+        "anchor_self_signed_with_sha1",
+        lambda w: issue_svid(w.root_sha1, ["spiffe://c.org/x"]),
+        "spiffe://c.org/x",
+    ),
+]
+
 REJECT: list[tuple[str, Callable[[World], Issued], str]] = [
+    (
+        "rsa_1024_leaf",
+        lambda w: issue_svid(w.int_a, ["spiffe://a.org/x"], key=rsa_key(1024)),
+        svid.WEAK_KEY,
+    ),
+    (
+        "rsa_1024_intermediate",
+        lambda w: issue_svid(
+            issue_ca("a.org", parent=w.root_a, key=rsa_key(1024), common_name="weak int"),
+            ["spiffe://a.org/x"],
+        ),
+        svid.WEAK_KEY,
+    ),
+    (
+        "sha1_leaf_signature",
+        lambda w: issue_svid(w.int_a, ["spiffe://a.org/x"], signature_hash="sha1"),
+        svid.WEAK_SIGNATURE,
+    ),
+    (
+        "md5_leaf_signature",
+        lambda w: issue_svid(
+            issue_ca("a.org", parent=w.root_a, key=rsa_key(2048), common_name="rsa int"),
+            ["spiffe://a.org/x"],
+            signature_hash="md5",
+        ),
+        svid.WEAK_SIGNATURE,
+    ),
+    (
+        "sha1_intermediate_signature",
+        lambda w: issue_svid(
+            issue_ca("a.org", parent=w.root_a, signature_hash="sha1", common_name="sha1 int"),
+            ["spiffe://a.org/x"],
+        ),
+        svid.WEAK_SIGNATURE,
+    ),
     ("no_uri_san", lambda w: issue_svid(w.int_a, [], dns=["web.a.org"]), svid.NO_URI_SAN),
     (
         "two_uri_sans",
@@ -118,7 +181,7 @@ REJECT: list[tuple[str, Callable[[World], Issued], str]] = [
     ),
     (
         "unknown_trust_domain",
-        lambda w: issue_svid(issue_ca("c.org"), ["spiffe://c.org/x"]),
+        lambda w: issue_svid(issue_ca("d.org"), ["spiffe://d.org/x"]),
         svid.NO_BUNDLE,
     ),
     (
