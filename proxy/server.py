@@ -144,10 +144,20 @@ async def handle_connection(rt: Runtime, stream: trio.SocketStream) -> None:
     try:
         peer = await _handshake(rt, creds, tls, peer_addr)
         if peer is not None:
-            await HttpSession(rt, tls, peer, peer_ip, peer_addr).run()
+            session = HttpSession(rt, tls, peer, peer_ip, peer_addr)
+            await session.run()
+            if session.truncated:
+                await tls.abort()
     finally:
         rt.metrics.open_connections.dec()
         await tls.aclose()
+
+
+_PLAIN_HTTP_BODY = b"This port speaks HTTPS and requires a client certificate.\n"
+_PLAIN_HTTP_REPLY = (
+    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nConnection: close\r\n"
+    b"Content-Length: %d\r\n\r\n%s" % (len(_PLAIN_HTTP_BODY), _PLAIN_HTTP_BODY)
+)
 
 
 def _handshake_failed(rt: Runtime, reason: str, peer_addr: str, **fields: object) -> None:
@@ -162,9 +172,14 @@ async def _handshake(
         with trio.fail_after(rt.config.timeouts.handshake):
             await tls.do_handshake()
     except TLSError as exc:
-        _handshake_failed(
-            rt, _tls_reason(exc.reason), peer_addr, detail=exc.reason, leaf_sha256=None
-        )
+        reason = _tls_reason(exc.reason)
+        _handshake_failed(rt, reason, peer_addr, detail=exc.reason, leaf_sha256=None)
+        if reason == "tls_http_request":
+            # Plain HTTP on the TLS port (a misconfigured client or health check): say so
+            # in plain HTTP, as nginx does, instead of leaving the caller to guess.
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                await tls.transport.send_all(_PLAIN_HTTP_REPLY)
+            await tls.abort()
         return None
     except trio.TooSlowError:
         _handshake_failed(rt, "handshake_timeout", peer_addr)
@@ -289,6 +304,9 @@ class HttpSession:
         self._reuse_http10 = False
         self._method = b""
         self._client_cert: tuple[tuple[bytes, bytes], ...] | None = None
+        # Set when a response was cut short (the upstream broke mid-body): the connection
+        # then ends without close_notify, so no client mistakes it for a complete one.
+        self.truncated = False
 
     def own_element(self) -> xfcc.Element:
         """This hop's XFCC element for this peer (the same for every request)."""
@@ -709,6 +727,7 @@ class HttpSession:
                     # The head is committed: the only honest signal left is to cut the
                     # connection.
                     ex.reason = exc.reason
+                    self.truncated = True
                     raise ClientGone("upstream broke mid-response") from exc
                 if isinstance(event, h11.Data):
                     ex.bytes_out += len(event.data)

@@ -126,6 +126,14 @@ class TLSStream:
             self.conn.sendall(data)
             await self._flush()
 
+    async def abort(self) -> None:
+        """Close the socket without close_notify: the peer must not take what it got for a
+        complete stream (a response cut short when the upstream broke)."""
+        if self._closed:
+            return
+        self._closed = True
+        await self.transport.aclose()
+
     async def aclose(self, grace: float = 1.0) -> None:
         """Send close_notify (bounded by ``grace`` seconds), then close the socket."""
         if self._closed:

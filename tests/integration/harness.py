@@ -25,6 +25,8 @@ from proxy.audit_sink import JsonLines
 from proxy.server import Runtime
 from tests.conftest import Pki
 
+ROOT = Path(__file__).resolve().parents[2]
+
 POLICY = textwrap.dedent("""\
     routes:
       - name: partner
