@@ -45,13 +45,8 @@ EXPECTED_NAMES = {
 
 @pytest.fixture(scope="module")
 def evil_certs(pki: Pki) -> Pki:
-    from cryptography import x509
-    from cryptography.x509.oid import NameOID
-
     issued = issue_svid(pki.intermediate, [EVIL_ID], dns=["a\r\nx-evil: dns\x00.example.org"])
-    # Re-issue with a subject full of line breaks and NULs (a CA may sign anything).
-    from cryptography.hazmat.primitives import hashes
-
+    # Re-issued with a subject full of line breaks and NULs (a CA may sign anything).
     cert = x509.CertificateBuilder(
         issuer_name=issued.cert.issuer,
         subject_name=x509.Name(
