@@ -4,8 +4,9 @@ warm-up, or if any exchange (valid or hostile) did not end as expected.
 
     python -m loadtests.soak [--duration 600] [--warmup 60] [--interval 5] [--json out.json]
 
-It starts its own demo upstream and spiffe-pep (1 worker, decision log on) on 127.0.0.1
-with fresh certificates, and runs ``--concurrency`` client tasks that take turns at:
+It starts its own demo upstream and spiffe-pep (one worker under the supervisor, so all
+traffic goes through one process; decision log on) on 127.0.0.1 with fresh certificates,
+and runs ``--concurrency`` client tasks that take turns at:
 valid keep-alive requests, a handshake per request, a denied SVID (403), an upstream that
 is down (502), an untrusted CA and an expired SVID (handshake refused), request smuggling
 (CL+TE, 400), plain HTTP and TLS garbage on the TLS port, a client that vanishes
@@ -99,6 +100,7 @@ def write_config(d: Path, port: int, upstream: int) -> Path:
         decision_log: {d}/decisions.jsonl
         policy: policy.yaml
         admin: off
+        workers: 1
         timeouts: {{idle: 5s}}
         """)
     )

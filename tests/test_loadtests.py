@@ -134,3 +134,13 @@ def test_soak_script_runs_and_judges(tmp_path: Path) -> None:
     }  # fmt: skip
     assert result["verdict"]["judged"] and len(result["samples"]) >= 10
     assert all(s["rss"] > 0 and s["fds"] > 0 for s in result["samples"])
+
+
+def test_tls_idle_floor_runs() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "loadtests.tls_idle_floor", "--variant", "pyopenssl",
+         "--connections", "300"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout) > 0

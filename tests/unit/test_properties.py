@@ -149,8 +149,9 @@ def test_host_pattern_parse_and_match(text: str, host: str) -> None:
         pattern = HostPattern.parse(text)
     except ValueError:
         return
+    suffix = pattern.text[1:]  # ".example.com" of "*.example.com"
     expected = (
-        host.endswith(pattern.text[1:]) and host != pattern.text[2:]
+        host.endswith(suffix) and host[: -len(suffix)] != ""  # at least one more label
         if pattern.wildcard
         else host == pattern.text
     )
