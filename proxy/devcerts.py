@@ -50,13 +50,15 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC).replace(microsecond=0)
 
 
-def _key_usage(*, digital_signature: bool, cert_sign: bool, crl_sign: bool) -> x509.KeyUsage:
+def _key_usage(
+    *, digital_signature: bool, cert_sign: bool, crl_sign: bool, key_agreement: bool = False
+) -> x509.KeyUsage:
     return x509.KeyUsage(
         digital_signature=digital_signature,
         content_commitment=False,
         key_encipherment=False,
         data_encipherment=False,
-        key_agreement=False,
+        key_agreement=key_agreement,
         key_cert_sign=cert_sign,
         crl_sign=crl_sign,
         encipher_only=False,
@@ -204,10 +206,19 @@ def _is_intermediate(issued: Issued) -> bool:
 
 
 def leaf_key_usage(
-    *, digital_signature: bool = True, cert_sign: bool = False, crl_sign: bool = False
+    *,
+    digital_signature: bool = True,
+    cert_sign: bool = False,
+    crl_sign: bool = False,
+    key_agreement: bool = False,
 ) -> x509.KeyUsage:
     """A key usage extension for deliberately malformed test SVIDs."""
-    return _key_usage(digital_signature=digital_signature, cert_sign=cert_sign, crl_sign=crl_sign)
+    return _key_usage(
+        digital_signature=digital_signature,
+        cert_sign=cert_sign,
+        crl_sign=crl_sign,
+        key_agreement=key_agreement,
+    )
 
 
 # --- the development set ---------------------------------------------------------------

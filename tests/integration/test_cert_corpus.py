@@ -29,17 +29,8 @@ from tests.integration.harness import Proxy, start
 NOW = dt.datetime.now(dt.UTC)
 ID = CLIENT_ID
 SERVED = "served"
-KEY_AGREEMENT_ONLY = x509.KeyUsage(
-    digital_signature=False,
-    content_commitment=False,
-    key_encipherment=False,
-    data_encipherment=False,
-    key_agreement=True,
-    key_cert_sign=False,
-    crl_sign=False,
-    encipher_only=False,
-    decipher_only=False,
-)
+# Valid as an extension (one bit set), wrong for an SVID: no digitalSignature.
+KEY_AGREEMENT_ONLY = leaf_key_usage(digital_signature=False, key_agreement=True)
 
 
 def rsa_key(bits: int) -> rsa.RSAPrivateKey:
