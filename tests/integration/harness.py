@@ -11,7 +11,7 @@ import ssl
 import struct
 import subprocess
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -300,6 +300,16 @@ async def raw_exchange(
     """Like :func:`raw`, and whether the proxy closed the connection (within 3 s)."""
     ctx = tls_client(proxy.pki, cert)
     return await trio.to_thread.run_sync(_raw_exchange, proxy.port, ctx, payloads, pause)
+
+
+async def wait_until(
+    predicate: Callable[[], object], timeout: float = 5, interval: float = 0.02
+) -> None:
+    """Poll ``predicate`` until it is true (a proxy logs a request just after answering
+    it, a reload lands after the signal); fail after ``timeout`` seconds."""
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(interval)
 
 
 def free_port() -> int:

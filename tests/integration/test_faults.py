@@ -24,13 +24,8 @@ from tests.integration.harness import (
     start,
     start_recording,
     tls_client,
+    wait_until,
 )
-
-
-async def _wait(predicate: object, timeout: float = 10) -> None:
-    with trio.fail_after(timeout):
-        while not predicate():  # type: ignore[operator]
-            await trio.sleep(0.02)
 
 
 async def test_upstream_reset_mid_response_cuts_the_client_off_and_is_logged(
@@ -42,7 +37,7 @@ async def test_upstream_reset_mid_response_cuts_the_client_off_and_is_logged(
     # and an error (curl 18: partial file, or 56: receive failure), never a complete one.
     assert r.status == 200 and r.returncode in (18, 56), (r.returncode, r.stderr)
     assert r.body == b"0123456789"
-    await _wait(lambda: proxy.decisions())
+    await wait_until(proxy.decisions, timeout=10)
     (rec,) = proxy.decisions()
     assert rec["decision"] == "allow" and rec["reason"] == "upstream_connection_broken"
     assert rec["upstream_status"] == 200 and rec["bytes_out"] == 10
@@ -92,7 +87,7 @@ async def test_client_vanishing_mid_upload_aborts_the_upstream_request(
 ) -> None:
     proxy, upstream = await start_recording(nursery, tmp_path, pki)
     await trio.to_thread.run_sync(_upload_then_vanish, proxy.port, tls_client(pki))
-    await _wait(lambda: proxy.decisions())
+    await wait_until(proxy.decisions, timeout=10)
     (rec,) = proxy.decisions()
     assert rec["reason"] == "client_gone" and 0 < rec["bytes_in"] < 1_000_000
     (seen,) = upstream.requests
@@ -136,8 +131,9 @@ async def test_tls_garbage_is_refused_and_logged(
     for data in garbage:
         out = await _send_raw_tcp(proxy.port, data)
         assert b"HTTP/" not in out
-    await _wait(
-        lambda: len([e for e in proxy.events() if e["event"] == "tls_handshake_failed"]) == 4
+    await wait_until(
+        lambda: len([e for e in proxy.events() if e["event"] == "tls_handshake_failed"]) == 4,
+        timeout=10,
     )
     assert proxy.decisions() == []
     assert (await curl(proxy, "/orders")).status == 200

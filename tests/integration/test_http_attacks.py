@@ -15,11 +15,11 @@ import trio
 from proxy.http1 import new_server_connection
 from tests.conftest import Pki
 from tests.integration.harness import (
-    Proxy,
     curl,
     raw_exchange,
     start_recording,
     statuses,
+    wait_until,
 )
 
 H = b"Host: localhost\r\n"
@@ -213,7 +213,7 @@ async def test_http_attack(
         assert b"connection: close" in out.lower()
         body = json.loads(out.rsplit(b"\r\n\r\n", 1)[1])
         assert body["reason"] not in ("", None) and "request_id" in body
-    await _wait_for_decisions(proxy, len(expected))
+    await wait_until(lambda: len(proxy.decisions()) >= len(expected))
     assert proxy.decisions()[0]["reason"] == reason
     assert [r.target for r in upstream.requests] == forwarded
     if not forwarded:
@@ -226,12 +226,6 @@ async def test_http_attack(
     assert (await curl(proxy, "/orders")).status == 200
 
 
-async def _wait_for_decisions(proxy: Proxy, n: int) -> None:
-    with trio.fail_after(5):
-        while len(proxy.decisions()) < n:
-            await trio.sleep(0.01)
-
-
 async def test_pipelined_requests_are_answered_in_order_on_one_connection(
     nursery: trio.Nursery, tmp_path: Path, pki: Pki
 ) -> None:
@@ -242,7 +236,7 @@ async def test_pipelined_requests_are_answered_in_order_on_one_connection(
     assert [r.target for r in upstream.requests] == [b"/orders/%d" % i for i in range(20)] + [
         b"/orders/last"
     ]
-    await _wait_for_decisions(proxy, 21)
+    await wait_until(lambda: len(proxy.decisions()) >= 21)
     assert len({d["peer_addr"] for d in proxy.decisions()}) == 1  # one connection
 
 
@@ -255,11 +249,9 @@ async def test_body_error_after_forwarding_starts_aborts_the_upstream_request(
     head = b"POST /orders HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
     out, closed = await raw_exchange(proxy, head, b"zz\r\n", pause=0.3)
     assert statuses(out) == [400] and closed
-    await _wait_for_decisions(proxy, 1)
+    await wait_until(lambda: len(proxy.decisions()) >= 1)
     assert proxy.decisions()[0]["reason"] == "malformed_request_body"
-    with trio.fail_after(5):
-        while not upstream.requests:
-            await trio.sleep(0.01)
+    await wait_until(lambda: upstream.requests)
     (seen,) = upstream.requests
     assert seen.body == b"hello" and not seen.complete
 

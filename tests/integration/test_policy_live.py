@@ -15,7 +15,14 @@ import trio
 
 from proxy.bundle import jwk_members
 from tests.conftest import CLIENT_ID, Pki
-from tests.integration.harness import Proxy, curl, start, tls_client, upstream_headers
+from tests.integration.harness import (
+    Proxy,
+    curl,
+    start,
+    tls_client,
+    upstream_headers,
+    wait_until,
+)
 from tests.jwt_helpers import EC_KEY, OTHER_EC_KEY, RSA_KEY, claims, forge, mint, public_pem
 
 AUD = "spiffe://example.org/billing"
@@ -187,18 +194,14 @@ async def test_sighup_reload_and_bad_edit_keeps_last_good(proxy: Proxy) -> None:
     assert edited != POLICY
     policy_file.write_text(edited)
     os.kill(os.getpid(), signal.SIGHUP)
-    with trio.fail_after(5):
-        while proxy.rt.policy.sha256 == first:
-            await trio.sleep(0.02)
+    await wait_until(lambda: proxy.rt.policy.sha256 != first)
     second = proxy.rt.policy.sha256
     r = await curl(proxy, "/x", cert="denied")
     assert r.status == 200 and proxy.decisions()[-1]["policy_sha256"] == second
 
     policy_file.write_text(POLICY + "  - name: broken\n    upstream: nowhere\n    allow: []\n")
     os.kill(os.getpid(), signal.SIGHUP)
-    with trio.fail_after(5):
-        while not any(e["event"] == "policy_reload_failed" for e in proxy.events()):
-            await trio.sleep(0.02)
+    await wait_until(lambda: any(e["event"] == "policy_reload_failed" for e in proxy.events()))
     failed = [e for e in proxy.events() if e["event"] == "policy_reload_failed"][-1]
     assert failed["location"] == f"{policy_file}:32:15"
     assert "unknown upstream 'nowhere'" in failed["error"]

@@ -13,7 +13,14 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from proxy.devcerts import issue_svid
 from tests.conftest import SERVER_ID, Pki
-from tests.integration.harness import Proxy, serve, server_fingerprint, tls_client, write_config
+from tests.integration.harness import (
+    Proxy,
+    serve,
+    server_fingerprint,
+    tls_client,
+    wait_until,
+    write_config,
+)
 
 
 @pytest.fixture
@@ -30,9 +37,7 @@ async def proxy(nursery: trio.Nursery, tmp_path: Path, pki: Pki) -> Proxy:
 
 
 async def _wait_event(proxy: Proxy, name: str, count: int = 1) -> None:
-    with trio.fail_after(5):
-        while sum(e["event"] == name for e in proxy.events()) < count:
-            await trio.sleep(0.05)
+    await wait_until(lambda: sum(e["event"] == name for e in proxy.events()) >= count)
 
 
 async def test_rotation_under_live_keep_alive_traffic(proxy: Proxy, pki: Pki) -> None:

@@ -21,7 +21,7 @@ from wsproto.events import (
 )
 
 from tests.conftest import CLIENT_ID, Pki
-from tests.integration.harness import Proxy, serve, tls_client, write_config
+from tests.integration.harness import Proxy, serve, tls_client, wait_until, write_config
 
 
 class EchoServer:
@@ -117,9 +117,7 @@ async def test_websocket_echo_through_the_proxy(proxy: tuple[Proxy, EchoServer],
     (handshake,) = echo.handshakes
     assert handshake["x-client-spiffe-id"] == CLIENT_ID
     assert f"URI={CLIENT_ID}" in handshake["x-forwarded-client-cert"]
-    with trio.fail_after(5):  # logged when the tunnel closes, just after the client's close
-        while not px.decisions():
-            await trio.sleep(0.02)
+    await wait_until(px.decisions)  # logged when the tunnel closes, after the client's close
     rec = px.decisions()[-1]
     assert rec["status"] == 101 and rec["decision"] == "allow"
     assert rec["bytes_in"] > 80_000 and rec["bytes_out"] > 80_000
