@@ -91,7 +91,12 @@ def write_config(
     policy: str = POLICY,
     jwks: str | None = None,
     policy_watch: str = "200ms",
+    app_options: str = "",
+    identity_headers: str = "",
 ) -> Path:
+    """The proxy's config file (and policy) in ``d``. ``app_options``: more keys of the
+    ``app`` upstream's flow mapping (``"client_cert_headers: true, "``);
+    ``identity_headers``: the body of an ``identity_headers:`` section."""
     dead = socket.socket()
     dead.bind(("127.0.0.1", 0))
     dead_port = dead.getsockname()[1]
@@ -109,7 +114,7 @@ def write_config(
             partner.org: {pki.partner_bundle}
         {"  jwt_bundles: {example.org: " + jwks + "}" if jwks else ""}
         upstreams:
-          app: {{url: "http://127.0.0.1:{upstream_port}"}}
+          app: {{{app_options}url: "http://127.0.0.1:{upstream_port}"}}
           dead: {{url: "http://127.0.0.1:{dead_port}"}}
         decision_log: {d}/decisions.jsonl
         policy: policy.yaml
@@ -117,6 +122,11 @@ def write_config(
         policy_watch: {policy_watch}
         """)
         + timeouts
+        + (
+            "identity_headers:\n" + textwrap.indent(identity_headers, "  ") + "\n"
+            if identity_headers
+            else ""
+        )
     )
     return cfg
 

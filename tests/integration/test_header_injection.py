@@ -22,9 +22,8 @@ from tests.integration.harness import (
     RecordingUpstream,
     curl,
     raw,
-    serve,
+    start_recording,
     statuses,
-    write_config,
 )
 
 EVIL_ID = "spiffe://example.org/ns/prod/sa/evil"
@@ -67,27 +66,21 @@ def evil_certs(pki: Pki) -> Pki:
 
 
 async def _start(nursery: trio.Nursery, tmp: Path, pki: Pki) -> tuple[Proxy, RecordingUpstream]:
-    upstream = RecordingUpstream()
-    port = await nursery.start(upstream.serve)
-    cfg = write_config(
+    return await start_recording(
+        nursery,
         tmp,
         pki,
-        port,
         policy=(
             "routes:\n  - name: all\n    match: {path_prefix: /}\n    upstream: app\n"
             '    allow: ["spiffe://example.org/*"]\n'
         ),
+        app_options="client_cert_headers: true, ",
+        identity_headers=(
+            "xfcc: append_forward\n"
+            "xfcc_fields: [By, Hash, Cert, Chain, Subject, URI, DNS]\n"
+            f'trusted_forwarders: ["{MESH_ID}"]'
+        ),
     )
-    text = cfg.read_text().replace(
-        'app: {url: "http://127.0.0.1:', 'app: {client_cert_headers: true, url: "http://127.0.0.1:'
-    )
-    text += (
-        "identity_headers:\n  xfcc: append_forward\n"
-        "  xfcc_fields: [By, Hash, Cert, Chain, Subject, URI, DNS]\n"
-        f'  trusted_forwarders: ["{MESH_ID}"]\n'
-    )
-    cfg.write_text(text)
-    return await serve(nursery, cfg, pki, port), upstream
 
 
 def assert_clean(upstream: RecordingUpstream) -> None:

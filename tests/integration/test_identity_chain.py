@@ -180,28 +180,15 @@ async def proxy(nursery: trio.Nursery, tmp_path: Path, pki: Pki) -> Proxy:
     return await start(nursery, tmp_path, pki)
 
 
-async def _start_with(
-    nursery: trio.Nursery, tmp_path: Path, pki: Pki, identity: str, upstream_extra: str
-) -> Proxy:
-    px = await start(nursery, tmp_path, pki)
-    cfg = (tmp_path / "spiffe-pep.yaml").read_text()
-    cfg = cfg.replace(
-        'app: {url: "http://127.0.0.1:', "app: {" + upstream_extra + 'url: "http://127.0.0.1:'
-    )
-    cfg += "identity_headers:\n" + textwrap.indent(identity, "  ") + "\n"
-    (tmp_path / "spiffe-pep.yaml").write_text(cfg)
-    return await serve(nursery, tmp_path / "spiffe-pep.yaml", pki, px.upstream_port)
-
-
 async def test_all_xfcc_fields_and_rfc9440_headers(
     nursery: trio.Nursery, tmp_path: Path, pki: Pki
 ) -> None:
-    px = await _start_with(
+    px = await start(
         nursery,
         tmp_path,
         pki,
-        "xfcc_fields: [By, Hash, Cert, Chain, Subject, URI, DNS]",
-        "client_cert_headers: true, ",
+        identity_headers="xfcc_fields: [By, Hash, Cert, Chain, Subject, URI, DNS]",
+        app_options="client_cert_headers: true, ",
     )
     r = await curl(
         px, "/x", "-H", "Client-Cert: :AAAA:", "-H", f"X-Forwarded-Client-Cert: {FORGED}"
@@ -228,12 +215,11 @@ async def test_all_xfcc_fields_and_rfc9440_headers(
 async def test_untrusted_peer_xfcc_never_counts(
     nursery: trio.Nursery, tmp_path: Path, pki: Pki, mode: str, expected: str | None
 ) -> None:
-    px = await _start_with(
+    px = await start(
         nursery,
         tmp_path,
         pki,
-        f'xfcc: {mode}\ntrusted_forwarders: ["spiffe://example.org/ns/mesh/*"]',
-        "",
+        identity_headers=f'xfcc: {mode}\ntrusted_forwarders: ["spiffe://example.org/ns/mesh/*"]',
     )
     r = await curl(px, "/x", "-H", f"X-Forwarded-Client-Cert: {FORGED}")
     h = upstream_headers(r)
@@ -247,12 +233,11 @@ async def test_untrusted_peer_xfcc_never_counts(
 async def test_trusted_forwarder_malformed_xfcc_is_400(
     nursery: trio.Nursery, tmp_path: Path, pki: Pki
 ) -> None:
-    px = await _start_with(
+    px = await start(
         nursery,
         tmp_path,
         pki,
-        'xfcc: append_forward\ntrusted_forwarders: ["spiffe://example.org/ns/prod/*"]',
-        "",
+        identity_headers='xfcc: append_forward\ntrusted_forwarders: ["spiffe://example.org/ns/prod/*"]',
     )
     r = await curl(px, "/x", "-H", 'X-Forwarded-Client-Cert: URI="unterminated')
     assert r.status == 400 and px.decisions()[-1]["reason"] == "malformed_xfcc"
@@ -290,12 +275,12 @@ async def test_upstream_identity_mismatch_is_502(
 async def test_signed_assertion_verifies_with_served_jwks(
     nursery: trio.Nursery, tmp_path: Path, pki: Pki
 ) -> None:
-    px = await _start_with(
+    px = await start(
         nursery,
         tmp_path,
         pki,
-        "xfcc: sanitize_set",
-        "assertion: {header: X-Spiffe-Pep-Assertion, ttl: 30s}, ",
+        identity_headers="xfcc: sanitize_set",
+        app_options="assertion: {header: X-Spiffe-Pep-Assertion, ttl: 30s}, ",
     )
     r = await curl(px, "/orders/9", "-H", "X-Spiffe-Pep-Assertion: forged.by.client")
     (token,) = upstream_headers(r)["x-spiffe-pep-assertion"]
