@@ -39,7 +39,7 @@ from typing import Any
 
 from loadtests.loadgen import Options
 from loadtests.loadgen import run as loadgen_run
-from proxy.devcerts import issue_ca, issue_svid
+from proxy.devcerts import Issued, issue_ca, issue_svid
 
 CLIENT_ID = "spiffe://example.org/ns/prod/sa/client"
 SERVER_ID = "spiffe://example.org/ns/edge/sa/spiffe-pep"
@@ -154,7 +154,9 @@ class Lab:
             self.stop(proc)
 
 
-def write_pki(d: Path) -> None:
+def write_pki(d: Path) -> Issued:
+    """CA, server and client SVIDs (and ab's combined PEM) in ``d``; returns the
+    intermediate CA, for callers that issue more."""
     root = issue_ca("example.org")
     inter = issue_ca("example.org", parent=root, common_name="example.org intermediate")
     server = issue_svid(inter, [SERVER_ID], dns=["localhost"], ips=["127.0.0.1"])
@@ -165,6 +167,7 @@ def write_pki(d: Path) -> None:
     (d / "client.pem").write_bytes(client.chain_pem())
     (d / "client_key.pem").write_bytes(client.key_pem())
     (d / "ab.pem").write_bytes(client.chain_pem() + client.key_pem())  # ab -E: cert then key
+    return inter
 
 
 def nginx_conf(d: Path, name: str, body: str) -> Path:
@@ -229,6 +232,32 @@ def start_all(lab: Lab, workers: int = 1) -> tuple[int, Target, Target]:
     return up, Target("nginx", ng, nginx), pep
 
 
+def pep_config(
+    d: Path, name: str, port: int, upstreams: dict[str, int], workers: int, extra: str = ""
+) -> Path:
+    """``d/<name>.yaml``: spiffe-pep on 127.0.0.1:``port`` with ``write_pki``'s SVID and
+    bundle, ``d/policy.yaml``, plain-HTTP upstreams on loopback ports, its decision log at
+    ``d/<name>.jsonl``, no admin listener; ``extra`` is more YAML."""
+    ups = "".join(f'\n  {n}: {{url: "http://127.0.0.1:{p}"}}' for n, p in upstreams.items())
+    cfg = d / f"{name}.yaml"
+    cfg.write_text(
+        textwrap.dedent(f"""\
+        listen: 127.0.0.1:{port}
+        tls:
+          svid: {d}/server.pem
+          key: {d}/server_key.pem
+          bundles: {{example.org: {d}/root.pem}}
+        decision_log: {d}/{name}.jsonl
+        policy: policy.yaml
+        admin: off
+        workers: {workers}
+        """)
+        + f"upstreams:{ups}\n"
+        + extra
+    )
+    return cfg
+
+
 def spiffe_pep(lab: Lab, upstream: int, workers: int) -> Target:
     d = lab.dir
     port = free_port()
@@ -246,21 +275,7 @@ def spiffe_pep(lab: Lab, upstream: int, workers: int) -> Target:
             deny: ["spiffe://example.org/ns/prod/sa/batch"]
         """)
     )
-    cfg = d / f"spiffe-pep-{workers}.yaml"
-    cfg.write_text(
-        textwrap.dedent(f"""\
-        listen: 127.0.0.1:{port}
-        tls:
-          svid: {d}/server.pem
-          key: {d}/server_key.pem
-          bundles: {{example.org: {d}/root.pem}}
-        upstreams: {{app: {{url: "http://127.0.0.1:{upstream}"}}}}
-        decision_log: {d}/decisions-{workers}.jsonl
-        policy: policy.yaml
-        admin: off
-        workers: {workers}
-        """)
-    )
+    cfg = pep_config(d, f"spiffe-pep-{workers}", port, {"app": upstream}, workers)
     proc = lab.start(
         [sys.executable, "-m", "proxy", "run", "-c", str(cfg)], port, f"spiffe-pep-{workers}"
     )

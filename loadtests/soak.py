@@ -40,23 +40,20 @@ from typing import Any
 
 import trio
 
-from loadtests.compare import Lab, free_port, rss_bytes, tree_pids
+from loadtests import compare
+from loadtests.compare import CLIENT_ID, Lab, free_port, rss_bytes, tree_pids
 from proxy.devcerts import issue_ca, issue_svid
 
-SERVER_ID = "spiffe://example.org/ns/edge/sa/spiffe-pep"
-CLIENT_ID = "spiffe://example.org/ns/prod/sa/client"
 DENIED_ID = "spiffe://example.org/ns/dev/sa/denied"
 RSS_TOLERANCE = 8 * 1024 * 1024
 FD_TOLERANCE = 16
 
 
 def write_pki(d: Path) -> None:
-    root = issue_ca("example.org")
-    inter = issue_ca("example.org", parent=root, common_name="example.org intermediate")
+    """compare's CA, server and client SVIDs, plus the ones hostile traffic presents."""
+    inter = compare.write_pki(d)
     now = dt.datetime.now(dt.UTC)
     certs = {
-        "server": issue_svid(inter, [SERVER_ID], dns=["localhost"], ips=["127.0.0.1"]),
-        "client": issue_svid(inter, [CLIENT_ID]),
         "denied": issue_svid(inter, [DENIED_ID]),
         "untrusted": issue_svid(issue_ca("example.org", common_name="rogue"), [CLIENT_ID]),
         "expired": issue_svid(
@@ -66,7 +63,6 @@ def write_pki(d: Path) -> None:
             not_after=now - dt.timedelta(days=1),
         ),
     }
-    (d / "root.pem").write_bytes(root.cert_pem())
     for name, issued in certs.items():
         (d / f"{name}.pem").write_bytes(issued.chain_pem())
         (d / f"{name}_key.pem").write_bytes(issued.key_pem())
@@ -86,25 +82,14 @@ def write_config(d: Path, port: int, upstream: int) -> Path:
             allow: ["spiffe://example.org/ns/prod/*"]
         """)
     )
-    cfg = d / "spiffe-pep.yaml"
-    cfg.write_text(
-        textwrap.dedent(f"""\
-        listen: 127.0.0.1:{port}
-        tls:
-          svid: {d}/server.pem
-          key: {d}/server_key.pem
-          bundles: {{example.org: {d}/root.pem}}
-        upstreams:
-          app: {{url: "http://127.0.0.1:{upstream}"}}
-          down: {{url: "http://127.0.0.1:{free_port()}"}}
-        decision_log: {d}/decisions.jsonl
-        policy: policy.yaml
-        admin: off
-        workers: 1
-        timeouts: {{idle: 5s}}
-        """)
+    return compare.pep_config(
+        d,
+        "spiffe-pep",
+        port,
+        {"app": upstream, "down": free_port()},  # nothing listens on "down"
+        workers=1,
+        extra="timeouts: {idle: 5s}\n",
     )
-    return cfg
 
 
 @dataclass
