@@ -4,10 +4,10 @@
 Pure: takes cryptography objects, a path validator for one trust domain and ``now``.
 Order of checks: chain present; exactly one URI SAN; a valid SPIFFE ID with a path;
 leaf not a CA; key usage present with digitalSignature and without keyCertSign or
-cRLSign; leaf valid at ``now``; keys and signatures of the presented chain strong enough; path
-validation against the bundle of the trust domain named in the leaf's own ID (never
-another trusted bundle); every signing certificate in the verified path is a CA with
-keyCertSign whose SPIFFE ID, if any, has no path, and has a strong key.
+cRLSign; leaf valid at ``now``; keys and signatures of the presented chain strong
+enough; path validation against the bundle of the trust domain named in the leaf's own
+ID (never another trusted bundle); every signing certificate in the verified path is a
+CA with keyCertSign whose SPIFFE ID, if any, has no path, and has a strong key.
 
 "Strong enough" is policy beyond the SPIFFE spec, as in every TLS stack's defaults
 (OpenSSL security level 2, the CA/Browser Forum): RSA of at least 2048 bits, EC on
