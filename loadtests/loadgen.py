@@ -69,7 +69,7 @@ def _ssl_context(o: Options) -> ssl.SSLContext:
     return ctx
 
 
-async def _read_response(stream: trio.abc.Stream, buf: bytearray) -> tuple[int, bool]:
+async def read_response(stream: trio.abc.Stream, buf: bytearray) -> tuple[int, bool]:
     """Read one response; return (status, keep-alive). ``buf`` keeps leftover bytes."""
     while True:
         end = buf.find(b"\r\n\r\n")
@@ -161,7 +161,7 @@ async def _worker(
                     await stream.do_handshake()
                     buf.clear()
                 await stream.send_all(request)
-                status, keep = await _read_response(stream, buf)
+                status, keep = await read_response(stream, buf)
             result.latencies_us.append((time.perf_counter() - start) * 1e6)
             key = str(status)
             result.statuses[key] = result.statuses.get(key, 0) + 1

@@ -42,6 +42,7 @@ import trio
 
 from loadtests import compare
 from loadtests.compare import CLIENT_ID, Lab, free_port, rss_bytes, tree_pids
+from loadtests.loadgen import read_response
 from proxy.devcerts import issue_ca, issue_svid
 
 DENIED_ID = "spiffe://example.org/ns/dev/sa/denied"
@@ -121,33 +122,18 @@ class Traffic:
         return stream
 
     @staticmethod
-    async def _response(stream: trio.abc.Stream) -> int:
-        """The status of one response (bodies here always carry a Content-Length)."""
-        buf = b""
-        while b"\r\n\r\n" not in buf:
-            chunk = await stream.receive_some(65536)
-            if not chunk:
-                raise ConnectionError("closed before a response")
-            buf += chunk
-        head, _, body = buf.partition(b"\r\n\r\n")
-        length = 0
-        for line in head.split(b"\r\n")[1:]:
-            name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
-                length = int(value)
-        while len(body) < length:
-            chunk = await stream.receive_some(65536)
-            if not chunk:
-                raise ConnectionError("closed inside a body")
-            body += chunk
-        return int(head.split(b" ", 2)[1])
+    async def _response(stream: trio.abc.Stream, buf: bytearray | None = None) -> int:
+        """The status of one response; ``buf`` keeps what followed it on a kept connection."""
+        status, _ = await read_response(stream, bytearray() if buf is None else buf)
+        return status
 
     async def keepalive(self) -> bool:
         stream = await self._tls("client")
+        buf = bytearray()
         try:
             for _ in range(20):
                 await stream.send_all(b"GET /orders HTTP/1.1\r\nHost: localhost\r\n\r\n")
-                if await self._response(stream) != 200:
+                if await self._response(stream, buf) != 200:
                     return False
         finally:
             await trio.aclose_forcefully(stream)
