@@ -24,7 +24,8 @@ from proxy.forward import UpstreamPool
 from proxy.metrics import CONTENT_TYPE, Metrics
 from proxy.policy.loader import load_policy
 from proxy.policy.model import Policy
-from proxy.server import Runtime, handle_connection
+from proxy.runtime import Runtime
+from proxy.server import handle_connection
 from proxy.tls import Credentials, load_credentials
 
 
@@ -43,7 +44,8 @@ def read_policy(config: Config, data: bytes | None = None) -> Policy:
             data = path.read_bytes()
         except OSError as exc:
             raise ConfigError(str(path), f"cannot read the policy: {exc.strerror}") from exc
-    return load_policy(data, str(path), set(config.upstreams))
+    folded = {name for name, u in config.upstreams.items() if u.case_insensitive}
+    return load_policy(data, str(path), set(config.upstreams), folded)
 
 
 def load_tls(config: Config) -> tuple[Credentials, Any]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import trio
 
-from proxy import __version__, devcerts, yamlsrc
+from proxy import __version__, canonical, devcerts, yamlsrc
 from proxy.app import build_runtime, read_config, read_policy, run_until_signalled
 from proxy.errors import ConfigError, SpiffeIdError
 from proxy.policy import tools
@@ -83,12 +83,24 @@ def _is_policy(path: Path) -> bool:
 
 def _load_policy_file(path: Path, config: str | None) -> Policy:
     """A policy from its own file (upstream names checked against ``config`` if given)."""
-    upstreams = set(read_config(Path(config)).upstreams) if config else None
+    return _load_with_rules(path, config)[0]
+
+
+def _load_with_rules(
+    path: Path, config: str | None
+) -> tuple[Policy, canonical.Rules | None, dict[str, canonical.UpstreamRules] | None]:
+    """The policy, and the configuration's request rules when ``config`` is given (so
+    ``explain`` and ``test`` canonicalise requests exactly as the proxy will)."""
+    cfg = read_config(Path(config)) if config else None
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise ConfigError(str(path), f"cannot read the policy: {exc.strerror}") from exc
-    return load_policy(data, str(path), upstreams)
+    if cfg is None:
+        return load_policy(data, str(path)), None, None
+    folded = {name for name, u in cfg.upstreams.items() if u.case_insensitive}
+    policy = load_policy(data, str(path), set(cfg.upstreams), folded)
+    return policy, cfg.canonical_rules(), cfg.upstream_rules()
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -114,7 +126,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     try:
-        policy = _load_policy_file(Path(args.policy), args.config)
+        policy, rules, upstreams = _load_with_rules(Path(args.policy), args.config)
         decision = tools.decide(
             policy,
             args.id,
@@ -123,6 +135,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
             args.path,
             args.audience,
             fingerprint=args.sha256 or "",
+            rules=rules,
+            upstreams=upstreams,
         )
     except ConfigError as exc:
         return _errors(exc)
@@ -135,7 +149,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def cmd_test(args: argparse.Namespace) -> int:
     try:
-        policy = _load_policy_file(Path(args.policy), args.config)
+        policy, rules, upstreams = _load_with_rules(Path(args.policy), args.config)
     except ConfigError as exc:
         return _errors(exc)
     if not policy.tests:
@@ -143,7 +157,7 @@ def cmd_test(args: argparse.Namespace) -> int:
             f"{args.policy}: no test cases (add a 'tests:' list beside 'routes:')", file=sys.stderr
         )
         return 1
-    results = tools.run_tests(policy)
+    results = tools.run_tests(policy, rules, upstreams)
     for result in results:
         print(result.line())
     failed = sum(not r.passed for r in results)
@@ -228,7 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--id", required=True, help="the caller's SPIFFE ID")
     explain.add_argument("--method", default="GET")
     explain.add_argument("--host", default="")
-    explain.add_argument("--path", default="/")
+    explain.add_argument(
+        "--path", default="/", help="the request target as sent (path and query, undecoded)"
+    )
     explain.add_argument("--audience", help="present a valid JWT-SVID for this audience")
     explain.add_argument("--sha256", help="the client certificate's SHA-256 (revocation)")
     explain.add_argument("--config", help="the runtime configuration, to check upstreams")

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from proxy import xfcc
+from proxy import canonical, xfcc
 from proxy.errors import SpiffeIdError
 from proxy.policy.patterns import IdentityPattern, read_patterns
 from proxy.schema import Reader
@@ -37,6 +37,12 @@ class Upstream:
     client_cert_headers: bool = False  # RFC 9440 Client-Cert / Client-Cert-Chain
     assertion_header: str | None = None
     assertion_ttl: float = 30.0
+    path_params: bool = False  # ``path_params: keep``: forward ;parameters (else refuse them)
+    case_insensitive: bool = False  # ``case_insensitive_paths``: routes match folded paths
+
+    @property
+    def rules(self) -> canonical.UpstreamRules:
+        return canonical.UpstreamRules(self.path_params, self.case_insensitive)
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,14 @@ class IdentityHeaders:
     xfcc_fields: tuple[str, ...] = ("By", "Hash", "URI")
     spiffe_id_header: str = "X-Client-Spiffe-Id"
     trusted_forwarders: tuple[IdentityPattern, ...] = ()
+
+
+@dataclass(frozen=True)
+class HttpRules:
+    """The ``http:`` section: what of a client's request head reaches an upstream."""
+
+    underscores_in_headers: str = "drop"  # drop | pass | refuse
+    remove_headers: tuple[str, ...] = canonical.DEFAULT_REMOVE
 
 
 @dataclass(frozen=True)
@@ -101,6 +115,27 @@ class Config:
     assertion_key: Path | None = None
     proxy_protocol: bool = False
     workers: int = 1  # "auto" in YAML: one per CPU
+    http: HttpRules = field(default_factory=HttpRules)
+
+    def canonical_rules(self) -> canonical.Rules:
+        """How this proxy canonicalises requests (``proxy.canonical``)."""
+        owned = {canonical.spelling(self.identity.spiffe_id_header)}
+        owned |= {
+            canonical.spelling(u.assertion_header)
+            for u in self.upstreams.values()
+            if u.assertion_header
+        }
+        return canonical.Rules(
+            owned=frozenset(owned),
+            remove=frozenset(canonical.spelling(h) for h in self.http.remove_headers),
+            underscores=self.http.underscores_in_headers,
+            path_params=any(u.path_params for u in self.upstreams.values()),
+            max_header_bytes=self.limits.max_header_bytes,
+            max_body_bytes=self.limits.max_body_bytes,
+        )
+
+    def upstream_rules(self) -> dict[str, canonical.UpstreamRules]:
+        return {name: u.rules for name, u in self.upstreams.items()}
 
     @property
     def spiffe_id_header(self) -> str:
@@ -128,7 +163,16 @@ def _header_name(r: Reader, value: Any, where: DataPath) -> str:
 def _upstream(r: Reader, name: str, spec: Any) -> Upstream:
     where: DataPath = ("upstreams", name)
     u = r.mapping(
-        spec, where, required=["url"], optional=["tls", "client_cert_headers", "assertion"]
+        spec,
+        where,
+        required=["url"],
+        optional=[
+            "tls",
+            "client_cert_headers",
+            "assertion",
+            "path_params",
+            "case_insensitive_paths",
+        ],
     )
     url = r.string(u["url"], (*where, "url"))
     parts = urlsplit(url)
@@ -162,6 +206,16 @@ def _upstream(r: Reader, name: str, spec: Any) -> Upstream:
             ttl = r.duration(a["ttl"], (*where, "assertion", "ttl"))
             if not 0 < ttl <= 60:
                 raise r.fail((*where, "assertion", "ttl"), "an assertion lives at most 60s")
+    params = u.get("path_params", "refuse")
+    if params not in ("refuse", "keep"):
+        raise r.fail(
+            (*where, "path_params"), f"path_params is 'refuse' (default) or 'keep', got {params!r}"
+        )
+    folded = (
+        r.boolean(u["case_insensitive_paths"], (*where, "case_insensitive_paths"))
+        if "case_insensitive_paths" in u
+        else False
+    )
     return Upstream(
         name,
         parts.hostname,
@@ -173,7 +227,28 @@ def _upstream(r: Reader, name: str, spec: Any) -> Upstream:
         cch,
         header,
         ttl,
+        params == "keep",
+        folded,
     )
+
+
+def _http(r: Reader, value: Any) -> HttpRules:
+    if value is None:
+        return HttpRules()
+    base: DataPath = ("http",)
+    h = r.mapping(value, base, optional=["underscores_in_headers", "remove_headers"])
+    mode = h.get("underscores_in_headers", "drop")
+    if mode not in canonical.UNDERSCORES:
+        raise r.fail(
+            (*base, "underscores_in_headers"),
+            f"underscores_in_headers is one of {', '.join(canonical.UNDERSCORES)}; got {mode!r}",
+        )
+    remove: tuple[str, ...] = canonical.DEFAULT_REMOVE
+    if "remove_headers" in h:
+        where: DataPath = (*base, "remove_headers")
+        items = r.string_list(h["remove_headers"], where, allow_empty=True)
+        remove = tuple(_header_name(r, name, (*where, i)) for i, name in enumerate(items))
+    return HttpRules(str(mode), remove)
 
 
 def _identity_headers(r: Reader, value: Any) -> IdentityHeaders:
@@ -224,6 +299,7 @@ def load_config(data: bytes, filename: str, base_dir: Path) -> Config:
             "assertion_key",
             "proxy_protocol",
             "workers",
+            "http",
         ],
     )
 
@@ -351,6 +427,7 @@ def load_config(data: bytes, filename: str, base_dir: Path) -> Config:
         assertion_key,
         r.boolean(top["proxy_protocol"], ("proxy_protocol",)) if "proxy_protocol" in top else False,
         _workers(r, top.get("workers", "auto")),
+        _http(r, top.get("http")),
     )
 
 

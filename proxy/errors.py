@@ -74,3 +74,7 @@ class UpstreamError(ProxyError):
         self.status_hint = status
         self.reason = reason
         self.detail = detail
+
+
+class ClientGone(Exception):
+    """The client closed or broke the connection; nothing more can be sent to it."""

@@ -41,15 +41,36 @@ class _StrictReceiveBuffer(ReceiveBuffer):
         return out
 
 
+_TRANSFER_ENCODING = re.compile(rb"\r\ntransfer-encoding[ \t]*:([^\r]*)", re.IGNORECASE)
+
+
 def check_head(head: bytes | bytearray) -> None:
-    """Refuse a bare LF line ending, an obs-fold continuation line, or a control
-    character in a message head."""
+    """Refuse a bare LF line ending, an obs-fold continuation line, a control character
+    in a message head, or a Transfer-Encoding whose final coding is not chunked (RFC 9112
+    section 6.3: the length cannot be determined, the server MUST answer 400; h11 would
+    answer 501 for every coding it does not implement)."""
     if head.count(b"\n") != head.count(b"\r\n"):
         raise h11.LocalProtocolError("bare LF line ending in the request head", 400)
     if b"\n " in head or b"\n\t" in head:
         raise h11.LocalProtocolError("obsolete line folding in the request head", 400)
     if _CONTROL.search(head):
         raise h11.LocalProtocolError("control character in the request head", 400)
+    codings = [
+        c.strip().lower()
+        for value in _TRANSFER_ENCODING.findall(head)
+        for c in value.split(b",")
+        if c.strip()
+    ]
+    if codings and codings[-1] != b"chunked":
+        raise h11.LocalProtocolError("the final transfer coding is not chunked", 400)
+
+
+def skip_empty_lines(conn: h11.Connection) -> None:
+    """Drop empty lines buffered before a request line (RFC 9112 section 2.2: a server
+    SHOULD ignore at least one). Only while ``conn`` waits for a request."""
+    buf = conn._receive_buffer
+    while buf._data[:2] == b"\r\n":
+        buf._extract(2)
 
 
 def new_server_connection(max_header_bytes: int) -> h11.Connection:

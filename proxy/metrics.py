@@ -68,6 +68,12 @@ class Metrics:
             "Connections closed unserved: limits.max_connections.",
             registry=r,
         )
+        self.headers_dropped = Counter(
+            "spiffe_pep_request_headers_dropped",
+            "Client request headers dropped by a canonicalisation rule (underscore names).",
+            ["rule"],
+            registry=r,
+        )
         self.policy_reloads = Counter(
             "spiffe_pep_policy_reloads",
             "Policy reloads by result (ok or failed).",

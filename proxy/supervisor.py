@@ -34,7 +34,7 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 from proxy import __version__, admin
 from proxy.app import admin_routes
 from proxy.metrics import CONTENT_TYPE
-from proxy.server import Runtime
+from proxy.runtime import Runtime
 
 
 @dataclass

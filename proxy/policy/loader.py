@@ -6,6 +6,7 @@ Opens no files and logs nothing: the caller passes the file's bytes and name.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 from collections.abc import Collection
@@ -45,9 +46,14 @@ class PolicyErrors(PolicyError):
 
 
 def load_policy(
-    data: bytes, filename: str = "<policy>", upstreams: Collection[str] | None = None
+    data: bytes,
+    filename: str = "<policy>",
+    upstreams: Collection[str] | None = None,
+    case_insensitive: Collection[str] = (),
 ) -> Policy:
-    """Parse and validate a policy. ``upstreams``, when given, are the names routes may use."""
+    """Parse and validate a policy. ``upstreams``, when given, are the names routes may use;
+    routes to a ``case_insensitive`` upstream match case-folded paths, and two routes to
+    one whose paths differ only by case are an error (which one serves is ambiguous)."""
     doc, source = load(data, filename, PolicyError)
     r = Reader(source)
     if doc is None:
@@ -84,9 +90,24 @@ def load_policy(
     routes: list[Route] = []
     names: dict[str, Route] = {}
     for i, raw in enumerate(top["routes"]):
-        route = collect(_route, r, raw, ("routes", i), upstreams, mode)
+        route = collect(_route, r, raw, ("routes", i), upstreams, mode, case_insensitive)
         if route is None:
             continue
+        twin = _case_twin(route, routes)
+        if twin is not None:
+            errors.append(
+                r.fail(
+                    ("routes", i, "match"),
+                    f"route {route.name!r} differs from route {twin.name!r} ({twin.location}) "
+                    f"only by case, and upstream {route.upstream!r} ignores case",
+                )
+            )
+            continue
+        if route.fold_case and route.match.path is not None:
+            m = route.match
+            route = dataclasses.replace(
+                route, match=RouteMatch(m.hosts, m.path.folded(), m.methods)
+            )
         if route.name in names:
             errors.append(
                 r.fail(
@@ -176,8 +197,28 @@ def _jwt(r: Reader, value: Any) -> tuple[str, float]:
     return header.lower(), leeway
 
 
+def _case_twin(route: Route, earlier: list[Route]) -> Route | None:
+    """An earlier route whose path differs from this one's only by case, where either
+    goes to an upstream that ignores case."""
+    p = route.match.path
+    if p is None:
+        return None
+    for e in earlier:
+        q = e.match.path
+        if not (route.fold_case or e.fold_case) or q is None or q.kind != p.kind:
+            continue
+        if q.value != p.value and q.value.lower() == p.value.lower():
+            return e
+    return None
+
+
 def _route(
-    r: Reader, raw: Any, path: Path, upstreams: Collection[str] | None, default_mode: str
+    r: Reader,
+    raw: Any,
+    path: Path,
+    upstreams: Collection[str] | None,
+    default_mode: str,
+    case_insensitive: Collection[str] = (),
 ) -> Route:
     m = r.mapping(raw, path, required=["name", "upstream", "allow"], optional=ROUTE_KEYS)
     name = r.string(m["name"], (*path, "name"))
@@ -222,13 +263,16 @@ def _route(
         life,
         r.source.at(path),
         origin,
+        upstream in case_insensitive,
     )
 
 
 def _match(r: Reader, value: Any, mp: Path) -> RouteMatch:
     if value is None:
         return RouteMatch()
-    match = r.mapping(value, mp, optional=["hosts", "path", "path_prefix", "methods"])
+    match = r.mapping(
+        value, mp, optional=["hosts", "path", "path_prefix", "methods", "trailing_slash"]
+    )
     hosts = []
     for j, text in enumerate(
         r.string_list(match.get("hosts", []), (*mp, "hosts"), allow_empty=True)
@@ -239,11 +283,21 @@ def _match(r: Reader, value: Any, mp: Path) -> RouteMatch:
             raise r.fail((*mp, "hosts", j), str(exc)) from None
     if "path" in match and "path_prefix" in match:
         raise r.fail(mp, "use either 'path' (exact or glob) or 'path_prefix', not both")
+    strict = False
+    if "trailing_slash" in match:
+        slash = match["trailing_slash"]
+        if slash not in ("strict", "optional") or "path" not in match:
+            raise r.fail(
+                (*mp, "trailing_slash"),
+                "trailing_slash is 'optional' (the default: path /a also matches /a/) or "
+                "'strict', and goes with 'path'",
+            )
+        strict = slash == "strict"
     path_match = None
     for kind, key in (("exact", "path"), ("prefix", "path_prefix")):
         if key in match:
             try:
-                path_match = PathMatch.parse(kind, r.string(match[key], (*mp, key)))
+                path_match = PathMatch.parse(kind, r.string(match[key], (*mp, key)), strict)
             except ValueError as exc:
                 raise r.fail((*mp, key), str(exc)) from None
     methods = None

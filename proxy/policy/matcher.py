@@ -105,7 +105,11 @@ class RouteIndex:
         node: _PathNode | None = self._root
         segs = path.split("/")[1:] if path.startswith("/") else []
         found += self._root.prefix
-        for seg in segs:
+        # "/a/b/" is a candidate for an exact "/a/b" too (the route decides if it matches).
+        last = len(segs) - 1 if len(segs) > 1 and segs[-1] == "" else -1
+        for k, seg in enumerate(segs):
+            if k == last and node is not None:
+                found += node.exact
             node = node.children.get(seg) if node else None
             if node is None:
                 break

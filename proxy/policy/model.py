@@ -76,6 +76,7 @@ class Route:
     max_cert_lifetime: float | None = None
     location: str = ""
     origin: tuple[IdentityPattern, ...] = ()
+    fold_case: bool = False  # its upstream ignores case: match the case-folded path
     allow_matcher: IdentityMatcher = field(init=False, repr=False, compare=False)
     deny_matcher: IdentityMatcher = field(init=False, repr=False, compare=False)
     origin_matcher: IdentityMatcher = field(init=False, repr=False, compare=False)
@@ -121,7 +122,8 @@ class Policy:
 
     def __post_init__(self) -> None:
         paths = [
-            (r.match.path.kind, r.match.path.value) if r.match.path else None for r in self.routes
+            (r.match.path.kind, r.match.path.value) if r.match.path and not r.fold_case else None
+            for r in self.routes
         ]
         object.__setattr__(self, "index", RouteIndex(paths))
 
@@ -129,6 +131,6 @@ class Policy:
         """The first route matching the request, found through the index."""
         for i in self.index.candidates(path):
             route = self.routes[i]
-            if route.match.matches(method, host, path):
+            if route.match.matches(method, host, path.lower() if route.fold_case else path):
                 return route
         return None

@@ -141,13 +141,18 @@ class HostPattern:
 
 @dataclass(frozen=True, slots=True)
 class PathMatch:
-    """``kind`` is ``exact``, ``glob`` (``*`` = one segment) or ``prefix`` (segment-boundary)."""
+    """``kind`` is ``exact``, ``glob`` (``*`` = one segment) or ``prefix`` (segment-boundary).
+
+    An exact or glob path also matches the same path with one trailing slash (``/secret``
+    matches ``/secret/``: Django, Flask and Tomcat serve both, often by redirect), unless
+    ``strict_slash`` (the route's ``trailing_slash: strict``)."""
 
     kind: str
     value: str
+    strict_slash: bool = False
 
     @classmethod
-    def parse(cls, kind: str, value: str) -> PathMatch:
+    def parse(cls, kind: str, value: str, strict_slash: bool = False) -> PathMatch:
         if not value.startswith("/") or "?" in value or "#" in value:
             raise ValueError(f"a path must start with '/' and hold no query: {value!r}")
         segments = value.split("/")[1:]
@@ -157,7 +162,11 @@ class PathMatch:
             if kind == "prefix":
                 raise ValueError(f"path_prefix takes no '*'; use path: {value!r}")
             kind = "glob"
-        return cls(kind, value)
+        return cls(kind, value, strict_slash)
+
+    def folded(self) -> PathMatch:
+        """The same match on a case-folded path (an upstream that ignores case)."""
+        return PathMatch(self.kind, self.value.lower(), self.strict_slash)
 
     @property
     def segments(self) -> tuple[str, ...]:
@@ -172,6 +181,9 @@ class PathMatch:
         return "/" + "/".join(segs[: segs.index(WILDCARD)])
 
     def matches(self, path: str) -> bool:
+        slash = self.kind != "prefix" and not self.strict_slash and len(path) > 1
+        if slash and path.endswith("/") and not self.value.endswith("/"):
+            path = path[:-1]  # one trailing slash: the same resource
         if self.kind == "exact":
             return path == self.value
         if self.kind == "glob":
@@ -193,6 +205,8 @@ class PathMatch:
                 lit = other.literal_prefix
                 return lit != "/" and self.matches(lit) and not self.value.endswith("/")
             return self.matches(other.value)
+        if self.strict_slash and not other.strict_slash:
+            return False  # other also matches its path with a trailing slash
         if other.kind == "exact":
             return self.matches(other.value)
         return self == other

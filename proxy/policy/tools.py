@@ -10,13 +10,15 @@ the proxy would.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from proxy.policy.evaluate import Decision, Request, evaluate
+from proxy import canonical
+from proxy.decide import Verdict
+from proxy.decide import decide as decide_request
 from proxy.policy.model import WRITE_METHODS, Policy, PolicyTest, Route
 from proxy.policy.patterns import IdentityPattern
 from proxy.spiffe_id import SpiffeId
@@ -49,11 +51,23 @@ def decide(
     spiffe_id: str,
     method: str,
     host: str,
-    path: str,
+    target: str,
     audience: str | None = None,
     lifetime: dt.timedelta = dt.timedelta(hours=1),
     fingerprint: str = "",
-) -> Decision:
+    rules: canonical.Rules | None = None,
+    upstreams: Mapping[str, canonical.UpstreamRules] | None = None,
+) -> Verdict | canonical.Refusal:
+    """The live proxy's verdict on ``METHOD host target``: the request is canonicalised
+    by the same function, with the configuration's rules when given."""
+    request = canonical.build(
+        method.encode("ascii", "replace"),
+        target.encode("ascii", "replace"),
+        [(b"host", host.encode("ascii", "replace"))] if host else [],
+        rules or canonical.Rules(),
+    )
+    if isinstance(request, canonical.Refusal):
+        return request
     now = dt.datetime.now(dt.UTC)
     sid = SpiffeId.parse(spiffe_id)
     caller = SyntheticCaller(
@@ -73,12 +87,24 @@ def decide(
             headers={"kid": "explain"},
         )
         authorities = {sid.trust_domain: {"explain": key.public_key()}}
-    request = Request(method.upper(), host.lower(), path, token)
-    return evaluate(policy, caller, request, now, authorities)
+    return decide_request(
+        policy, caller, request, now, token=token, authorities=authorities, upstreams=upstreams
+    )
 
 
-def explain(policy: Policy, decision: Decision) -> str:
+def explain(policy: Policy, result: Verdict | canonical.Refusal) -> str:
+    if isinstance(result, canonical.Refusal):
+        return "\n".join(
+            [
+                f"decision: refuse ({result.status}, before the policy)",
+                f"reason:   {result.reason}: {result.detail or 'see proxy/canonical.py'}",
+                f"policy:   {policy.source} sha256 {policy.sha256}",
+            ]
+        )
+    decision = result.decision
     verdict = "allow" if decision.allowed else "deny"
+    if result.refusal is not None:
+        verdict = f"refuse ({result.refusal.status}: {result.refusal.reason})"
     if decision.audit:
         verdict += " (audit mode: forwarded anyway)" if not decision.allowed else " (audit mode)"
     lines = [
@@ -101,33 +127,54 @@ def explain(policy: Policy, decision: Decision) -> str:
     return "\n".join(lines)
 
 
+def outcome(result: Verdict | canonical.Refusal) -> tuple[str, str | None, str]:
+    """(allow or deny, the route, the reason) as the live proxy would log it: a request
+    refused before or after the policy is a deny."""
+    if isinstance(result, canonical.Refusal):
+        return "deny", None, result.reason
+    d = result.decision
+    if result.refusal is not None:
+        return "deny", d.route_name, result.refusal.reason
+    return ("allow" if d.allowed else "deny"), d.route_name, d.reason
+
+
 @dataclass(frozen=True)
 class TestResult:
     case: PolicyTest
-    decision: Decision
+    result: Verdict | canonical.Refusal
     passed: bool
 
     def line(self) -> str:
         c = self.case
-        got = "allow" if self.decision.allowed else "deny"
-        by = f" by {self.decision.route_name}" if self.decision.route_name else ""
+        got, route, reason = outcome(self.result)
+        by = f" by {route}" if route else ""
         head = f"{c.spiffe_id} {c.method} {c.host} {c.path}"
         if self.passed:
             return f"ok    {head} -> {got}{by}"
         want = c.expect + (f" by {c.route}" if c.route else "")
-        return (
-            f"FAIL  {head}: expected {want}, got {got}{by} ({self.decision.reason}) [{c.location}]"
-        )
+        return f"FAIL  {head}: expected {want}, got {got}{by} ({reason}) [{c.location}]"
 
 
-def run_tests(policy: Policy) -> list[TestResult]:
+def run_tests(
+    policy: Policy,
+    rules: canonical.Rules | None = None,
+    upstreams: Mapping[str, canonical.UpstreamRules] | None = None,
+) -> list[TestResult]:
     out = []
     for case in policy.tests:
-        d = decide(policy, case.spiffe_id, case.method, case.host, case.path, case.audience)
-        ok = ("allow" if d.allowed else "deny") == case.expect
-        if ok and case.route is not None:
-            ok = d.route_name == case.route
-        out.append(TestResult(case, d, ok))
+        result = decide(
+            policy,
+            case.spiffe_id,
+            case.method,
+            case.host,
+            case.path,
+            case.audience,
+            rules=rules,
+            upstreams=upstreams,
+        )
+        got, route, _ = outcome(result)
+        ok = got == case.expect and (case.route is None or route == case.route)
+        out.append(TestResult(case, result, ok))
     return out
 
 

@@ -13,12 +13,12 @@ from collections.abc import Callable
 import h11
 
 from proxy import proxyproto, xfcc
-from proxy.errors import ConfigError, HttpError, SpiffeIdError
+from proxy.canonical import Refusal, Rules, build
+from proxy.errors import ConfigError, SpiffeIdError
 from proxy.http1 import new_server_connection
 from proxy.policy.loader import load_policy
 from proxy.policy.patterns import IdentityPattern
 from proxy.spiffe_id import SpiffeId
-from proxy.target import parse_target
 
 
 def _text(data: bytes) -> str:
@@ -72,13 +72,13 @@ def policy(data: bytes) -> None:
 
 def request_target(data: bytes) -> None:
     try:
-        target = parse_target(b"GET", data)
-    except HttpError:
-        return
+        request = build(b"GET", data, [(b"host", b"a.example")], Rules())
     except UnicodeDecodeError:
         return  # h11 only hands over ASCII targets
-    if not target.forward.startswith(b"/"):
-        raise AssertionError(f"forwarding a target that is not origin-form: {target.forward!r}")
+    if isinstance(request, Refusal):
+        return
+    if not request.target.startswith(b"/"):
+        raise AssertionError(f"forwarding a target that is not origin-form: {request.target!r}")
 
 
 def proxy_protocol(data: bytes) -> None:

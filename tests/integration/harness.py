@@ -22,7 +22,7 @@ import trio
 
 from proxy import app, demo_upstream
 from proxy.audit_sink import JsonLines
-from proxy.server import Runtime
+from proxy.runtime import Runtime
 from tests.conftest import Pki
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -359,12 +359,12 @@ async def test_verified_svid_cache_is_per_credentials(proxy: Proxy) -> None:
 
 
 def test_trusted_h11_events_keep_h11_framing_checks() -> None:
-    """proxy.server._trusted skips h11's header re-validation (its private ``_parsed`` path)
+    """proxy.exchange.trusted skips h11's header re-validation (its private ``_parsed`` path)
     but h11 must still apply Content-Length/Transfer-Encoding semantics: pin the behaviour
     the proxy relies on, so an h11 upgrade that changes it fails here, not in production."""
     import h11
 
-    from proxy.server import _trusted
+    from proxy.exchange import trusted as _trusted
 
     event = _trusted(h11.Request, method=b"GET", target=b"/", headers=[(b"Host", b"x")])
     assert list(event.headers) == [(b"host", b"x")]  # names still normalized

@@ -1,0 +1,292 @@
+"""The forward stage: one allowed request to its upstream and the response back, or an
+``Upgrade`` tunnel. The upstream's head comes from ``rewrite.upstream_head``; this
+module only moves bytes (pooled upstream connections, body pumps both ways).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import h11
+import trio
+
+from proxy import audit, headers, rewrite
+from proxy.canonical import CanonicalRequest
+from proxy.errors import ClientGone, HttpError, UpstreamError
+from proxy.forward import UpstreamConnection
+from proxy.policy.evaluate import Decision
+from proxy.policy.model import Policy, Route
+from proxy.spiffe_id import SpiffeId
+from proxy.tls_stream import TLSError
+
+if TYPE_CHECKING:
+    from proxy.session import HttpSession
+
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+
+
+def trusted(event: type[h11.Request] | type[h11.Response], **fields: Any) -> Any:
+    """An h11 event whose headers are NOT re-validated (h11's own ``_parsed`` path, used by
+    its parser). Only for headers h11 already validated on the way in, or that the proxy
+    generated from validated values: it saves two regex checks per header per hop."""
+    return event(**fields, _parsed=True)
+
+
+def upgrade_protocol(hdrs: headers.Headers) -> bytes | None:
+    """The protocol a request asks to switch to (``Connection: upgrade`` + ``Upgrade``)."""
+    if b"upgrade" not in headers.connection_tokens(hdrs):
+        return None
+    return next((v for n, v in hdrs if n == b"upgrade"), None)
+
+
+@dataclass
+class Forward:
+    """One allowed request on its way upstream."""
+
+    client: HttpSession
+    request: CanonicalRequest
+    decision: Decision
+    ex: audit.Exchange
+    inbound_xfcc: str | None
+    origin: SpiffeId | None
+    policy: Policy
+
+    @property
+    def route(self) -> Route:
+        assert self.decision.route is not None
+        return self.decision.route
+
+    def head(self, strip: frozenset[bytes] = frozenset()) -> headers.HeaderList:
+        rt = self.client.rt
+        upstream = rt.config.upstreams[self.route.upstream]
+        fwd = rewrite.Forwarding(
+            request_id=self.ex.request_id,
+            peer_ip=self.client.peer_ip,
+            origin=self.origin,
+            inbound_xfcc=self.inbound_xfcc,
+            policy_sha256=self.policy.sha256,
+            now=time.time(),
+        )
+        return rewrite.upstream_head(
+            self.request, self.client.identity, self.route, upstream, fwd, rt.signer, strip
+        )
+
+
+async def forward(f: Forward) -> bool:
+    """Send the request and its body, relay the response; return whether the client
+    connection may carry another request."""
+    client, request, ex, route = f.client, f.request, f.ex, f.route
+    rt = client.rt
+    pool = rt.pools[route.upstream]
+    ex.upstream = route.upstream
+    creds = rt.credentials
+    # The legacy app must not be able to replay the caller's JWT-SVID.
+    strip = (
+        frozenset({f.policy.jwt_header.encode("ascii")})
+        if route.audiences and not route.keep_token
+        else frozenset()
+    )
+    up_req = trusted(
+        h11.Request,
+        method=request.method.encode("ascii"),
+        target=request.target,
+        headers=f.head(strip),
+    )
+    # Body bytes that came with the head are parsed before anything goes upstream: a
+    # malformed start of a body (a bad chunk size) is refused without the upstream
+    # ever seeing the request.
+    first = client.buffered_body_event() if request.has_body else None
+    if client.h.client_is_waiting_for_100_continue:
+        await client.send(h11.InformationalResponse(status_code=100, headers=[]))
+    conn = await pool.acquire(creds)
+    try:
+        try:
+            await _send_request(client, conn, up_req, ex, first)
+            response = await _response_head(client, conn)
+        except UpstreamError:
+            # A pooled connection the upstream closed just as we reused it fails before
+            # any response byte. Retry once on a fresh connection, but only when that
+            # cannot repeat a side effect: an idempotent method and no body (RFC 9110
+            # section 9.2.2).
+            retryable = request.method in IDEMPOTENT and not request.has_body
+            if not (retryable and conn.reused):
+                raise
+            await conn.aclose()
+            conn = await pool.connect(creds)
+            await conn.send(up_req)
+            await conn.send(h11.EndOfMessage())
+            response = await _response_head(client, conn)
+        ex.upstream_status = ex.status = response.status_code
+        await client.send(
+            trusted(
+                h11.Response,
+                status_code=response.status_code,
+                reason=response.reason,
+                headers=headers.downstream_response_headers(response.headers, ex.request_id),
+            ),
+            flush=False,
+        )
+        timeout = rt.config.timeouts.upstream_response
+        while True:
+            try:
+                # Bytes already here are buffered; waiting for more flushes them first.
+                event = await conn.next_event(timeout, client.flush)
+            except UpstreamError as exc:
+                # The head is committed: the only honest signal left is to cut the
+                # connection.
+                ex.reason = exc.reason
+                client.truncated = True
+                raise ClientGone("upstream broke mid-response") from exc
+            if isinstance(event, h11.Data):
+                ex.bytes_out += len(event.data)
+                await client.send(h11.Data(data=event.data), flush=False)
+            elif isinstance(event, h11.EndOfMessage):
+                await client.send(h11.EndOfMessage())
+                break
+            else:
+                raise ClientGone(f"unexpected upstream event {event!r}")
+    except BaseException:
+        await conn.aclose()
+        raise
+    await pool.release(conn)
+    return client.h.our_state is h11.DONE
+
+
+async def _send_request(
+    client: HttpSession,
+    conn: UpstreamConnection,
+    up_req: h11.Request,
+    ex: audit.Exchange,
+    first: h11.Event | None = None,
+) -> None:
+    """Send the head, then stream the client's body (``first`` is its first event,
+    already read) to the upstream."""
+    await conn.send(up_req)
+    limit = client.rt.config.limits.max_body_bytes
+    while True:
+        if first is not None:
+            event, first = first, None
+        else:
+            event = await client.next_body_event()
+        if isinstance(event, h11.Data):
+            ex.bytes_in += len(event.data)
+            if limit is not None and ex.bytes_in > limit:
+                raise HttpError(413, "request_body_too_large")
+            await conn.send(h11.Data(data=event.data))
+        elif isinstance(event, h11.EndOfMessage):
+            await conn.send(h11.EndOfMessage())
+            return
+        else:
+            raise HttpError(400, "malformed_request_body", repr(event))
+
+
+async def _response_head(client: HttpSession, conn: UpstreamConnection) -> h11.Response:
+    """The upstream's final response head (1xx interim responses are dropped)."""
+    while True:
+        event = await conn.next_event(client.rt.config.timeouts.upstream_response)
+        if isinstance(event, h11.Response):
+            return event
+        if not isinstance(event, h11.InformationalResponse):
+            raise UpstreamError(502, "upstream_bad_response", repr(event))
+
+
+async def upgrade(f: Forward) -> None:
+    """An allowed ``Upgrade`` (WebSocket): the upgrade request goes upstream with the
+    identity headers on a fresh connection; on ``101`` both sides become one byte
+    stream until either closes. Anything else is relayed as a plain response."""
+    client, ex, route = f.client, f.ex, f.route
+    rt = client.rt
+    protocol = upgrade_protocol(f.request.headers)
+    assert protocol is not None
+    pool = rt.pools[route.upstream]
+    ex.upstream = route.upstream
+    hdrs = f.head()
+    hdrs += [(b"connection", b"upgrade"), (b"upgrade", protocol)]
+    event = await client.next_body_event()
+    if not isinstance(event, h11.EndOfMessage):
+        raise HttpError(400, "upgrade_with_body")
+    timeout = rt.config.timeouts.upstream_response
+    conn = await pool.connect(rt.credentials)
+    try:
+        method = f.request.method.encode("ascii")
+        await conn.send(h11.Request(method=method, target=f.request.target, headers=hdrs))
+        await conn.send(h11.EndOfMessage())
+        response = await conn.next_event(timeout)
+        if isinstance(response, h11.InformationalResponse) and response.status_code == 101:
+            ex.status = ex.upstream_status = 101
+            back = headers.strip_hop_by_hop(response.headers, frozenset({headers.REQUEST_ID}))
+            back += [
+                (b"connection", b"upgrade"),
+                (b"upgrade", protocol),
+                (headers.REQUEST_ID, ex.request_id.encode("ascii")),
+            ]
+            await client.send(h11.InformationalResponse(status_code=101, headers=back))
+            await _pump(client, conn, ex)
+            return
+        if not isinstance(response, h11.Response):
+            raise UpstreamError(502, "upstream_bad_response", repr(response))
+        # Declined: relay the answer; the connection ends with it.
+        ex.status = ex.upstream_status = response.status_code
+        await client.send(
+            h11.Response(
+                status_code=response.status_code,
+                reason=response.reason,
+                headers=[
+                    *headers.downstream_response_headers(response.headers, ex.request_id),
+                    (b"connection", b"close"),
+                ],
+            )
+        )
+        while True:
+            event = await conn.next_event(timeout)
+            if isinstance(event, h11.Data):
+                ex.bytes_out += len(event.data)
+                await client.send(h11.Data(data=event.data))
+            else:
+                await client.send(h11.EndOfMessage())
+                return
+    finally:
+        await conn.aclose()
+
+
+_BROKEN = (TLSError, trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+async def _pump(client: HttpSession, conn: UpstreamConnection, ex: audit.Exchange) -> None:
+    """Bytes both ways until either side closes; then both close."""
+    client_early, _ = client.h.trailing_data
+    upstream_early, _ = conn.h11.trailing_data
+
+    async def up(cancel: trio.CancelScope) -> None:
+        with contextlib.suppress(*_BROKEN):
+            if client_early:
+                ex.bytes_in += len(client_early)
+                await conn.stream.send_all(client_early)
+            while True:
+                data = await client.tls.receive_some()
+                if not data:
+                    break
+                ex.bytes_in += len(data)
+                await conn.stream.send_all(data)
+        cancel.cancel()
+
+    async def down(cancel: trio.CancelScope) -> None:
+        with contextlib.suppress(*_BROKEN):
+            data = upstream_early
+            if data:
+                ex.bytes_out += len(data)
+                await client.tls.send_all(data)
+            while True:
+                data = await conn.stream.receive_some(65536)
+                if not data:
+                    break
+                ex.bytes_out += len(data)
+                await client.tls.send_all(data)
+        cancel.cancel()
+
+    async with trio.open_nursery() as n:
+        n.start_soon(up, n.cancel_scope)
+        n.start_soon(down, n.cancel_scope)

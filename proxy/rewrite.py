@@ -1,0 +1,167 @@
+"""The rewrite stage: from a canonical request and the verified caller to the request
+head the upstream gets. Pure (no sockets, no trio, no clock: the caller passes ``now``).
+
+The client's headers come from ``CanonicalRequest.headers`` (already stripped of every
+spelling of every header the proxy owns); hop-by-hop headers go here, then the proxy
+adds what it asserts: X-Forwarded-For/-Proto, X-Request-Id, XFCC, the SPIFFE ID header,
+RFC 9440 Client-Cert(-Chain) and a signed identity assertion, per upstream.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from proxy import headers, svid, xfcc
+from proxy.assertion import AssertionSigner
+from proxy.canonical import CanonicalRequest, Refusal
+from proxy.config import Config, Upstream
+from proxy.errors import SpiffeIdError
+from proxy.policy.model import Route
+from proxy.spiffe_id import SpiffeId
+from proxy.xfcc import XfccError
+
+
+def _sf(cert: x509.Certificate) -> bytes:
+    """A certificate as an RFC 8941 byte sequence (RFC 9440)."""
+    return b":" + base64.b64encode(cert.public_bytes(Encoding.DER)) + b":"
+
+
+class PeerHeaders:
+    """What a connection's verified peer contributes to every request it sends: its XFCC
+    element and RFC 9440 headers are built once per connection, on first use."""
+
+    def __init__(self, config: Config, own_id: SpiffeId | None, peer: svid.PeerSvid) -> None:
+        self.config = config
+        self.own_id = own_id
+        self.peer = peer
+        ident = config.identity
+        # Whether this peer's XFCC counts is decided once, from its verified SPIFFE ID.
+        self.trusted_forwarder = any(p.matches(peer.spiffe_id) for p in ident.trusted_forwarders)
+        self.id_header = ident.spiffe_id_header.lower().encode("ascii")
+        self._own_text: str | None = None
+        self._client_cert: tuple[tuple[bytes, bytes], ...] | None = None
+
+    def own_element(self) -> xfcc.Element:
+        """This hop's XFCC element for this peer."""
+        leaf = self.peer.leaf
+        chain = self.peer.chain or (leaf,)
+        fields = self.config.identity.xfcc_fields
+        # Only what the configured fields need: PEM-encoding a chain is not free.
+        return xfcc.element_for(
+            fields,
+            by=str(self.own_id) if self.own_id else None,
+            leaf_sha256=self.peer.fingerprint,
+            cert_pem=leaf.public_bytes(Encoding.PEM).decode("ascii") if "Cert" in fields else "",
+            chain_pem="".join(c.public_bytes(Encoding.PEM).decode("ascii") for c in chain)
+            if "Chain" in fields
+            else "",
+            subject=leaf.subject.rfc4514_string() if "Subject" in fields else "",
+            uris=[str(self.peer.spiffe_id)] if "URI" in fields else [],
+            dns=svid.dns_sans(leaf) if "DNS" in fields else [],
+        )
+
+    def own_text(self) -> str:
+        if self._own_text is None:
+            self._own_text = xfcc.format_element(self.own_element())
+        return self._own_text
+
+    def client_cert_headers(self) -> tuple[tuple[bytes, bytes], ...]:
+        """RFC 9440: ``Client-Cert`` (the leaf) and ``Client-Cert-Chain`` (the rest of the
+        chain), each certificate a structured-field byte sequence."""
+        if self._client_cert is None:
+            out = [(b"client-cert", _sf(self.peer.leaf))]
+            rest = self.peer.chain[1:]
+            if rest:
+                out.append((b"client-cert-chain", b", ".join(_sf(c) for c in rest)))
+            self._client_cert = tuple(out)
+        return self._client_cert
+
+    def inbound_origin(self, request: CanonicalRequest) -> tuple[str | None, SpiffeId | None]:
+        """A trusted forwarder's XFCC and the origin it names (its first element's URI).
+        From any other peer, XFCC never counts: (None, None). Raises ``Refused``-style
+        ``Refusal`` values through ``OriginRefused``."""
+        if request.xfcc is None or not self.trusted_forwarder:
+            return None, None
+        try:
+            elements = xfcc.parse(request.xfcc)
+        except XfccError as exc:
+            raise OriginRefused(Refusal(400, "malformed_xfcc", str(exc))) from exc
+        uri = xfcc.first_uri(elements[0])
+        if uri is None:
+            return request.xfcc, None
+        try:
+            return request.xfcc, SpiffeId.parse(uri)
+        except SpiffeIdError as exc:
+            raise OriginRefused(Refusal(400, "xfcc_origin_not_a_spiffe_id", str(exc))) from exc
+
+
+class OriginRefused(Exception):
+    """A trusted forwarder sent an XFCC that cannot be read."""
+
+    def __init__(self, refusal: Refusal) -> None:
+        super().__init__(refusal.reason)
+        self.refusal = refusal
+
+
+@dataclass(frozen=True, slots=True)
+class Forwarding:
+    """Per-request facts the rewrite needs beside the canonical request."""
+
+    request_id: str
+    peer_ip: str
+    origin: SpiffeId | None
+    inbound_xfcc: str | None
+    policy_sha256: str
+    now: float
+
+
+def upstream_head(
+    request: CanonicalRequest,
+    peer: PeerHeaders,
+    route: Route,
+    upstream: Upstream,
+    fwd: Forwarding,
+    signer: AssertionSigner | None,
+    strip: frozenset[bytes] = frozenset(),
+) -> headers.HeaderList:
+    """The header list sent upstream for an allowed request. ``strip``: more to drop
+    (a consumed JWT-SVID)."""
+    caller = str(fwd.origin or peer.peer.spiffe_id)
+    extra: list[tuple[bytes, bytes]] = []
+    if upstream.client_cert_headers:
+        extra += peer.client_cert_headers()
+    if upstream.assertion_header and signer is not None:
+        token = signer.sign(
+            subject=caller,
+            audience=upstream.name,
+            request_id=fwd.request_id,
+            route=route.name,
+            policy_sha256=fwd.policy_sha256,
+            now=fwd.now,
+            ttl=upstream.assertion_ttl,
+        )
+        extra.append((upstream.assertion_header.lower().encode("ascii"), token.encode()))
+    forwarded_for = fwd.peer_ip
+    if peer.trusted_forwarder and request.forwarded_for:
+        # A trusted hop's X-Forwarded-For is extended, not reset.
+        forwarded_for = f"{request.forwarded_for.decode('latin-1')}, {fwd.peer_ip}"
+    ident = headers.Identity(
+        peer_ip=fwd.peer_ip,
+        request_id=fwd.request_id,
+        spiffe_id=caller,
+        id_header=peer.id_header,
+        xfcc=xfcc.outbound(
+            peer.config.identity.xfcc, fwd.inbound_xfcc, peer.trusted_forwarder, peer.own_text()
+        ),
+        forwarded_for=forwarded_for,
+        extra=tuple(extra),
+    )
+    out = headers.upstream_request_headers(request.headers, ident, strip)
+    if request.port is None and not request.host and not any(n == b"host" for n, _ in out):
+        # HTTP/1.0 without Host: the upstream speaks HTTP/1.1 and needs one.
+        out.insert(0, (b"host", f"{upstream.host}:{upstream.port}".encode("ascii")))
+    return out

@@ -1,0 +1,48 @@
+"""What every connection reads: the configuration, credentials, policy, pools and
+sinks in force. Swapped as a whole on reload, never mutated in place (but for counters).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from proxy import canonical
+from proxy.assertion import AssertionSigner
+from proxy.audit_sink import JsonLines
+from proxy.config import Config
+from proxy.forward import UpstreamPool
+from proxy.metrics import Metrics
+from proxy.policy.model import Policy
+from proxy.tls import Credentials
+
+
+@dataclass
+class Runtime:
+    """What every connection reads: swapped as a whole on reload, never mutated in place."""
+
+    config: Config
+    credentials: Credentials
+    policy: Policy
+    pools: dict[str, UpstreamPool]
+    decisions: JsonLines
+    events: JsonLines
+    metrics: Metrics
+    signer: AssertionSigner | None = None
+    x509_source: Any = None  # a WorkloadApiSource when the SVID comes from a SPIRE agent
+    open_connections: int = 0
+    policy_loaded_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
+    draining: bool = False
+    drain_requested: trio.Event = field(default_factory=trio.Event)
+    # Sessions waiting for a next request: cancelled at drain so idle keep-alives close.
+    idle_scopes: set[trio.CancelScope] = field(default_factory=set)
+
+    rules: canonical.Rules = field(init=False)
+    upstream_rules: dict[str, canonical.UpstreamRules] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.rules = self.config.canonical_rules()
+        self.upstream_rules = self.config.upstream_rules()

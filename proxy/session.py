@@ -1,0 +1,362 @@
+"""The HTTP/1.1 side of one verified client connection: a keep-alive loop that reads
+request heads and runs each request through the stages
+
+    head --canonical.build--> CanonicalRequest | Refusal
+         --decide.decide--> Verdict
+         --rewrite.upstream_head--> the upstream's head
+         --exchange.forward / exchange.upgrade--> the response
+         --audit.build_record--> the decision line
+
+Every refusal is a value with a status and a reason code; this module only writes it
+out and logs it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import time
+
+import h11
+import trio
+
+from proxy import audit, canonical, exchange, headers, http1, svid
+from proxy.canonical import CanonicalRequest, Refusal
+from proxy.decide import decide
+from proxy.errors import ClientGone, HttpError, UpstreamError
+from proxy.policy.evaluate import ALLOWED
+from proxy.rewrite import OriginRefused, PeerHeaders
+from proxy.runtime import Runtime
+from proxy.tls_stream import TLSError, TLSStream
+
+_OUT_HIGH_WATER = 64 * 1024  # buffered response bytes are written out at least this often
+
+
+def _bearer_token(hdrs: headers.Headers, name: str) -> str | None:
+    """The token from ``Authorization: Bearer <t>``, or the value of a custom header
+    (where a ``Bearer`` prefix is optional)."""
+    raw = name.encode("ascii")
+    for n, v in hdrs:
+        if n == raw:
+            value = v.decode("ascii", "replace").strip()
+            scheme, _, rest = value.partition(" ")
+            if scheme.lower() == "bearer":
+                return rest.strip() or None
+            return None if raw == b"authorization" else value or None
+    return None
+
+
+def _json_body(error: str, reason: str, request_id: str) -> bytes:
+    return json.dumps({"error": error, "reason": reason, "request_id": request_id}).encode()
+
+
+_ERRORS = {
+    400: ("bad_request", "the request is malformed"),
+    403: ("forbidden", "the caller is not authorized for this request"),
+    405: ("method_not_allowed", "this method is not supported"),
+    408: ("request_timeout", "the request was not received in time"),
+    413: ("payload_too_large", "the request body is too large"),
+    431: ("request_header_fields_too_large", "the request head is too large"),
+    501: ("not_implemented", "the request uses an unsupported feature"),
+    502: ("bad_gateway", "the upstream service is unavailable"),
+    504: ("gateway_timeout", "the upstream service did not answer in time"),
+    505: ("http_version_not_supported", "only HTTP/1.1 and HTTP/1.0 are served"),
+}
+
+
+class HttpSession:
+    """The client side of one verified connection: reads heads and bodies, writes
+    responses, and runs each request through the stages."""
+
+    def __init__(
+        self, rt: Runtime, tls: TLSStream, peer: svid.PeerSvid, peer_ip: str, peer_addr: str
+    ) -> None:
+        self.rt = rt
+        self.tls = tls
+        self.peer = peer
+        self.peer_ip = peer_ip
+        self.peer_addr = peer_addr
+        self.h = http1.new_server_connection(rt.config.limits.max_header_bytes)
+        self.identity = PeerHeaders(rt.config, rt.credentials.own_id, peer)
+        self._out = bytearray()
+        self._http10_keepalive = False
+        self._reuse_http10 = False
+        self._method = b""
+        # Set when a response was cut short (the upstream broke mid-body): the connection
+        # then ends without close_notify, so no client mistakes it for a complete one.
+        self.truncated = False
+
+    # --- client I/O -------------------------------------------------------------------
+
+    async def _receive(self, deadline: float) -> None:
+        try:
+            with trio.fail_at(deadline):
+                data = await self.tls.receive_some()
+        except (TLSError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise ClientGone(str(exc)) from exc
+        self.h.receive_data(data)
+
+    async def send(self, event: h11.Event, flush: bool = True) -> None:
+        """Queue an event's bytes for the client; write them out unless ``flush`` is off.
+        A response head and a small body thus leave in one TLS record and one ``send``."""
+        data = self.h.send(event)
+        if self._http10_keepalive and type(event) is h11.Response:
+            data = self._keep_http10_alive(event, data)
+        if data:
+            self._out += data
+        if flush or len(self._out) >= _OUT_HIGH_WATER:
+            await self.flush()
+
+    async def flush(self) -> None:
+        if not self._out:
+            return
+        data = bytes(self._out)
+        self._out.clear()
+        try:
+            await self.tls.send_all(data)
+        except (TLSError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise ClientGone(str(exc)) from exc
+
+    def _keep_http10_alive(self, response: h11.Response, data: bytes | None) -> bytes | None:
+        """HTTP/1.0 keep-alive, which h11 does not do: an HTTP/1.0 client that asked for it
+        (ab -k does) gets it when the response has a length; the next request then gets a
+        fresh h11 connection (see ``run``)."""
+        if data is None or any(
+            n == b"connection" and b"close" in v.lower() for n, v in response.headers
+        ):
+            return data  # the proxy itself decided to close
+        has_length = (
+            response.status_code in (204, 304)
+            or self._method == b"HEAD"
+            or any(n == b"content-length" for n, _ in response.headers)
+        )
+        if not has_length:
+            return data  # close-delimited body: the connection must end
+        self._reuse_http10 = True
+        return data.replace(b"\r\nConnection: close\r\n", b"\r\nConnection: keep-alive\r\n", 1)
+
+    def _fresh_connection(self) -> None:
+        leftover, closed = self.h.trailing_data
+        self.h = http1.new_server_connection(self.rt.config.limits.max_header_bytes)
+        if leftover:
+            self.h.receive_data(leftover)
+        if closed:
+            self.h.receive_data(b"")
+
+    async def _read_request(self) -> h11.Event | None:
+        """The next request head: ``idle`` to start it, ``request_head`` to finish it.
+        While idle (no byte of a next request yet) a drain closes the connection."""
+        timeouts = self.rt.config.timeouts
+        deadline = trio.current_time() + timeouts.idle
+        started = False
+        while True:
+            if self.h.their_state is h11.IDLE:
+                http1.skip_empty_lines(self.h)  # RFC 9112 section 2.2
+            event = self.h.next_event()
+            if event is not h11.NEED_DATA:
+                return event  # type: ignore[return-value]
+            if self.rt.draining and not started:
+                return None
+            try:
+                if started:
+                    await self._receive(deadline)
+                else:
+                    with trio.CancelScope() as idle:
+                        self.rt.idle_scopes.add(idle)
+                        try:
+                            await self._receive(deadline)
+                        finally:
+                            self.rt.idle_scopes.discard(idle)
+                    if idle.cancelled_caught:
+                        return None
+            except trio.TooSlowError:
+                if started:
+                    await self.reply_error(408, "request_head_timeout", "-", close=True)
+                return None
+            if not started:
+                started = True
+                deadline = trio.current_time() + timeouts.request_head
+
+    async def next_body_event(self) -> h11.Event:
+        deadline = trio.current_time() + self.rt.config.timeouts.idle
+        while True:
+            try:
+                event = self.h.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise HttpError(400, "malformed_request_body", str(exc)) from exc
+            if event is not h11.NEED_DATA:
+                return event  # type: ignore[return-value]
+            try:
+                await self._receive(deadline)
+            except trio.TooSlowError as exc:
+                raise HttpError(408, "request_body_timeout") from exc
+
+    def buffered_body_event(self) -> h11.Event | None:
+        """The first body event if its bytes are here already, else None."""
+        try:
+            event = self.h.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise HttpError(400, "malformed_request_body", str(exc)) from exc
+        return None if event is h11.NEED_DATA else event  # type: ignore[return-value]
+
+    async def reply_error(self, status: int, reason: str, request_id: str, close: bool) -> None:
+        if self.h.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        error, text = _ERRORS.get(status, ("error", "the request failed"))
+        body = _json_body(error, text, request_id)
+        hdrs = [
+            (b"content-type", b"application/json"),
+            (b"content-length", b"%d" % len(body)),
+            (b"x-request-id", request_id.encode("ascii")),
+        ]
+        if close:
+            hdrs.append((b"connection", b"close"))
+        await self.send(h11.Response(status_code=status, headers=hdrs), flush=False)
+        await self.send(h11.Data(data=body), flush=False)
+        await self.send(h11.EndOfMessage())
+
+    # --- the loop -----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        with contextlib.suppress(ClientGone):
+            while True:
+                try:
+                    event = await self._read_request()
+                except h11.RemoteProtocolError as exc:
+                    await self._malformed(exc)
+                    return
+                if event is None or not isinstance(event, h11.Request):
+                    return
+                self._http10_keepalive = event.http_version == b"1.0" and (
+                    b"keep-alive" in headers.connection_tokens(event.headers)
+                )
+                self._reuse_http10 = False
+                self._method = event.method
+                keep = await self.handle(event)
+                if (
+                    self._reuse_http10
+                    and self.h.our_state is h11.MUST_CLOSE
+                    and (self.h.their_state in (h11.DONE, h11.MUST_CLOSE))
+                ):
+                    self._fresh_connection()
+                    continue
+                if not keep:
+                    return
+                if self.h.our_state is not h11.DONE or self.h.their_state is not h11.DONE:
+                    return
+                self.h.start_next_cycle()
+
+    async def _malformed(self, exc: h11.RemoteProtocolError) -> None:
+        status = exc.error_status_hint
+        reason = "request_head_too_large" if status == 431 else "malformed_request"
+        ex = audit.Exchange(
+            request_id=headers.request_id([]),
+            peer_addr=self.peer_addr,
+            reason=reason,
+            status=status,
+        )
+        await self.reply_error(status, reason, ex.request_id, close=True)
+        self._log(
+            ex, dt.datetime.now(dt.UTC), time.perf_counter(), self.rt.policy.sha256, detail=str(exc)
+        )
+
+    def _log(
+        self, ex: audit.Exchange, started: dt.datetime, t0: float, policy_sha256: str, **extra: str
+    ) -> None:
+        elapsed = time.perf_counter() - t0
+        record = audit.build_record(ex, self.peer, policy_sha256, started, elapsed)
+        record.update(extra)
+        self.rt.decisions.write(record)
+        self.rt.metrics.count_request(
+            record["route"] or "", ex.outcome, ex.reason, record["mode"], elapsed
+        )
+
+    def canonical(self, req: h11.Request, hdrs: headers.Headers) -> CanonicalRequest:
+        """Stage 1: the canonical request, or an ``HttpError`` carrying the refusal."""
+        result = canonical.build(req.method, req.target, hdrs, self.rt.rules, req.http_version)
+        if isinstance(result, Refusal):
+            raise HttpError(result.status, result.reason, result.detail)
+        if result.dropped:
+            self.rt.metrics.headers_dropped.labels(rule="underscore").inc(len(result.dropped))
+        return result
+
+    async def handle(self, req: h11.Request) -> bool:
+        """Serve one request; return whether the connection may carry another."""
+        t0 = time.perf_counter()
+        started = dt.datetime.now(dt.UTC)
+        # h11's Headers iterates in Python, item by item: read it once per request.
+        hdrs = list(req.headers)
+        rid = headers.request_id(hdrs)
+        ex = audit.Exchange(
+            request_id=rid, peer_addr=self.peer_addr, method=req.method.decode("ascii", "replace")
+        )
+        policy = self.rt.policy
+        extra: dict[str, str] = {}
+        try:
+            request = self.canonical(req, hdrs)
+            ex.host, ex.path = request.host, request.path
+            if request.dropped:
+                extra["dropped_headers"] = ",".join(n.decode("latin-1") for n in request.dropped)
+            try:
+                inbound_xfcc, origin = self.identity.inbound_origin(request)
+            except OriginRefused as exc:
+                raise HttpError(exc.refusal.status, exc.refusal.reason, exc.refusal.detail) from exc
+            ex.origin = str(origin) if origin else None
+            verdict = decide(
+                policy,
+                self.peer,
+                request,
+                started,
+                token=_bearer_token(request.headers, policy.jwt_header),
+                origin=origin,
+                authorities=self.rt.credentials.jwt_authorities,
+                upstreams=self.rt.upstream_rules,
+            )
+            ex.decision = decision = verdict.decision
+            ex.outcome = audit.ALLOW if decision.allowed else audit.DENY
+            ex.reason = decision.reason
+            if verdict.refusal is not None:
+                r = verdict.refusal
+                ex.outcome = audit.ERROR
+                raise HttpError(r.status, r.reason, r.detail)
+            if not decision.forward:
+                # Never read the body of a refused request: answer and close if it has one.
+                # A bodiless one is complete already; take its end so the connection can
+                # carry the next request.
+                if not request.has_body:
+                    await self.next_body_event()
+                ex.status = 403
+                await self.reply_error(403, ex.reason, rid, close=request.has_body)
+                return not request.has_body
+            fwd = exchange.Forward(self, request, decision, ex, inbound_xfcc, origin, policy)
+            if exchange.upgrade_protocol(request.headers) is not None:
+                await exchange.upgrade(fwd)
+                return False
+            return await exchange.forward(fwd)
+        except HttpError as exc:
+            ex.status = exc.status_hint
+            ex.reason = exc.reason
+            await self.reply_error(exc.status_hint, exc.reason, rid, close=True)
+            return False
+        except UpstreamError as exc:
+            ex.status = exc.status_hint
+            ex.reason = exc.reason
+            self.rt.metrics.upstream_errors.labels(
+                upstream=ex.upstream or "", reason=exc.reason
+            ).inc()
+            self.rt.events.event(
+                "upstream_error",
+                request_id=rid,
+                upstream=ex.upstream,
+                reason=exc.reason,
+                detail=exc.detail,
+            )
+            await self.reply_error(exc.status_hint, exc.reason, rid, close=True)
+            return False
+        except ClientGone:
+            if ex.reason in ("", ALLOWED):
+                ex.reason = "client_gone"
+            raise
+        finally:
+            self._log(ex, started, t0, policy.sha256, **extra)
