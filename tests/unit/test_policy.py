@@ -102,7 +102,8 @@ def test_host_pattern(pattern: str, host: str, expected: bool) -> None:
     ("kind", "value", "path", "expected"),
     [
         ("exact", "/a", "/a", True),
-        ("exact", "/a", "/a/", False),
+        ("exact", "/a", "/a/", True),
+        ("exact", "/a", "/a//", False),
         ("prefix", "/api", "/api", True),
         ("prefix", "/api", "/api/x", True),
         ("prefix", "/api", "/apix", False),
@@ -111,7 +112,8 @@ def test_host_pattern(pattern: str, host: str, expected: bool) -> None:
     ],
     ids=[
         "exact",
-        "exact_slash",
+        "exact_matches_one_trailing_slash",
+        "exact_not_two_slashes",
         "prefix_self",
         "prefix_below",
         "prefix_boundary",
