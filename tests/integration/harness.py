@@ -93,10 +93,12 @@ def write_config(
     policy_watch: str = "200ms",
     app_options: str = "",
     identity_headers: str = "",
+    extra: str = "",
 ) -> Path:
     """The proxy's config file (and policy) in ``d``. ``app_options``: more keys of the
     ``app`` upstream's flow mapping (``"client_cert_headers: true, "``);
-    ``identity_headers``: the body of an ``identity_headers:`` section."""
+    ``identity_headers``: the body of an ``identity_headers:`` section; ``extra``: more
+    top-level YAML (an ``http:`` section, ``upstreams`` keys are in ``app_options``)."""
     dead = socket.socket()
     dead.bind(("127.0.0.1", 0))
     dead_port = dead.getsockname()[1]
@@ -122,6 +124,7 @@ def write_config(
         policy_watch: {policy_watch}
         """)
         + timeouts
+        + extra
         + (
             "identity_headers:\n" + textwrap.indent(identity_headers, "  ") + "\n"
             if identity_headers
