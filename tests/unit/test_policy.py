@@ -338,3 +338,49 @@ def test_loader_errors(text: str, where: str, message: str) -> None:
         load_policy(text.encode(), "p.yaml", {"app"})
     assert exc.value.location == where, str(exc.value)
     assert message in exc.value.message
+
+
+TWO_CASES = b"""\
+routes:
+  - {name: admin, match: {path_prefix: /admin}, upstream: iis, allow: []}
+  - {name: admin-upper, match: {path_prefix: /Admin}, upstream: iis, allow: ["spiffe://example.org/*"]}
+"""
+
+
+def test_routes_differing_only_by_case_to_a_case_insensitive_upstream_are_an_error() -> None:
+    with pytest.raises(PolicyError) as exc:
+        load_policy(TWO_CASES, "p.yaml", {"iis"}, case_insensitive={"iis"})
+    assert exc.value.location == "p.yaml:3:32"  # the match of the second route
+    assert "only by case" in exc.value.message
+    load_policy(TWO_CASES, "p.yaml", {"iis"})  # a case-sensitive upstream: two resources
+
+
+def test_case_insensitive_upstream_routes_match_folded_paths() -> None:
+    text = b"routes:\n  - {name: admin, match: {path: /Admin/Users}, upstream: iis, allow: []}\n"
+    policy = load_policy(text, "p.yaml", {"iis"}, case_insensitive={"iis"})
+    for path in ("/admin/users", "/ADMIN/USERS", "/Admin/Users/"):
+        assert policy.route_for("GET", "h", path) is not None, path
+    assert load_policy(text, "p.yaml", {"iis"}).route_for("GET", "h", "/admin/users") is None
+
+
+@pytest.mark.parametrize(
+    ("slash", "path", "matched"),
+    [
+        ("", "/secret/", True),
+        ("optional", "/secret/", True),
+        ("strict", "/secret/", False),
+        ("strict", "/secret", True),
+    ],
+    ids=["default", "optional", "strict", "strict_exact"],
+)
+def test_trailing_slash_option(slash: str, path: str, matched: bool) -> None:
+    opt = f", trailing_slash: {slash}" if slash else ""
+    text = f"routes:\n  - {{name: s, match: {{path: /secret{opt}}}, upstream: app, allow: []}}\n"
+    policy = load_policy(text.encode(), "p.yaml", {"app"})
+    assert (policy.route_for("GET", "h", path) is not None) is matched
+
+
+def test_trailing_slash_needs_a_path() -> None:
+    text = b"routes:\n  - {name: s, match: {path_prefix: /a, trailing_slash: strict}, upstream: app, allow: []}\n"
+    with pytest.raises(PolicyError, match="trailing_slash"):
+        load_policy(text, "p.yaml", {"app"})
