@@ -3,8 +3,14 @@
 For a legacy app that cannot trust the network between it and the proxy: it verifies the
 header with any JWT library against the proxy's JWKS (served on the admin listener at
 ``/.well-known/jwks.json``). Claims: ``iss`` (the proxy's SPIFFE ID), ``sub`` (the
-caller's SPIFFE ID), ``aud`` (the upstream's name), ``jti`` (the request id), ``iat``,
+caller's SPIFFE ID), ``aud`` (the upstream's name), ``jti``, ``request_id``, ``iat``,
 ``nbf``, ``exp`` (at most 60 s later), ``route`` and ``policy_sha256``. Pure: no I/O.
+
+Bound to the request: ``method`` and ``path`` (the canonical path and query the policy
+judged), so an assertion one endpoint saw cannot be replayed to another path or with
+another method within its lifetime; ``jti`` is 128 random bits, unique per assertion
+(the client chooses ``X-Request-Id``, so that goes in ``request_id`` instead), so an app
+can also refuse a replay of the same request.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import secrets
 from typing import Any
 
 import jwt
@@ -62,13 +69,18 @@ class AssertionSigner:
         policy_sha256: str,
         now: float,
         ttl: float,
+        method: str = "",
+        path: str = "",
     ) -> str:
         ttl = min(ttl, MAX_TTL)
         claims: dict[str, Any] = {
             "iss": self.issuer,
             "sub": subject,
             "aud": audience,
-            "jti": request_id,
+            "jti": secrets.token_urlsafe(16),
+            "request_id": request_id,
+            "method": method,
+            "path": path,
             "iat": int(now),
             "nbf": int(now),
             "exp": int(now + ttl),

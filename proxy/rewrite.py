@@ -143,6 +143,8 @@ def upstream_head(
             policy_sha256=fwd.policy_sha256,
             now=fwd.now,
             ttl=upstream.assertion_ttl,
+            method=request.method,
+            path=request.target.decode("ascii"),
         )
         extra.append((upstream.assertion_header.lower().encode("ascii"), token.encode()))
     forwarded_for = fwd.peer_ip

@@ -293,7 +293,9 @@ async def test_signed_assertion_verifies_with_served_jwks(
     key = next(k for k in keys.keys if k.key_id == kid)
     claims = jwt.decode(token, key, algorithms=["ES256"], audience="app")
     rec = px.decisions()[-1]
-    assert claims["sub"] == CLIENT_ID and claims["jti"] == rec["request_id"]
+    assert claims["sub"] == CLIENT_ID and claims["request_id"] == rec["request_id"]
+    assert claims["method"] == "GET" and claims["path"] == "/orders/9"
+    assert len(claims["jti"]) >= 22 and claims["jti"] != rec["request_id"]
     assert claims["route"] == "prod" and claims["policy_sha256"] == rec["policy_sha256"]
     assert claims["iss"] == "spiffe://example.org/ns/edge/sa/spiffe-pep"
     assert 0 < claims["exp"] - claims["iat"] <= 60
@@ -320,3 +322,27 @@ async def test_signed_assertion_verifies_with_served_jwks(
         jwt.decode(old, key, algorithms=["ES256"], audience="app")
     with pytest.raises(jwt.InvalidAudienceError):
         jwt.decode(token, key, algorithms=["ES256"], audience="another-app")
+
+
+async def test_assertion_replayed_to_another_path_or_method_is_detectable(
+    nursery: trio.Nursery, tmp_path: Path, pki: Pki
+) -> None:
+    # Two requests with the same client-chosen request id: each assertion names its own
+    # method and path and carries its own jti, so one cannot stand in for the other.
+    px = await start(
+        nursery,
+        tmp_path,
+        pki,
+        app_options="assertion: {header: X-Spiffe-Pep-Assertion, ttl: 30s}, ",
+    )
+    seen = []
+    for args in (["/orders/1"], ["/orders/2", "-X", "DELETE"]):
+        r = await curl(px, args[0], "-H", "X-Request-Id: same-id", *args[1:])
+        (token,) = upstream_headers(r)["x-spiffe-pep-assertion"]
+        seen.append(jwt.decode(token, options={"verify_signature": False}))
+    assert [(c["method"], c["path"]) for c in seen] == [
+        ("GET", "/orders/1"),
+        ("DELETE", "/orders/2"),
+    ]
+    assert seen[0]["request_id"] == seen[1]["request_id"] == "same-id"
+    assert seen[0]["jti"] != seen[1]["jti"]
