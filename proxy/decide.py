@@ -36,13 +36,14 @@ def decide(
     *,
     token: str | None = None,
     origin: SpiffeId | None = None,
+    origin_sha256: str | None = None,
     authorities: JwtAuthorities | None = None,
     upstreams: Mapping[str, UpstreamRules] | None = None,
 ) -> Verdict:
     decision = evaluate(
         policy,
         caller,
-        Request(request.method, request.host, request.path, token, origin),
+        Request(request.method, request.host, request.path, token, origin, origin_sha256),
         now,
         authorities,
     )

@@ -80,23 +80,35 @@ class PeerHeaders:
             self._client_cert = tuple(out)
         return self._client_cert
 
-    def inbound_origin(self, request: CanonicalRequest) -> tuple[str | None, SpiffeId | None]:
-        """A trusted forwarder's XFCC and the origin it names (its first element's URI).
-        From any other peer, XFCC never counts: (None, None). Raises ``Refused``-style
-        ``Refusal`` values through ``OriginRefused``."""
+    def inbound_origin(self, request: CanonicalRequest) -> Origin:
+        """A trusted forwarder's XFCC, the origin it names (its first element's URI) and
+        that element's ``Hash`` (the origin's leaf). From any other peer, XFCC never
+        counts. An XFCC that cannot be read raises ``OriginRefused``."""
         if request.xfcc is None or not self.trusted_forwarder:
-            return None, None
+            return Origin()
         try:
             elements = xfcc.parse(request.xfcc)
         except XfccError as exc:
             raise OriginRefused(Refusal(400, "malformed_xfcc", str(exc))) from exc
-        uri = xfcc.first_uri(elements[0])
+        first = elements[0]
+        digest = next((v for k, v in first if k == "Hash"), None)
+        sha256 = digest.lower().replace(":", "") if digest else None
+        uri = xfcc.first_uri(first)
         if uri is None:
-            return request.xfcc, None
+            return Origin(request.xfcc, None, sha256)
         try:
-            return request.xfcc, SpiffeId.parse(uri)
+            return Origin(request.xfcc, SpiffeId.parse(uri), sha256)
         except SpiffeIdError as exc:
             raise OriginRefused(Refusal(400, "xfcc_origin_not_a_spiffe_id", str(exc))) from exc
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """What a trusted forwarder says of the request's origin."""
+
+    xfcc: str | None = None
+    spiffe_id: SpiffeId | None = None
+    sha256: str | None = None
 
 
 class OriginRefused(Exception):

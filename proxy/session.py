@@ -299,9 +299,10 @@ class HttpSession:
             if request.dropped:
                 extra["dropped_headers"] = ",".join(n.decode("latin-1") for n in request.dropped)
             try:
-                inbound_xfcc, origin = self.identity.inbound_origin(request)
+                hop = self.identity.inbound_origin(request)
             except OriginRefused as exc:
                 raise HttpError(exc.refusal.status, exc.refusal.reason, exc.refusal.detail) from exc
+            origin = hop.spiffe_id
             ex.origin = str(origin) if origin else None
             verdict = decide(
                 policy,
@@ -310,6 +311,7 @@ class HttpSession:
                 started,
                 token=_bearer_token(request.headers, policy.jwt_header),
                 origin=origin,
+                origin_sha256=hop.sha256,
                 authorities=self.rt.credentials.jwt_authorities,
                 upstreams=self.rt.upstream_rules,
             )
@@ -329,7 +331,7 @@ class HttpSession:
                 ex.status = 403
                 await self.reply_error(403, ex.reason, rid, close=request.has_body)
                 return not request.has_body
-            fwd = exchange.Forward(self, request, decision, ex, inbound_xfcc, origin, policy)
+            fwd = exchange.Forward(self, request, decision, ex, hop.xfcc, origin, policy)
             if exchange.upgrade_protocol(request.headers) is not None:
                 await exchange.upgrade(fwd)
                 return False

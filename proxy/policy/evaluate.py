@@ -56,6 +56,7 @@ class Request:
     path: str
     token: str | None = None
     origin: SpiffeId | None = None  # from a trusted forwarder's XFCC, never from anyone else
+    origin_sha256: str | None = None  # the Hash of that XFCC element (the origin's leaf)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,8 +95,11 @@ def evaluate(
         str(peer) in policy.revoked_ids or (origin and str(origin) in policy.revoked_ids)
     ):
         return Decision(False, REVOKED_ID, rule="revoked.ids")
-    if policy.revoked_sha256 and caller.fingerprint in policy.revoked_sha256:
-        return Decision(False, REVOKED_CERT, rule="revoked.cert_sha256")
+    if policy.revoked_sha256:
+        if caller.fingerprint in policy.revoked_sha256:
+            return Decision(False, REVOKED_CERT, rule="revoked.cert_sha256")
+        if request.origin_sha256 in policy.revoked_sha256:
+            return Decision(False, REVOKED_CERT, rule="revoked.cert_sha256 (origin)")
     if now > caller.not_after:
         return Decision(False, CERT_EXPIRED)
     route = policy.route_for(request.method, request.host, request.path)

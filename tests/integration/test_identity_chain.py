@@ -24,6 +24,7 @@ from proxy import demo_upstream, xfcc
 from proxy.devcerts import issue_svid
 from tests.conftest import CLIENT_ID, Pki
 from tests.integration.harness import (
+    POLICY,
     Proxy,
     curl,
     free_port,
@@ -346,3 +347,26 @@ async def test_assertion_replayed_to_another_path_or_method_is_detectable(
     ]
     assert seen[0]["request_id"] == seen[1]["request_id"] == "same-id"
     assert seen[0]["jti"] != seen[1]["jti"]
+
+
+async def test_revoked_origin_certificate_behind_a_trusted_hop_is_denied(
+    nursery: trio.Nursery, tmp_path: Path, pki: Pki
+) -> None:
+    # The origin's leaf is revoked by fingerprint; it must not get through by being
+    # relayed by a trusted hop (whose own leaf is fine).
+    revoked = "ab" * 32
+    policy = POLICY.replace("routes:", f'revoked: {{cert_sha256: ["{revoked}"]}}\nroutes:', 1)
+    px = await start(
+        nursery,
+        tmp_path,
+        pki,
+        policy=policy,
+        identity_headers='xfcc: append_forward\ntrusted_forwarders: ["spiffe://example.org/ns/prod/*"]',
+    )
+    origin = "spiffe://example.org/ns/prod/sa/o"
+    r = await curl(px, "/x", "-H", f"X-Forwarded-Client-Cert: Hash={revoked.upper()};URI={origin}")
+    assert r.status == 403
+    assert px.decisions()[-1]["reason"] == "certificate_revoked"
+    assert px.decisions()[-1]["rule"] == "revoked.cert_sha256 (origin)"
+    r = await curl(px, "/x", "-H", f"X-Forwarded-Client-Cert: Hash={'cd' * 32};URI={origin}")
+    assert r.status == 200
