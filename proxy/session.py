@@ -17,6 +17,7 @@ import contextlib
 import datetime as dt
 import json
 import time
+import traceback
 
 import h11
 import trio
@@ -56,6 +57,7 @@ _ERRORS = {
     403: ("forbidden", "the caller is not authorized for this request"),
     405: ("method_not_allowed", "this method is not supported"),
     408: ("request_timeout", "the request was not received in time"),
+    500: ("internal_error", "the proxy failed to serve this request"),
     413: ("payload_too_large", "the request body is too large"),
     431: ("request_header_fields_too_large", "the request head is too large"),
     501: ("not_implemented", "the request uses an unsupported feature"),
@@ -172,7 +174,7 @@ class HttpSession:
                         return None
             except trio.TooSlowError:
                 if started:
-                    await self.reply_error(408, "request_head_timeout", "-", close=True)
+                    await self._refuse_head(408, "request_head_timeout")
                 return None
             if not started:
                 started = True
@@ -250,21 +252,30 @@ class HttpSession:
     async def _malformed(self, exc: h11.RemoteProtocolError) -> None:
         status = exc.error_status_hint
         reason = "request_head_too_large" if status == 431 else "malformed_request"
+        await self._refuse_head(status, reason, str(exc))
+
+    async def _refuse_head(self, status: int, reason: str, detail: str = "") -> None:
+        """A request whose head could not be read: answered, logged, connection closed."""
         ex = audit.Exchange(
             request_id=headers.request_id([]),
             peer_addr=self.peer_addr,
             reason=reason,
             status=status,
         )
-        await self.reply_error(status, reason, ex.request_id, close=True)
-        self._log(
-            ex, dt.datetime.now(dt.UTC), time.perf_counter(), self.rt.policy.sha256, detail=str(exc)
-        )
+        started, t0 = dt.datetime.now(dt.UTC), time.perf_counter()
+        try:
+            await self.reply_error(status, reason, ex.request_id, close=True)
+        finally:
+            extra = {"detail": detail} if detail else {}
+            self._log(ex, started, t0, self.rt.policy.sha256, **extra)
 
     def _log(
         self, ex: audit.Exchange, started: dt.datetime, t0: float, policy_sha256: str, **extra: str
     ) -> None:
         elapsed = time.perf_counter() - t0
+        if ex.status == 0:
+            # Nothing was answered: the client left (nginx's 499) or the proxy failed.
+            ex.status = 499 if ex.reason == "client_gone" else 500
         record = audit.build_record(ex, self.peer, policy_sha256, started, elapsed)
         record.update(extra)
         self.rt.decisions.write(record)
@@ -360,5 +371,18 @@ class HttpSession:
             if ex.reason in ("", ALLOWED):
                 ex.reason = "client_gone"
             raise
+        except Exception as exc:
+            # A bug, not the client's fault: answer 500 if nothing was sent yet, keep the
+            # traceback for the event log, and close (the connection's state is unknown).
+            ex.status, ex.reason = 500, "internal_error"
+            self.rt.events.event(
+                "internal_error",
+                request_id=rid,
+                error=repr(exc),
+                traceback=traceback.format_exc(),
+            )
+            with contextlib.suppress(Exception):
+                await self.reply_error(500, ex.reason, rid, close=True)
+            return False
         finally:
             self._log(ex, started, t0, policy.sha256, **extra)

@@ -14,7 +14,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
+import pytest
 import trio
 
 from tests.conftest import Pki
@@ -196,3 +198,53 @@ async def test_thousand_bad_handshakes_do_not_disturb_valid_clients(
     refused = [e for e in proxy.events() if e["event"] == "tls_handshake_failed"]
     assert len(refused) == 1000
     assert {e["reason"] for e in refused} == {"chain_not_verified"}
+
+
+async def test_a_bug_while_serving_is_answered_500_and_logged(
+    nursery: trio.Nursery, tmp_path: Path, pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Fault injection: the rewrite stage fails as a bug would. The client still gets an
+    # answer, the decision log a line, the event log the traceback; the proxy lives on.
+    from proxy import rewrite
+
+    real = rewrite.upstream_head
+
+    def broken(request: Any, *args: Any, **kwargs: Any) -> Any:
+        if request.path == "/bug":
+            raise RuntimeError("injected fault")
+        return real(request, *args, **kwargs)
+
+    monkeypatch.setattr(rewrite, "upstream_head", broken)
+    proxy, upstream = await start_recording(nursery, tmp_path, pki)
+    r = await curl(proxy, "/bug")
+    assert r.status == 500 and r.json()["error"] == "internal_error"
+    await wait_until(proxy.decisions)
+    (line,) = proxy.decisions()
+    assert (line["decision"], line["status"], line["reason"]) == ("allow", 500, "internal_error")
+    (event,) = [e for e in proxy.events() if e["event"] == "internal_error"]
+    assert "injected fault" in event["traceback"] and event["request_id"] == line["request_id"]
+    assert upstream.requests == []
+    assert (await curl(proxy, "/orders")).status == 200
+
+
+async def test_no_decision_line_says_allow_with_status_0(
+    nursery: trio.Nursery, tmp_path: Path, pki: Pki
+) -> None:
+    # A client that sends an allowed request and vanishes before the answer: the line
+    # says what happened (499, client_gone), not "allow" with status 0.
+    proxy, _ = await start_recording(nursery, tmp_path, pki)
+    ctx = tls_client(pki, "client")
+
+    def send_and_vanish() -> None:
+        with (
+            socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as raw,
+            ctx.wrap_socket(raw, server_hostname="localhost") as s,
+        ):
+            s.sendall(b"POST /orders HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\nab")
+            time.sleep(0.3)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    await trio.to_thread.run_sync(send_and_vanish)
+    await wait_until(proxy.decisions)
+    (line,) = proxy.decisions()
+    assert line["reason"] == "client_gone" and line["status"] == 499

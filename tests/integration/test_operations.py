@@ -14,7 +14,16 @@ import trio
 
 from proxy import demo_upstream
 from tests.conftest import Pki
-from tests.integration.harness import Proxy, curl, raw, start, statuses, tls_client, write_config
+from tests.integration.harness import (
+    Proxy,
+    curl,
+    raw,
+    start,
+    statuses,
+    tls_client,
+    wait_until,
+    write_config,
+)
 
 LIMITS = "timeouts: {request_head: 1s, upstream_response: 5s}\nlimits: {max_connections: 3, max_body_bytes: 1KiB}\n"
 
@@ -42,6 +51,11 @@ async def test_slowloris_gets_408_and_others_are_served(proxy: Proxy) -> None:
         await trio.sleep(0.2)
         assert (await curl(proxy, "/orders")).status == 200
     assert statuses(results[0]) == [408]
+    # The 408 is a decision line like any other answer, with a real request id.
+    await wait_until(lambda: any(d["status"] == 408 for d in proxy.decisions()))
+    (line,) = [d for d in proxy.decisions() if d["status"] == 408]
+    assert line["reason"] == "request_head_timeout" and line["decision"] == "error"
+    assert line["request_id"] != "-" and line["request_id"].encode() in results[0]
 
 
 def _open_idle_tls(port: int, ctx: ssl.SSLContext) -> ssl.SSLSocket:
