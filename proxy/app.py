@@ -153,6 +153,7 @@ class CredentialReloader:
             return False
         old = rt.credentials
         rt.credentials = creds
+        rt.trust_changed()
         rt.metrics.credential_reloads.labels(result="ok").inc()
         rt.metrics.set_credentials(creds)
         rt.events.event(
@@ -197,6 +198,7 @@ class PolicyReloader:
             return self._failed(trigger, exc.location, exc.message, sha256=sha, errors=errors)
         old = rt.policy
         rt.policy = policy
+        rt.trust_changed()
         rt.policy_loaded_at = dt.datetime.now(dt.UTC)
         self._rejected = None
         rt.metrics.policy_reloads.labels(result="ok").inc()

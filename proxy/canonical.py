@@ -33,6 +33,8 @@ Rules, each with its reason code:
   X-Request-Id, Expect) is removed in every spelling: names are compared lower-cased with
   ``_`` read as ``-``; so are method-override, request-rewriting and forwarding headers
   the proxy does not set itself (``Rules.remove``, configurable);
+- ``Connection: upgrade``: only to a protocol in ``Rules.upgrades`` (``websocket`` by
+  default; ``h2c`` and unknown tokens get ``upgrade_not_allowed``);
 - framing: Content-Length with Transfer-Encoding is refused
   (``content_length_with_transfer_encoding``); a head larger than the limit gets 431, a
   declared body larger than the limit 413.
@@ -122,6 +124,7 @@ class Rules:
     path_params: bool = False  # some upstream keeps ;parameters
     max_header_bytes: int = 64 * 1024
     max_body_bytes: int | None = None
+    upgrades: frozenset[bytes] = frozenset({b"websocket"})  # protocols an Upgrade may name
     always: frozenset[bytes] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -204,6 +207,8 @@ def _build(
     xff: list[bytes] = []
     length: bytes | None = None
     chunked = False
+    connection: list[bytes] = []
+    upgrade: list[bytes] = []
     always = rules.always
     for name, value in headers:
         if name == b"host":
@@ -213,6 +218,10 @@ def _build(
             length = value
         elif name == b"transfer-encoding":
             chunked = True
+        elif name == b"connection":
+            connection += [t.strip().lower() for t in value.split(b",")]
+        elif name == b"upgrade":
+            upgrade += [t.strip().lower() for t in value.split(b",")]
         if b"_" in name:
             if rules.underscores == "refuse":
                 raise Refused(400, "underscore_in_header_name", name.decode("ascii", "replace"))
@@ -236,6 +245,9 @@ def _build(
         raise Refused(413, "request_body_too_large")
     if len(hosts) > 1:
         raise Refused(400, "duplicate_host")
+    if b"upgrade" in connection and not (upgrade and rules.upgrades.issuperset(upgrade)):
+        # h2c would take the connection past the HTTP/1.1 parser that judges requests.
+        raise Refused(400, "upgrade_not_allowed", b",".join(upgrade).decode("latin-1"))
     host, port = parse_host(hosts[0]) if hosts else ("", None)
     path, forward, query, authority, params = parse_target(method, target, rules.path_params)
     # Absolute-form: the target's authority wins (RFC 9112 section 3.2.2), but the

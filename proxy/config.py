@@ -59,6 +59,7 @@ class HttpRules:
 
     underscores_in_headers: str = "drop"  # drop | pass | refuse
     remove_headers: tuple[str, ...] = canonical.DEFAULT_REMOVE
+    upgrade_protocols: tuple[str, ...] = ("websocket",)
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class Timeouts:
     upstream_connect: float = 5.0
     upstream_response: float = 30.0
     drain: float = 30.0
+    tunnel_idle: float = 600.0  # an Upgrade tunnel with no byte either way is closed
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,7 @@ class Config:
             path_params=any(u.path_params for u in self.upstreams.values()),
             max_header_bytes=self.limits.max_header_bytes,
             max_body_bytes=self.limits.max_body_bytes,
+            upgrades=frozenset(p.lower().encode("ascii") for p in self.http.upgrade_protocols),
         )
 
     def upstream_rules(self) -> dict[str, canonical.UpstreamRules]:
@@ -236,7 +239,9 @@ def _http(r: Reader, value: Any) -> HttpRules:
     if value is None:
         return HttpRules()
     base: DataPath = ("http",)
-    h = r.mapping(value, base, optional=["underscores_in_headers", "remove_headers"])
+    h = r.mapping(
+        value, base, optional=["underscores_in_headers", "remove_headers", "upgrade_protocols"]
+    )
     mode = h.get("underscores_in_headers", "drop")
     if mode not in canonical.UNDERSCORES:
         raise r.fail(
@@ -248,7 +253,12 @@ def _http(r: Reader, value: Any) -> HttpRules:
         where: DataPath = (*base, "remove_headers")
         items = r.string_list(h["remove_headers"], where, allow_empty=True)
         remove = tuple(_header_name(r, name, (*where, i)) for i, name in enumerate(items))
-    return HttpRules(str(mode), remove)
+    upgrades: tuple[str, ...] = ("websocket",)
+    if "upgrade_protocols" in h:
+        where = (*base, "upgrade_protocols")
+        items = r.string_list(h["upgrade_protocols"], where, allow_empty=True)
+        upgrades = tuple(_header_name(r, p, (*where, i)) for i, p in enumerate(items))
+    return HttpRules(str(mode), remove, upgrades)
 
 
 def _identity_headers(r: Reader, value: Any) -> IdentityHeaders:

@@ -6,6 +6,7 @@ module only moves bytes (pooled upstream connections, body pumps both ways).
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -19,7 +20,6 @@ from proxy.errors import ClientGone, HttpError, UpstreamError
 from proxy.forward import UpstreamConnection
 from proxy.policy.evaluate import Decision
 from proxy.policy.model import Policy, Route
-from proxy.spiffe_id import SpiffeId
 from proxy.tls_stream import TLSError
 
 if TYPE_CHECKING:
@@ -50,8 +50,7 @@ class Forward:
     request: CanonicalRequest
     decision: Decision
     ex: audit.Exchange
-    inbound_xfcc: str | None
-    origin: SpiffeId | None
+    hop: rewrite.Origin
     policy: Policy
 
     @property
@@ -65,8 +64,8 @@ class Forward:
         fwd = rewrite.Forwarding(
             request_id=self.ex.request_id,
             peer_ip=self.client.peer_ip,
-            origin=self.origin,
-            inbound_xfcc=self.inbound_xfcc,
+            origin=self.hop.spiffe_id,
+            inbound_xfcc=self.hop.xfcc,
             policy_sha256=self.policy.sha256,
             now=time.time(),
         )
@@ -224,7 +223,7 @@ async def upgrade(f: Forward) -> None:
                 (headers.REQUEST_ID, ex.request_id.encode("ascii")),
             ]
             await client.send(h11.InformationalResponse(status_code=101, headers=back))
-            await _pump(client, conn, ex)
+            await _pump(f, conn)
             return
         if not isinstance(response, h11.Response):
             raise UpstreamError(502, "upstream_bad_response", repr(response))
@@ -255,10 +254,13 @@ async def upgrade(f: Forward) -> None:
 _BROKEN = (TLSError, trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
-async def _pump(client: HttpSession, conn: UpstreamConnection, ex: audit.Exchange) -> None:
-    """Bytes both ways until either side closes; then both close."""
+async def _pump(f: Forward, conn: UpstreamConnection) -> None:
+    """Bytes both ways until either side closes, the tunnel idles past
+    ``timeouts.tunnel_idle``, or its caller is no longer allowed; then both close."""
+    client, ex = f.client, f.ex
     client_early, _ = client.h.trailing_data
     upstream_early, _ = conn.h11.trailing_data
+    last = [trio.current_time()]
 
     async def up(cancel: trio.CancelScope) -> None:
         with contextlib.suppress(*_BROKEN):
@@ -269,6 +271,7 @@ async def _pump(client: HttpSession, conn: UpstreamConnection, ex: audit.Exchang
                 data = await client.tls.receive_some()
                 if not data:
                     break
+                last[0] = trio.current_time()
                 ex.bytes_in += len(data)
                 await conn.stream.send_all(data)
         cancel.cancel()
@@ -283,6 +286,7 @@ async def _pump(client: HttpSession, conn: UpstreamConnection, ex: audit.Exchang
                 data = await conn.stream.receive_some(65536)
                 if not data:
                     break
+                last[0] = trio.current_time()
                 ex.bytes_out += len(data)
                 await client.tls.send_all(data)
         cancel.cancel()
@@ -290,3 +294,36 @@ async def _pump(client: HttpSession, conn: UpstreamConnection, ex: audit.Exchang
     async with trio.open_nursery() as n:
         n.start_soon(up, n.cancel_scope)
         n.start_soon(down, n.cancel_scope)
+        n.start_soon(_guard, f, last, n.cancel_scope)
+
+
+async def _guard(f: Forward, last: list[float], cancel: trio.CancelScope) -> None:
+    """Re-evaluate a tunnel's caller whenever the policy or the credentials change and
+    at its certificate's expiry; close the tunnel when it idles too long."""
+    client, rt = f.client, f.client.rt
+    idle = rt.config.timeouts.tunnel_idle
+    expires = (
+        trio.current_time() + (client.peer.not_after - dt.datetime.now(dt.UTC)).total_seconds()
+    )
+    while True:
+        changed = rt.changed
+        with trio.move_on_at(min(expires + 0.001, last[0] + idle)):
+            await changed.wait()
+        reason = client.still_trusted()
+        if reason is None:
+            verdict = client.verdict(f.request, f.hop, rt.policy, dt.datetime.now(dt.UTC))
+            if not verdict.forward:
+                reason = verdict.refusal.reason if verdict.refusal else verdict.decision.reason
+        if reason is None and trio.current_time() >= last[0] + idle:
+            reason = "tunnel_idle_timeout"
+        if reason is not None:
+            f.ex.reason = reason
+            rt.events.event(
+                "tunnel_closed",
+                request_id=f.ex.request_id,
+                spiffe_id=str(client.peer.spiffe_id),
+                reason=reason,
+                policy_sha256=rt.policy.sha256,
+            )
+            cancel.cancel()
+            return

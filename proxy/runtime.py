@@ -40,9 +40,17 @@ class Runtime:
     # Sessions waiting for a next request: cancelled at drain so idle keep-alives close.
     idle_scopes: set[trio.CancelScope] = field(default_factory=set)
 
+    # Set (and replaced) whenever the policy or the credentials change: open tunnels wait
+    # on it to re-evaluate their caller.
+    changed: trio.Event = field(default_factory=trio.Event)
     rules: canonical.Rules = field(init=False)
     upstream_rules: dict[str, canonical.UpstreamRules] = field(init=False)
 
     def __post_init__(self) -> None:
         self.rules = self.config.canonical_rules()
         self.upstream_rules = self.config.upstream_rules()
+
+    def trust_changed(self) -> None:
+        """The policy or the credentials were swapped: wake whoever re-evaluates."""
+        changed, self.changed = self.changed, trio.Event()
+        changed.set()

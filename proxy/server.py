@@ -5,17 +5,15 @@ X.509-SVID check; a verified peer's connection then goes to ``session.HttpSessio
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import socket
-import time
 
 import trio
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL
 
 from proxy import proxyproto, svid
 from proxy.errors import SvidError
+from proxy.peer import verified_peer
 from proxy.runtime import Runtime
 from proxy.session import HttpSession
 from proxy.tls import Credentials
@@ -88,9 +86,10 @@ async def handle_connection(rt: Runtime, stream: trio.SocketStream) -> None:
     tls = TLSStream(stream, conn)
     rt.metrics.open_connections.inc()
     try:
-        peer = await _handshake(rt, creds, tls, peer_addr)
-        if peer is not None:
-            session = HttpSession(rt, tls, peer, peer_ip, peer_addr)
+        verified = await _handshake(rt, creds, tls, peer_addr)
+        if verified is not None:
+            peer, chain = verified
+            session = HttpSession(rt, tls, peer, peer_ip, peer_addr, chain, creds)
             await session.run()
             if session.truncated:
                 await tls.abort()
@@ -113,7 +112,8 @@ def _handshake_failed(rt: Runtime, reason: str, peer_addr: str, **fields: object
 
 async def _handshake(
     rt: Runtime, creds: Credentials, tls: TLSStream, peer_addr: str
-) -> svid.PeerSvid | None:
+) -> tuple[svid.PeerSvid, list[x509.Certificate]] | None:
+    """The verified peer and the chain it presented, or None (logged) on failure."""
     try:
         with trio.fail_after(rt.config.timeouts.handshake):
             await tls.do_handshake()
@@ -140,7 +140,7 @@ async def _handshake(
         if cert not in chain:
             chain.append(cert)
     try:
-        return _verified_peer(creds, chain)
+        return verified_peer(creds, chain), chain
     except SvidError as exc:
         _handshake_failed(
             rt,
@@ -151,29 +151,3 @@ async def _handshake(
             claimed_ids=svid.uri_sans(leaf) if leaf is not None else [],
         )
         return None
-
-
-_PEER_CACHE_MAX = 4096
-_PEER_CACHE_TTL = 300.0
-
-
-def _verified_peer(creds: Credentials, chain: list[x509.Certificate]) -> svid.PeerSvid:
-    """``svid.verify_peer``, remembered for a chain seen before: clients reconnect with the
-    same SVID over and over, and path validation is the dearest part of a handshake after
-    the key exchange. An entry is only used with the trust store it was verified against
-    (the cache belongs to the credentials), within the validity of every certificate of
-    the chain, and for at most five minutes; revocation and expiry stay per request."""
-    now = time.time()
-    key = tuple(c.public_bytes(Encoding.DER) for c in chain)
-    hit = creds.peer_cache.get(key)
-    if hit is not None:
-        peer, valid_until = hit
-        if now < valid_until and peer.not_before.timestamp() <= now:
-            return peer  # type: ignore[no-any-return]
-        del creds.peer_cache[key]
-    peer = svid.verify_peer(chain, creds.trust, dt.datetime.fromtimestamp(now, dt.UTC))
-    valid_until = min(now + _PEER_CACHE_TTL, *(c.not_valid_after_utc.timestamp() for c in chain))
-    if len(creds.peer_cache) >= _PEER_CACHE_MAX:
-        del creds.peer_cache[next(iter(creds.peer_cache))]  # the oldest entry
-    creds.peer_cache[key] = (peer, valid_until)
-    return peer

@@ -21,14 +21,18 @@ import traceback
 
 import h11
 import trio
+from cryptography import x509
 
 from proxy import audit, canonical, exchange, headers, http1, svid
 from proxy.canonical import CanonicalRequest, Refusal
-from proxy.decide import decide
-from proxy.errors import ClientGone, HttpError, UpstreamError
+from proxy.decide import Verdict, decide
+from proxy.errors import ClientGone, HttpError, SvidError, UpstreamError
+from proxy.peer import verified_peer
 from proxy.policy.evaluate import ALLOWED
-from proxy.rewrite import OriginRefused, PeerHeaders
+from proxy.policy.model import Policy
+from proxy.rewrite import Origin, OriginRefused, PeerHeaders
 from proxy.runtime import Runtime
+from proxy.tls import Credentials
 from proxy.tls_stream import TLSError, TLSStream
 
 _OUT_HIGH_WATER = 64 * 1024  # buffered response bytes are written out at least this often
@@ -72,11 +76,22 @@ class HttpSession:
     responses, and runs each request through the stages."""
 
     def __init__(
-        self, rt: Runtime, tls: TLSStream, peer: svid.PeerSvid, peer_ip: str, peer_addr: str
+        self,
+        rt: Runtime,
+        tls: TLSStream,
+        peer: svid.PeerSvid,
+        peer_ip: str,
+        peer_addr: str,
+        chain: list[x509.Certificate] | None = None,
+        creds: Credentials | None = None,
     ) -> None:
         self.rt = rt
         self.tls = tls
         self.peer = peer
+        # What the peer presented and the credentials it was verified under: after a
+        # rotation or bundle change the chain is verified again before the next request.
+        self.chain = chain or [peer.leaf]
+        self.creds = creds or rt.credentials
         self.peer_ip = peer_ip
         self.peer_addr = peer_addr
         self.h = http1.new_server_connection(rt.config.limits.max_header_bytes)
@@ -283,6 +298,45 @@ class HttpSession:
             record["route"] or "", ex.outcome, ex.reason, record["mode"], elapsed
         )
 
+    def still_trusted(self) -> str | None:
+        """None while the peer verifies against the trust store in force (checked again
+        only after the credentials or bundles changed), else the reason it no longer
+        does; the connection must then close."""
+        creds = self.rt.credentials
+        if creds is self.creds:
+            return None
+        try:
+            peer = verified_peer(creds, self.chain)
+        except SvidError as exc:
+            self.rt.events.event(
+                "peer_no_longer_trusted",
+                peer_addr=self.peer_addr,
+                spiffe_id=str(self.peer.spiffe_id),
+                leaf_sha256=self.peer.fingerprint,
+                reason=exc.reason,
+                detail=exc.detail,
+            )
+            self.rt.metrics.handshake_failures.labels(reason="peer_no_longer_trusted").inc()
+            return "peer_no_longer_trusted"
+        self.creds, self.peer = creds, peer
+        return None
+
+    def verdict(
+        self, request: CanonicalRequest, hop: Origin, policy: Policy, now: dt.datetime
+    ) -> Verdict:
+        """Stage 2: the policy's verdict on the canonical request, for this peer."""
+        return decide(
+            policy,
+            self.peer,
+            request,
+            now,
+            token=_bearer_token(request.headers, policy.jwt_header),
+            origin=hop.spiffe_id,
+            origin_sha256=hop.sha256,
+            authorities=self.rt.credentials.jwt_authorities,
+            upstreams=self.rt.upstream_rules,
+        )
+
     def canonical(self, req: h11.Request, hdrs: headers.Headers) -> CanonicalRequest:
         """Stage 1: the canonical request, or an ``HttpError`` carrying the refusal."""
         result = canonical.build(req.method, req.target, hdrs, self.rt.rules, req.http_version)
@@ -305,6 +359,9 @@ class HttpSession:
         policy = self.rt.policy
         extra: dict[str, str] = {}
         try:
+            lost = self.still_trusted()
+            if lost is not None:
+                raise HttpError(403, lost)
             request = self.canonical(req, hdrs)
             ex.host, ex.path = request.host, request.path
             if request.dropped:
@@ -315,17 +372,7 @@ class HttpSession:
                 raise HttpError(exc.refusal.status, exc.refusal.reason, exc.refusal.detail) from exc
             origin = hop.spiffe_id
             ex.origin = str(origin) if origin else None
-            verdict = decide(
-                policy,
-                self.peer,
-                request,
-                started,
-                token=_bearer_token(request.headers, policy.jwt_header),
-                origin=origin,
-                origin_sha256=hop.sha256,
-                authorities=self.rt.credentials.jwt_authorities,
-                upstreams=self.rt.upstream_rules,
-            )
+            verdict = self.verdict(request, hop, policy, started)
             ex.decision = decision = verdict.decision
             ex.outcome = audit.ALLOW if decision.allowed else audit.DENY
             ex.reason = decision.reason
@@ -342,7 +389,7 @@ class HttpSession:
                 ex.status = 403
                 await self.reply_error(403, ex.reason, rid, close=request.has_body)
                 return not request.has_body
-            fwd = exchange.Forward(self, request, decision, ex, hop.xfcc, origin, policy)
+            fwd = exchange.Forward(self, request, decision, ex, hop, policy)
             if exchange.upgrade_protocol(request.headers) is not None:
                 await exchange.upgrade(fwd)
                 return False
