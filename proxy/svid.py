@@ -71,14 +71,20 @@ class PathValidator(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class PeerSvid:
-    """A verified peer: its SPIFFE ID and the facts about its leaf the log records."""
+    """A verified peer: its SPIFFE ID and the facts about its leaf the log records.
+
+    ``chain`` is the path that validation built: the leaf, then the intermediates up to,
+    not including, the trust anchor. Certificates the peer sent that are not on that path
+    (an appended self-signed CA, a stray intermediate) are not in it, so nothing forwarded
+    from it (XFCC ``Chain``, RFC 9440 ``Client-Cert-Chain``) carries what was not verified.
+    """
 
     spiffe_id: SpiffeId
     leaf: x509.Certificate
     fingerprint: str
     not_before: dt.datetime
     not_after: dt.datetime
-    chain: tuple[x509.Certificate, ...] = ()  # as presented: leaf, then intermediates
+    chain: tuple[x509.Certificate, ...] = ()
 
 
 def fingerprint(cert: x509.Certificate) -> str:
@@ -232,5 +238,5 @@ def verify_peer(
         fingerprint(leaf),
         leaf.not_valid_before_utc,
         leaf.not_valid_after_utc,
-        tuple(chain),
+        tuple(verified[:-1]) or (leaf,),
     )

@@ -272,3 +272,24 @@ def test_signing_cert_with_path_rejected(world: World) -> None:
     with pytest.raises(SvidError) as exc:
         svid.verify_peer([leaf.cert, rogue_int], world.store, NOW)
     assert exc.value.reason == svid.BAD_SIGNING_CERT
+
+
+@pytest.mark.parametrize(
+    ("extra", "anchor_on_intermediate"),
+    [("rogue_ca", False), ("stray_intermediate", False), ("rogue_ca", True)],
+    ids=["appended_rogue_ca", "appended_stray_intermediate", "bundle_anchored_on_intermediate"],
+)
+def test_peer_chain_is_the_verified_path_not_what_was_sent(
+    world: World, extra: str, anchor_on_intermediate: bool
+) -> None:
+    issued = good(world)
+    appended = (
+        issue_ca("a.org", common_name="rogue appended CA").cert
+        if extra == "rogue_ca"
+        else issue_ca("a.org", parent=world.root_a, common_name="stray").cert
+    )
+    store = TrustStore({A: Bundle(A, (world.int_a.cert,))}) if anchor_on_intermediate else None
+    peer = svid.verify_peer([*world.chain(issued), appended], store or world.store, NOW)
+    # Leaf, then intermediates up to, not including, the trust anchor.
+    expected = (issued.cert,) if anchor_on_intermediate else (issued.cert, world.int_a.cert)
+    assert peer.chain == expected
