@@ -365,8 +365,12 @@ async def serve(
             async with trio.open_nursery() as accepting:
                 admin_port = None
                 if cfg.admin is not None:
+                    # The Host names it answers to: loopback (and the address it is reached
+                    # on). More names need a configuration key (not in config.py yet).
                     admin_port = await accepting.start(
-                        admin.serve_admin, *cfg.admin, admin_routes(rt)
+                        functools.partial(admin.serve_admin, allowed_hosts=admin.LOOPBACK_HOSTS),
+                        *cfg.admin,
+                        admin_routes(rt),
                     )
                 rt.events.event(
                     "listening",
