@@ -6,8 +6,10 @@ Order of checks: chain present; exactly one URI SAN; a valid SPIFFE ID with a pa
 leaf not a CA; key usage present with digitalSignature and without keyCertSign or
 cRLSign; leaf valid at ``now``; keys and signatures of the presented chain strong
 enough; path validation against the bundle of the trust domain named in the leaf's own
-ID (never another trusted bundle); every signing certificate in the verified path is a
-CA with keyCertSign whose SPIFFE ID, if any, has no path, and has a strong key.
+ID (never another trusted bundle); every signing certificate in the verified path
+(intermediates and trust anchor) is a CA with a key usage extension (X509-SVID section
+4.3: it MUST be present; OpenSSL's path validation takes an absent one as "any use")
+holding keyCertSign, whose SPIFFE ID, if any, has no path, and has a strong key.
 
 "Strong enough" is policy beyond the SPIFFE spec, as in every TLS stack's defaults
 (OpenSSL security level 2, the CA/Browser Forum): RSA of at least 2048 bits, EC on
@@ -46,6 +48,7 @@ NO_BUNDLE = "no_bundle_for_trust_domain"
 EMPTY_BUNDLE = "bundle_has_no_x509_authorities"
 UNTRUSTED = "chain_not_verified"
 BAD_SIGNING_CERT = "invalid_signing_certificate"
+SIGNING_NO_KEY_USAGE = "signing_certificate_missing_key_usage"
 WEAK_KEY = "weak_key"
 WEAK_SIGNATURE = "weak_signature_algorithm"
 
@@ -192,13 +195,18 @@ def check_signature_algorithm(cert: x509.Certificate) -> None:
 
 
 def check_signing_cert(cert: x509.Certificate) -> None:
-    """A certificate that signs another in an SVID path must be a CA with keyCertSign."""
+    """A certificate that signs another in an SVID path must be a CA with a key usage
+    extension that has keyCertSign."""
     subject = cert.subject.rfc4514_string()
     bc = _extension(cert, x509.BasicConstraints)
     if not isinstance(bc, x509.BasicConstraints) or not bc.ca:
         raise SvidError(BAD_SIGNING_CERT, f"signing certificate {subject!r} is not a CA")
     ku = _extension(cert, x509.KeyUsage)
-    if isinstance(ku, x509.KeyUsage) and not ku.key_cert_sign:
+    if not isinstance(ku, x509.KeyUsage):
+        raise SvidError(
+            SIGNING_NO_KEY_USAGE, f"signing certificate {subject!r} has no key usage extension"
+        )
+    if not ku.key_cert_sign:
         raise SvidError(BAD_SIGNING_CERT, f"signing certificate {subject!r} lacks KeyCertSign")
     for uri in uri_sans(cert):
         if uri.startswith("spiffe://"):
