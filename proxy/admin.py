@@ -2,22 +2,83 @@
 
 Kept apart from the mTLS listener so that scraping and probing never need an SVID and
 never go through the policy.
+
+It answers only GET and HEAD (405 with ``Allow`` otherwise), and only requests whose
+``Host`` names it: a loopback name (``127.0.0.1``, ``[::1]``, ``localhost``, with or
+without a port), a name in ``allowed_hosts``, or the IP address the connection arrived
+on (what a kubelet probe or a scraper that dials an address sends). Anything else gets
+``421`` and no content. This is the defence against DNS rebinding: a page on
+``evil.example`` whose name re-resolves to 127.0.0.1 can make a browser send requests
+here, but they carry ``Host: evil.example``, so ``/status`` and ``/metrics`` never reach
+that page's script. (An IP-literal Host is only sent by a page whose origin is that very
+address, so allowing the connection's own address opens nothing.)
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import h11
 import trio
 
 Handler = Callable[[], tuple[int, bytes, bytes]]  # status, content type, body
 
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+ALLOWED_METHODS = (b"GET", b"HEAD")
 
-async def _serve_one(stream: trio.SocketStream, routes: dict[bytes, Handler]) -> None:
+
+def host_name(value: bytes) -> str | None:
+    """The name in a ``Host`` value (``name``, ``name:port``, ``[v6]``, ``[v6]:port``),
+    lower-cased and without brackets; None when the value has none of those shapes."""
+    try:
+        text = value.decode("ascii").strip().lower()
+    except UnicodeDecodeError:
+        return None
+    if text.startswith("["):
+        name, bracket, port = text[1:].partition("]")
+        if not bracket or (port and not (port[:1] == ":" and port[1:].isdigit())):
+            return None
+    else:
+        name, colon, port = text.partition(":")
+        if colon and not port.isdigit():  # also a second colon: a bare IPv6 address
+            return None
+    return name or None
+
+
+def _same_address(name: str, address: str | None) -> bool:
+    if address is None:
+        return False
+    try:
+        return ipaddress.ip_address(name) == ipaddress.ip_address(address)
+    except ValueError:
+        return False
+
+
+def host_allowed(
+    host: bytes | None, allowed: Iterable[str], local_address: str | None = None
+) -> bool:
+    """Whether a request with this ``Host`` value (None: absent) is for this listener:
+    its name is one of ``allowed`` (compared without case or brackets) or is the IP
+    address the connection arrived on."""
+    name = host_name(host) if host is not None else None
+    if name is None:
+        return False
+    names = {a.strip("[]").lower() for a in allowed}
+    return name in names or _same_address(name, local_address)
+
+
+def _answer(status: int, error: str) -> tuple[int, bytes, bytes]:
+    return status, b"application/json", json.dumps({"error": error}).encode()
+
+
+async def _serve_one(
+    stream: trio.SocketStream, routes: dict[bytes, Handler], allowed_hosts: frozenset[str]
+) -> None:
     conn = h11.Connection(h11.SERVER)
+    local_address = str(stream.socket.getsockname()[0])
     with (
         contextlib.suppress(
             trio.BrokenResourceError, trio.ClosedResourceError, OSError, h11.ProtocolError
@@ -32,10 +93,16 @@ async def _serve_one(stream: trio.SocketStream, routes: dict[bytes, Handler]) ->
             if not isinstance(event, h11.Request):
                 break
             handler = routes.get(event.target.split(b"?")[0])
-            if event.method not in (b"GET", b"HEAD"):
-                status, ctype, body = 405, b"application/json", b'{"error":"method_not_allowed"}'
+            hosts = [v for n, v in event.headers if n == b"host"]
+            extra: list[tuple[bytes, bytes]] = []
+            if len(hosts) != 1 or not host_allowed(hosts[0], allowed_hosts, local_address):
+                status, ctype, body = _answer(421, "misdirected_request")
+                extra.append((b"connection", b"close"))
+            elif event.method not in ALLOWED_METHODS:
+                status, ctype, body = _answer(405, "method_not_allowed")
+                extra.append((b"allow", b", ".join(ALLOWED_METHODS)))
             elif handler is None:
-                status, ctype, body = 404, b"application/json", b'{"error":"not_found"}'
+                status, ctype, body = _answer(404, "not_found")
             else:
                 status, ctype, body = handler()
             while True:  # read (and ignore) any request body before answering
@@ -47,7 +114,11 @@ async def _serve_one(stream: trio.SocketStream, routes: dict[bytes, Handler]) ->
             out = conn.send(
                 h11.Response(
                     status_code=status,
-                    headers=[(b"content-type", ctype), (b"content-length", b"%d" % len(body))],
+                    headers=[
+                        (b"content-type", ctype),
+                        (b"content-length", b"%d" % len(body)),
+                        *extra,
+                    ],
                 )
             )
             out = (out or b"") + (
@@ -75,12 +146,16 @@ async def serve_admin(
     port: int,
     routes: dict[bytes, Handler],
     *,
+    allowed_hosts: Iterable[str] = LOOPBACK_HOSTS,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    """Serve ``routes`` on ``host``:``port`` to requests whose Host is in
+    ``allowed_hosts`` (or the address they arrived on); ``task_status`` gets the port."""
     listeners = await trio.open_tcp_listeners(port, host=host)
     task_status.started(listeners[0].socket.getsockname()[1])
+    hosts = frozenset(allowed_hosts)
 
     async def handler(stream: trio.SocketStream) -> None:
-        await _serve_one(stream, routes)
+        await _serve_one(stream, routes, hosts)
 
     await trio.serve_listeners(handler, listeners)

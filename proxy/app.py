@@ -20,7 +20,7 @@ from proxy.assertion import AssertionSigner
 from proxy.audit_sink import JsonLines
 from proxy.config import Config, load_config
 from proxy.errors import ConfigError
-from proxy.forward import UpstreamPool
+from proxy.forward import PROTOCOL_VIOLATION, UpstreamPool, ViolationHook
 from proxy.metrics import CONTENT_TYPE, Metrics
 from proxy.policy.loader import load_policy
 from proxy.policy.model import Policy
@@ -62,24 +62,39 @@ def build_runtime(config: Config, events: JsonLines | None = None) -> Runtime:
     """Read every file the proxy needs; raise ConfigError naming the first bad one."""
     credentials, source = load_tls(config)
     policy = read_policy(config)
-    pools = {
-        name: UpstreamPool(up, config.timeouts, config.limits.max_idle_upstream_connections)
-        for name, up in config.upstreams.items()
-    }
+    events = events or JsonLines("stderr")
     metrics = Metrics()
     metrics.set_policy(policy.sha256)
     metrics.set_credentials(credentials)
+    on_violation = protocol_violation_hook(metrics, events)
+    pools = {
+        name: UpstreamPool(
+            up, config.timeouts, config.limits.max_idle_upstream_connections, on_violation
+        )
+        for name, up in config.upstreams.items()
+    }
     return Runtime(
         config,
         credentials,
         policy,
         pools,
         JsonLines(config.decision_log),
-        events or JsonLines("stderr"),
+        events,
         metrics,
         load_signer(config, str(credentials.own_id) if credentials.own_id else "spiffe-pep"),
         source,
     )
+
+
+def protocol_violation_hook(metrics: Metrics, events: JsonLines) -> ViolationHook:
+    """What the upstream pools call when they close a connection whose upstream sent more
+    than it was asked: one ``upstream_protocol_violation`` event, and a count."""
+
+    def on_violation(upstream: str, kind: str, surplus: bytes) -> None:
+        metrics.upstream_violations.labels(upstream=upstream, kind=kind).inc()
+        events.event(PROTOCOL_VIOLATION, upstream=upstream, kind=kind, bytes=len(surplus))
+
+    return on_violation
 
 
 def load_signer(config: Config, issuer: str) -> AssertionSigner | None:
@@ -354,8 +369,12 @@ async def serve(
             async with trio.open_nursery() as accepting:
                 admin_port = None
                 if cfg.admin is not None:
+                    # The Host names it answers to: loopback (and the address it is reached
+                    # on). More names need a configuration key (not in config.py yet).
                     admin_port = await accepting.start(
-                        admin.serve_admin, *cfg.admin, admin_routes(rt)
+                        functools.partial(admin.serve_admin, allowed_hosts=admin.LOOPBACK_HOSTS),
+                        *cfg.admin,
+                        admin_routes(rt),
                     )
                 rt.events.event(
                     "listening",

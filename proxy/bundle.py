@@ -2,10 +2,12 @@
 
 Rules (SPIFFE Trust Domain and Bundle spec sections 4-5, X509-SVID section 6,
 JWT-SVID section 6): ``keys`` must be present; an empty ``keys`` means the trust
-domain revoked every key; entries with a missing or unknown ``use`` or an unknown
-``kty`` are ignored; ``x509-svid`` entries carry a CA certificate in ``x5c[0]``
-(standard base64 DER) whose key must match the JWK members; ``jwt-svid`` entries
-need a ``kid``. No I/O here: callers pass bytes.
+domain revoked every key; entries with a missing or unknown ``use``, or a missing or
+unknown ``kty`` (section 4.2.1; known here: ``RSA`` and ``EC``), are ignored, never
+used: an ``x509-svid`` entry's certificate counts only when its JWK members name a key
+type whose match with it can be checked; ``x509-svid`` entries carry a CA certificate
+in ``x5c[0]`` (standard base64 DER) whose key must match the JWK members; ``jwt-svid``
+entries need a ``kid``. No I/O here: callers pass bytes.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ _CURVES: dict[str, ec.EllipticCurve] = {
 }
 _CURVE_NAMES = {c.name: n for n, c in _CURVES.items()}
 _CURVE_SIZES = {"P-256": 32, "P-384": 48, "P-521": 66}
+KEY_TYPES = ("RSA", "EC")  # the JWK kty values this module reads; others are ignored
 
 
 @dataclass(frozen=True)
@@ -126,6 +129,8 @@ def parse_spiffe_json(trust_domain: TrustDomain, data: bytes, source: str = "<bu
         if not isinstance(entry, dict):
             raise BundleError(f"{where}: each key must be a JSON object")
         use = entry.get("use")
+        if use in ("x509-svid", "jwt-svid") and entry.get("kty") not in KEY_TYPES:
+            continue  # a missing or unknown kty: the entry is ignored, as the spec requires
         try:
             if use == "x509-svid":
                 cert = _x509_entry(entry, where)
@@ -136,7 +141,7 @@ def parse_spiffe_json(trust_domain: TrustDomain, data: bytes, source: str = "<bu
                 if not isinstance(kid, str) or not kid:
                     raise BundleError(f"{where}: a jwt-svid key needs a kid")
                 key = jwk_public_key(entry)
-                if key is None:
+                if key is None:  # not reached: kty was checked above
                     continue
                 if kid in jwts:
                     raise BundleError(f"{where}: duplicate kid {kid!r}")
@@ -182,7 +187,7 @@ def _x509_entry(entry: Mapping[str, Any], where: str) -> x509.Certificate | None
     cert = x509.load_der_x509_certificate(base64.b64decode(x5c[0], validate=True))
     _check_authority(cert, where)
     jwk_key = jwk_public_key(entry)
-    if jwk_key is not None and not _same_key(jwk_key, cert.public_key()):
+    if jwk_key is None or not _same_key(jwk_key, cert.public_key()):
         raise BundleError(f"{where}: the JWK key members do not match the x5c certificate")
     return cert
 

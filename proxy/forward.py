@@ -3,6 +3,15 @@
 Transport errors are translated here, at one seam, into :class:`UpstreamError` (502 for
 an upstream that cannot be reached or broke, 504 for one that did not answer in time), so
 nothing above sees a trio or socket exception from the upstream side.
+
+Pool isolation: a connection is shared by every identity the proxy serves, so bytes an
+upstream sent beyond the response it was asked for (a body on a HEAD, 204 or 304 answer,
+a body longer than its Content-Length, a response nobody asked for on an idle
+connection) must never be read as the answer to the next request. A connection goes back
+to the pool only when its response ended exactly at the end of the bytes received (h11's
+trailing data empty, nothing more readable without waiting), and is taken from the pool
+only if nothing arrived while it was idle. Otherwise it is closed, and surplus bytes are
+reported to ``on_violation`` (``upstream_protocol_violation``).
 """
 
 from __future__ import annotations
@@ -33,6 +42,14 @@ BAD_RESPONSE = "upstream_bad_response"
 TLS_FAILED = "upstream_tls_failed"
 SVID_INVALID = "upstream_svid_invalid"
 IDENTITY_MISMATCH = "upstream_identity_mismatch"
+PROTOCOL_VIOLATION = "upstream_protocol_violation"
+# Kinds of protocol violation: bytes past the end of a response, and bytes that arrived
+# on a pooled connection while no request was outstanding.
+BYTES_AFTER_RESPONSE = "bytes_after_response"
+BYTES_WHILE_IDLE = "bytes_while_idle"
+
+# on_violation(upstream name, kind, the surplus bytes read): the pool closed a connection.
+ViolationHook = Callable[[str, str, bytes], None]
 
 
 def _is_ip(host: str) -> bool:
@@ -100,26 +117,70 @@ class UpstreamConnection:
     def reusable(self) -> bool:
         return self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE
 
+    async def surplus(self) -> bytes | None:
+        """Bytes the upstream sent beyond the responses it was asked for, without waiting
+        for any: ``b""`` when there are none (the connection may carry another request);
+        some of them when there are; ``None`` when the connection is unusable for another
+        reason (the upstream closed or broke it)."""
+        leftover, closed = self.h11.trailing_data
+        if leftover:
+            return leftover
+        if closed:
+            return None
+        try:
+            if isinstance(self.stream, TLSStream):
+                return await self.stream.receive_ready(_CHUNK)
+            if not self.sock.socket.is_readable():
+                return b""
+            return await self.sock.receive_some(_CHUNK) or None
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, TLSError):
+            return None
+
     async def aclose(self) -> None:
         with contextlib.suppress(Exception):
             await self.stream.aclose()
 
 
 class UpstreamPool:
-    """Idle keep-alive connections to one upstream, most recently used first."""
+    """Idle keep-alive connections to one upstream, most recently used first.
 
-    def __init__(self, upstream: Upstream, timeouts: Timeouts, max_idle: int) -> None:
+    ``on_violation`` is called (upstream name, kind, surplus bytes) whenever a connection
+    is closed because the upstream sent more than the responses asked of it."""
+
+    def __init__(
+        self,
+        upstream: Upstream,
+        timeouts: Timeouts,
+        max_idle: int,
+        on_violation: ViolationHook | None = None,
+    ) -> None:
         self.upstream = upstream
         self.timeouts = timeouts
         self.max_idle = max_idle
+        self.on_violation = on_violation
         self._idle: list[UpstreamConnection] = []
+
+    async def _surplus(self, conn: UpstreamConnection, kind: str) -> bytes | None:
+        """``conn.surplus()``, reported when there is some; ``conn`` is closed if this is
+        cancelled."""
+        try:
+            surplus = await conn.surplus()
+        except BaseException:
+            await conn.aclose()
+            raise
+        if surplus and self.on_violation is not None:
+            self.on_violation(self.upstream.name, kind, surplus)
+        return surplus
 
     async def acquire(self, creds: Credentials) -> UpstreamConnection:
         now = time.monotonic()
         while self._idle:
             conn = self._idle.pop()
-            # A pooled connection the upstream closed (or wrote to unasked) is readable.
-            if now - conn.idle_since < self.timeouts.idle and not conn.sock.socket.is_readable():
+            # A pooled connection the upstream closed, or wrote to unasked, is not reused.
+            if (
+                now - conn.idle_since < self.timeouts.idle
+                and await self._surplus(conn, BYTES_WHILE_IDLE) == b""
+            ):
                 conn.reused = True
                 return conn
             await conn.aclose()
@@ -176,8 +237,13 @@ class UpstreamPool:
         return tls
 
     async def release(self, conn: UpstreamConnection) -> None:
-        """Return ``conn`` to the pool when its exchange finished cleanly; else close it."""
-        if conn.reusable and len(self._idle) < self.max_idle:
+        """Return ``conn`` to the pool when its exchange finished cleanly and its response
+        ended exactly at the end of the bytes received; else close it."""
+        if (
+            conn.reusable
+            and await self._surplus(conn, BYTES_AFTER_RESPONSE) == b""
+            and len(self._idle) < self.max_idle
+        ):
             conn.h11.start_next_cycle()
             conn.idle_since = time.monotonic()
             self._idle.append(conn)

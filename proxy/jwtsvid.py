@@ -11,12 +11,19 @@ it); 5. ``sub`` present and a valid SPIFFE ID; ``exp`` present; 6. the key is lo
 ONLY in the bundle of ``sub``'s trust domain, by ``kid``; 7. the key type fits ``alg``;
 8. signature; 9. ``exp``/``nbf``/``iat`` with leeway; 10. ``aud`` present and holding
 one of the accepted audiences.
+
+A token this module cannot read is ``jwt_malformed``, never an exception of another kind
+(which would drop the client's connection unanswered): bad base64 or JSON, a header or
+payload that is not an object, ``alg`` or ``kid`` that is not a string, any ``crit``
+header (no JWS extension is understood here, so RFC 7515 section 4.1.11 says reject), a
+time claim that is not a finite number between 1970 and 9999 (a NaN ``nbf`` would
+otherwise pass every comparison), and anything else PyJWT or the JSON layer raises.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -78,13 +85,24 @@ def _fits(alg: str, key: PublicKey) -> bool:
     return isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == _EC_CURVE_FOR_ALG[alg]
 
 
+# The latest time a datetime can hold (9999-12-31T23:59:59Z): a NumericDate beyond it is
+# no date at all.
+_MAX_TIME = 253402300799.0
+
+
 def _number(claims: Mapping[str, Any], name: str) -> float | None:
     value = claims.get(name)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise JwtSvidError(MALFORMED, f"claim {name!r} is not a number")
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an int too large for a float
+        number = math.inf
+    if not (math.isfinite(number) and 0 <= number <= _MAX_TIME):
+        raise JwtSvidError(MALFORMED, f"claim {name!r} is not a time between 1970 and 9999")
+    return number
 
 
 def validate(
@@ -94,21 +112,43 @@ def validate(
     now: dt.datetime,
     leeway: float = 60.0,
 ) -> JwtSvid:
-    """Validate a JWT-SVID; raise :class:`JwtSvidError` with the first broken rule."""
+    """Validate a JWT-SVID; raise :class:`JwtSvidError` with the first broken rule, and
+    ``jwt_malformed`` for anything that cannot be read (never another exception)."""
+    try:
+        return _validate(token, authorities, audiences, now, leeway)
+    except JwtSvidError:
+        raise
+    except Exception as exc:  # PyJWT, json, base64, cryptography: hostile input, any error
+        raise JwtSvidError(MALFORMED, f"{type(exc).__name__}: {exc}") from exc
+
+
+def _validate(
+    token: str,
+    authorities: JwtAuthorities,
+    audiences: Iterable[str],
+    now: dt.datetime,
+    leeway: float,
+) -> JwtSvid:
     if token.count(".") != 2:
         raise JwtSvidError(MALFORMED, "not a compact JWS (three dot-separated parts)")
     try:
         header = jwt.get_unverified_header(token)
         claims = jwt.decode(token, options={"verify_signature": False})
-    except (jwt.DecodeError, json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
+    except jwt.PyJWTError as exc:  # bad base64 or JSON, not objects, a kid not a string
         raise JwtSvidError(MALFORMED, str(exc)) from exc
+    if "crit" in header:
+        raise JwtSvidError(MALFORMED, "critical header parameters are not supported")
     alg = header.get("alg")
+    if not isinstance(alg, str):
+        raise JwtSvidError(MALFORMED, "header parameter 'alg' is not a string")
     if alg not in ALGORITHMS:
         raise JwtSvidError(BAD_ALGORITHM, f"algorithm {alg!r} is not allowed")
     if "typ" in header and header["typ"] not in ("JWT", "JOSE"):
         raise JwtSvidError(BAD_TYPE, "token header type not equal to either JWT or JOSE")
     kid = header.get("kid")
-    if not isinstance(kid, str) or not kid:
+    if kid is not None and not isinstance(kid, str):
+        raise JwtSvidError(MALFORMED, "header parameter 'kid' is not a string")
+    if not kid:
         raise JwtSvidError(MISSING_KID, "token header missing key id")
     sub = claims.get("sub")
     if not isinstance(sub, str) or not sub:

@@ -57,6 +57,13 @@ class Metrics:
             ["upstream", "reason"],
             registry=r,
         )
+        self.upstream_violations = Counter(
+            "spiffe_pep_upstream_protocol_violations",
+            "Upstream connections closed for sending bytes beyond the responses asked of "
+            "them (never pooled), by upstream and kind.",
+            ["upstream", "kind"],
+            registry=r,
+        )
         self.open_connections = Gauge(
             "spiffe_pep_open_connections",
             "Client connections open now.",

@@ -14,6 +14,7 @@ against the one JWKS.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -173,7 +174,9 @@ class Supervisor:
                 admin_port = None
                 if cfg.admin is not None:
                     admin_port = await nursery.start(
-                        admin.serve_admin, *cfg.admin, self._routes(metrics_dir)
+                        functools.partial(admin.serve_admin, allowed_hosts=admin.LOOPBACK_HOSTS),
+                        *cfg.admin,
+                        self._routes(metrics_dir),
                     )
                 self.rt.events.event(
                     "supervising",

@@ -6,8 +6,10 @@ Order of checks: chain present; exactly one URI SAN; a valid SPIFFE ID with a pa
 leaf not a CA; key usage present with digitalSignature and without keyCertSign or
 cRLSign; leaf valid at ``now``; keys and signatures of the presented chain strong
 enough; path validation against the bundle of the trust domain named in the leaf's own
-ID (never another trusted bundle); every signing certificate in the verified path is a
-CA with keyCertSign whose SPIFFE ID, if any, has no path, and has a strong key.
+ID (never another trusted bundle); every signing certificate in the verified path
+(intermediates and trust anchor) is a CA with a key usage extension (X509-SVID section
+4.3: it MUST be present; OpenSSL's path validation takes an absent one as "any use")
+holding keyCertSign, whose SPIFFE ID, if any, has no path, and has a strong key.
 
 "Strong enough" is policy beyond the SPIFFE spec, as in every TLS stack's defaults
 (OpenSSL security level 2, the CA/Browser Forum): RSA of at least 2048 bits, EC on
@@ -46,6 +48,7 @@ NO_BUNDLE = "no_bundle_for_trust_domain"
 EMPTY_BUNDLE = "bundle_has_no_x509_authorities"
 UNTRUSTED = "chain_not_verified"
 BAD_SIGNING_CERT = "invalid_signing_certificate"
+SIGNING_NO_KEY_USAGE = "signing_certificate_missing_key_usage"
 WEAK_KEY = "weak_key"
 WEAK_SIGNATURE = "weak_signature_algorithm"
 
@@ -71,14 +74,20 @@ class PathValidator(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class PeerSvid:
-    """A verified peer: its SPIFFE ID and the facts about its leaf the log records."""
+    """A verified peer: its SPIFFE ID and the facts about its leaf the log records.
+
+    ``chain`` is the path that validation built: the leaf, then the intermediates up to,
+    not including, the trust anchor. Certificates the peer sent that are not on that path
+    (an appended self-signed CA, a stray intermediate) are not in it, so nothing forwarded
+    from it (XFCC ``Chain``, RFC 9440 ``Client-Cert-Chain``) carries what was not verified.
+    """
 
     spiffe_id: SpiffeId
     leaf: x509.Certificate
     fingerprint: str
     not_before: dt.datetime
     not_after: dt.datetime
-    chain: tuple[x509.Certificate, ...] = ()  # as presented: leaf, then intermediates
+    chain: tuple[x509.Certificate, ...] = ()
 
 
 def fingerprint(cert: x509.Certificate) -> str:
@@ -186,13 +195,18 @@ def check_signature_algorithm(cert: x509.Certificate) -> None:
 
 
 def check_signing_cert(cert: x509.Certificate) -> None:
-    """A certificate that signs another in an SVID path must be a CA with keyCertSign."""
+    """A certificate that signs another in an SVID path must be a CA with a key usage
+    extension that has keyCertSign."""
     subject = cert.subject.rfc4514_string()
     bc = _extension(cert, x509.BasicConstraints)
     if not isinstance(bc, x509.BasicConstraints) or not bc.ca:
         raise SvidError(BAD_SIGNING_CERT, f"signing certificate {subject!r} is not a CA")
     ku = _extension(cert, x509.KeyUsage)
-    if isinstance(ku, x509.KeyUsage) and not ku.key_cert_sign:
+    if not isinstance(ku, x509.KeyUsage):
+        raise SvidError(
+            SIGNING_NO_KEY_USAGE, f"signing certificate {subject!r} has no key usage extension"
+        )
+    if not ku.key_cert_sign:
         raise SvidError(BAD_SIGNING_CERT, f"signing certificate {subject!r} lacks KeyCertSign")
     for uri in uri_sans(cert):
         if uri.startswith("spiffe://"):
@@ -232,5 +246,5 @@ def verify_peer(
         fingerprint(leaf),
         leaf.not_valid_before_utc,
         leaf.not_valid_after_utc,
-        tuple(chain),
+        tuple(verified[:-1]) or (leaf,),
     )

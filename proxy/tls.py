@@ -4,8 +4,24 @@ The server context requires a client certificate but accepts any at the OpenSSL 
 the X.509-SVID rules, including "the chain must end in the bundle of the leaf's own
 trust domain", are applied by ``svid.verify_peer`` right after the handshake, before a
 byte of HTTP is read (go-spiffe does the same with ``RequireAnyClientCert`` plus
-``VerifyPeerCertificate``). Session tickets and the session cache are off, so every
-connection presents its full chain.
+``VerifyPeerCertificate``).
+
+TLS policy (both the server context and the client context used towards upstreams):
+
+- TLS 1.2 and 1.3 only. TLS 1.2 offers only ECDHE key exchange with AEAD suites
+  (AES-GCM, ChaCha20-Poly1305): no CBC, no SHA-1 MAC, no static RSA or finite-field DH.
+  TLS 1.3 keeps OpenSSL's default suites, all of them AEAD with (EC)DHE.
+- No session resumption, so every connection is a full handshake whose client chain
+  goes through ``svid.verify_peer`` (a resumed session presents no chain, and its
+  verification would be the one done when the session was made, maybe by old bundles).
+  ``OP_NO_TICKET`` stops stateless tickets (TLS 1.2 and 1.3): the server keeps no ticket
+  key to decrypt one. With it, OpenSSL's TLS 1.3 tickets are stateful: an ID looked up
+  in the server's session cache, and ``SESS_CACHE_OFF`` keeps that cache (and TLS 1.2
+  session IDs) empty, so any ticket or session ID offered finds nothing and the
+  handshake is a full one. TLS 1.3 servers still send such (useless) tickets after the
+  handshake: turning that off needs ``SSL_CTX_set_num_tickets(ctx, 0)``, which neither
+  pyOpenSSL (26.x) nor cryptography's bindings expose. The client side never offers a
+  saved session (no ``set_session``) and keeps no session cache either.
 """
 
 from __future__ import annotations
@@ -72,10 +88,24 @@ def _accept_any(conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int,
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 
+# TLS 1.2 suites: ECDHE key exchange and AEAD only (TLS 1.3 suites are set apart).
+TLS12_CIPHERS = b":".join(
+    (
+        b"ECDHE-ECDSA-AES128-GCM-SHA256",
+        b"ECDHE-RSA-AES128-GCM-SHA256",
+        b"ECDHE-ECDSA-AES256-GCM-SHA384",
+        b"ECDHE-RSA-AES256-GCM-SHA384",
+        b"ECDHE-ECDSA-CHACHA20-POLY1305",
+        b"ECDHE-RSA-CHACHA20-POLY1305",
+    )
+)
+
 
 def _context(chain: Sequence[x509.Certificate], key: PrivateKey, key_source: str) -> SSL.Context:
+    """The TLS policy of the module docstring, presenting ``chain`` with ``key``."""
     ctx = SSL.Context(SSL.TLS_METHOD)
     ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+    ctx.set_cipher_list(TLS12_CIPHERS)
     ctx.set_options(SSL.OP_NO_TICKET | SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION)
     ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)

@@ -121,6 +121,25 @@ class TLSStream:
             except SSL.Error as exc:
                 raise TLSError(openssl_reason(exc)) from exc
 
+    async def receive_ready(self, max_bytes: int = _RECV_CHUNK, rounds: int = 4) -> bytes | None:
+        """Plaintext the peer has already sent, without waiting for more: ``b""`` when
+        there is none. Ciphertext already in the socket is taken in first (a record only
+        partly received counts as none). ``None`` when the peer closed (close_notify or TCP
+        EOF), or when records keep arriving after ``rounds`` reads with no plaintext."""
+        for _ in range(rounds):
+            try:
+                return self.conn.recv(max_bytes)
+            except SSL.WantReadError:
+                pass
+            except (SSL.ZeroReturnError, SSL.SysCallError):
+                return None
+            except SSL.Error as exc:
+                raise TLSError(openssl_reason(exc)) from exc
+            if not self.transport.socket.is_readable():
+                return b""
+            await self._fill()  # at EOF, the next recv reports it
+        return None
+
     async def send_all(self, data: bytes) -> None:
         if data:
             self.conn.sendall(data)

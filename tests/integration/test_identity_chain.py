@@ -21,7 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from proxy import demo_upstream, xfcc
-from proxy.devcerts import issue_svid
+from proxy.devcerts import issue_ca, issue_svid
 from tests.conftest import CLIENT_ID, Pki
 from tests.integration.harness import (
     POLICY,
@@ -30,6 +30,7 @@ from tests.integration.harness import (
     free_port,
     serve,
     start,
+    start_recording,
     upstream_headers,
     wait_listening,
 )
@@ -208,6 +209,37 @@ async def test_all_xfcc_fields_and_rfc9440_headers(
     assert base64.b64decode(cc.strip(":")) == leaf.public_bytes(Encoding.DER)
     (chain,) = h["client-cert-chain"]
     assert base64.b64decode(chain.strip(":")) == pki.intermediate.cert.public_bytes(Encoding.DER)
+
+
+async def test_appended_rogue_ca_is_not_forwarded_as_the_verified_chain(
+    nursery: trio.Nursery, tmp_path: Path, pki: Pki
+) -> None:
+    # The client's chain verifies (leaf + intermediate), with a self-signed CA of the
+    # attacker's appended: the upstream must see the path that was verified, not the
+    # certificates the client chose to send.
+    rogue = issue_ca("example.org", common_name="rogue appended CA")
+    (pki.dir / "rogue_tail.pem").write_bytes(
+        (pki.dir / "client.pem").read_bytes() + rogue.cert_pem()
+    )
+    (pki.dir / "rogue_tail_key.pem").write_bytes((pki.dir / "client_key.pem").read_bytes())
+    px, upstream = await start_recording(
+        nursery,
+        tmp_path,
+        pki,
+        identity_headers="xfcc_fields: [By, Hash, Cert, Chain, URI]",
+        app_options="client_cert_headers: true, ",
+    )
+    assert (await curl(px, "/x", cert="rogue_tail")).status == 200
+    (req,) = upstream.requests
+    h = {n.decode(): v.decode() for n, v in req.headers}
+    (element,) = xfcc.parse(h["x-forwarded-client-cert"])
+    assert urllib.parse.unquote(dict(element)["Chain"]) == (pki.dir / "client.pem").read_text()
+    assert [
+        base64.b64decode(sf.strip().strip(":")) for sf in h["client-cert-chain"].split(",")
+    ] == [pki.intermediate.cert.public_bytes(Encoding.DER)]
+    rogue_b64 = base64.b64encode(rogue.cert.public_bytes(Encoding.DER))[:64]
+    assert rogue_b64 not in urllib.parse.unquote_to_bytes(bytes(upstream.raw))
+    assert rogue_b64.replace(b"+", b"%2B").replace(b"/", b"%2F") not in upstream.raw
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@ limits, and hot reload (SIGHUP, file watch, bad edits, flips under concurrent tr
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -139,6 +140,37 @@ async def test_bad_jwt_svids_are_denied(proxy: Proxy, make: object, reason: str)
     assert r.status == 403
     rec = proxy.decisions()[-1]
     assert rec["decision"] == "deny" and rec["reason"] == reason and rec["route"] == "billing-write"
+
+
+def _unreadable(header: bytes) -> str:
+    body = base64.urlsafe_b64encode(json.dumps(claims(CLIENT_ID, aud=AUD)).encode())
+    return f"{base64.urlsafe_b64encode(header).decode()}.{body.decode()}.AAAA".replace("=", "")
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: _unreadable(b'{"alg":["ES256"],"kid":"k1"}'),
+        lambda: _unreadable(b'{"alg":"ES256","kid":7}'),
+        lambda: mint(claims(CLIENT_ID, aud=AUD), crit=["exp"]),
+        lambda: mint({**claims(CLIENT_ID, aud=AUD), "exp": float("nan")}),
+        lambda: mint({**claims(CLIENT_ID, aud=AUD), "exp": 10**400}),
+    ],
+    ids=["alg_a_list", "kid_not_a_string", "crit_header", "exp_nan", "exp_huge"],
+)
+async def test_unreadable_jwt_svid_is_answered_not_dropped(proxy: Proxy, make: object) -> None:
+    # Today's flow answers every JWT-SVID failure with 403 (the issue asks 401 for this one).
+    r = await curl(proxy, "/billing/pay", "-X", "POST", *bearer(make()))  # type: ignore[operator]
+    assert r.returncode == 0 and r.status == 403, r.stderr
+    assert r.json()["error"] == "forbidden"
+    await wait_until(lambda: proxy.decisions())
+    rec = proxy.decisions()[-1]
+    assert (rec["decision"], rec["reason"], rec["route"]) == (
+        "deny",
+        "jwt_malformed",
+        "billing-write",
+    )
+    assert not [e for e in proxy.events() if e["event"] == "connection_error"]
 
 
 async def test_audit_mode_forwards_and_counts(proxy: Proxy) -> None:

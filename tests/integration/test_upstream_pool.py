@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import ssl
 from pathlib import Path
 
 import h11
 import pytest
 import trio
 
-from tests.conftest import Pki
+from tests.conftest import SERVER_ID, Pki
 from tests.integration.harness import Proxy, curl, serve, write_config
 
 
@@ -51,12 +53,20 @@ class FlakyUpstream:
             await _read_request(conn, stream)  # read the reused request, then just close
 
 
-async def _start(nursery: trio.Nursery, tmp: Path, pki: Pki, handler: object) -> Proxy:
+async def _start(
+    nursery: trio.Nursery, tmp: Path, pki: Pki, handler: object, mtls: bool = False
+) -> Proxy:
     listeners = await nursery.start(
         functools.partial(trio.serve_tcp, handler, 0, host="127.0.0.1")  # type: ignore[arg-type]
     )
     port = listeners[0].socket.getsockname()[1]
     cfg = write_config(tmp, pki, port)
+    if mtls:
+        text = cfg.read_text().replace(
+            f'url: "http://127.0.0.1:{port}"',
+            f'url: "https://localhost:{port}", tls: {{expect: "{SERVER_ID}"}}',
+        )
+        cfg.write_text(text)
     return await serve(nursery, cfg, pki, port)
 
 
@@ -108,3 +118,101 @@ async def test_connection_closed_by_upstream_while_idle_is_not_reused(
         assert r.status == 200
         await trio.sleep(0.05)
     assert len(seen) == 3
+
+
+# An attacker-chosen response, smuggled into the pool to answer someone else's request.
+INJECTED = b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\nX-Injected: yes\r\n\r\npoisoned"
+CLEAN = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nclean"
+# What a misbehaving upstream answers, by path: each response is complete before the
+# injected one starts, so a pooled connection that kept the surplus would hand it on.
+POISONERS = {
+    b"/head-body": b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(INJECTED) + INJECTED,
+    b"/no-content": b"HTTP/1.1 204 No Content\r\n\r\n" + INJECTED,
+    b"/not-modified": b'HTTP/1.1 304 Not Modified\r\nETag: "1"\r\n\r\n' + INJECTED,
+    b"/short-length": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok" + INJECTED,
+}
+
+
+class PoisoningUpstream:
+    """A raw-socket upstream that writes more than the response it was asked for: in the
+    same write (``POISONERS``), or after a pause on the idle connection (``/idle``)."""
+
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
+        self.requests: list[bytes] = []
+        self.tls = tls
+
+    async def handle(self, tcp: trio.SocketStream) -> None:
+        stream: trio.abc.Stream = tcp
+        if self.tls is not None:
+            stream = trio.SSLStream(tcp, self.tls, server_side=True)
+        async with stream:
+            with contextlib.suppress(trio.BrokenResourceError):  # the proxy closed it
+                await self._serve(stream)
+
+    async def _serve(self, stream: trio.abc.Stream) -> None:
+        buf = b""
+        while True:
+            while b"\r\n\r\n" not in buf:
+                data = await stream.receive_some(65536)
+                if not data:
+                    return
+                buf += data
+            head, _, buf = buf.partition(b"\r\n\r\n")
+            target = head.split(b" ")[1]
+            self.requests.append(target)
+            if target in POISONERS:
+                await stream.send_all(POISONERS[target])
+            elif target == b"/idle":
+                await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await trio.sleep(0.2)
+                await stream.send_all(INJECTED)  # unsolicited, on the idle connection
+            else:
+                await stream.send_all(CLEAN)
+
+
+@pytest.mark.parametrize("mtls", [False, True], ids=["tcp", "mtls"])
+@pytest.mark.parametrize(
+    ("path", "args", "kind"),
+    [
+        ("/head-body", ["-I"], "bytes_after_response"),
+        ("/no-content", [], "bytes_after_response"),
+        ("/not-modified", [], "bytes_after_response"),
+        ("/short-length", [], "bytes_after_response"),
+        ("/idle", [], "bytes_while_idle"),
+    ],
+    ids=[
+        "head_response_with_body",
+        "no_content_with_body",
+        "not_modified_with_body",
+        "content_length_shorter_than_body",
+        "unsolicited_response_while_idle",
+    ],
+)
+async def test_pool_poisoning_never_reaches_another_identity(
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    pki: Pki,
+    path: str,
+    args: list[str],
+    kind: str,
+    mtls: bool,
+) -> None:
+    pki.svid("client_b", ["spiffe://example.org/ns/prod/sa/other"])
+    tls = None
+    if mtls:  # the upstream presents the proxy's own SVID: expected below
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(pki.dir / "server.pem", pki.dir / "server_key.pem")
+    upstream = PoisoningUpstream(tls)
+    proxy = await _start(nursery, tmp_path, pki, upstream.handle, mtls=mtls)
+    a = await curl(proxy, path, *args)  # identity A
+    assert a.status in (200, 204, 304)
+    await trio.sleep(0.4)  # the idle connection's unsolicited bytes have arrived
+    b = await curl(proxy, "/next", "-i", cert="client_b")  # identity B
+    assert b.status == 200
+    assert b"injected" not in b.body.lower() and b"poisoned" not in b.body
+    assert b.body.endswith(b"clean")
+    assert upstream.requests == [path.encode(), b"/next"]
+    (event,) = [e for e in proxy.events() if e["event"] == "upstream_protocol_violation"]
+    assert event["upstream"] == "app" and event["kind"] == kind and event["bytes"] > 0
+    counter = f'spiffe_pep_upstream_protocol_violations_total{{kind="{kind}",upstream="app"}}'
+    assert f"{counter} 1.0" in await proxy.metrics()

@@ -54,6 +54,13 @@ IGNORED = [
     ("empty_x5c", x509_entry(x5c=[])),
     ("missing_x5c", x509_entry(x5c=None)),
     ("unknown_kty_jwt", {"use": "jwt-svid", "kid": "k", "kty": "OKP", "crv": "Ed25519", "x": "AA"}),
+    # Trust Domain and Bundle section 4.2.1: an entry whose kty is missing or unknown is
+    # ignored, even when its x5c holds a certificate that would parse.
+    ("missing_kty_x509", x509_entry(kty=None, crv=None, x=None, y=None)),
+    ("unknown_kty_x509", x509_entry(kty="XYZ")),
+    ("okp_kty_x509", x509_entry(kty="OKP", crv="Ed25519", x="AA", y=None)),
+    ("kty_is_case_sensitive_x509", x509_entry(kty="ec")),
+    ("kty_not_a_string_x509", x509_entry(kty=["EC"])),
 ]
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import json
 from collections.abc import Callable
 
 import pytest
@@ -86,6 +88,62 @@ REJECT: list[tuple[str, Callable[[], str], str]] = [
     ("not_a_jws", lambda: "abc.def", jwtsvid.MALFORMED),
     ("garbage_parts", lambda: "a.b.c", jwtsvid.MALFORMED),
 ]
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _raw(header: bytes, payload: bytes = b"", signature: str = "AAAA") -> str:
+    """A token from raw JSON segments, with a signature that never gets checked."""
+    body = payload or json.dumps(claims(SUB, aud=AUD)).encode()
+    return f"{_b64(header)}.{_b64(body)}.{signature}"
+
+
+def _minted(**payload: object) -> str:
+    """A correctly signed token whose claims are overridden (NaN and Infinity included)."""
+    return mint({**claims(SUB, aud=AUD), **payload})
+
+
+# Tokens the validator cannot read: each is jwt_malformed, never another exception (one
+# would drop the client's connection unanswered instead of denying the request).
+MALFORMED: list[tuple[str, Callable[[], str]]] = [
+    ("crit_header", lambda: mint(claims(SUB, aud=AUD), crit=["exp"])),
+    ("crit_header_b64", lambda: mint(claims(SUB, aud=AUD), crit=["b64"], b64=True)),
+    ("kid_not_a_string", lambda: _raw(b'{"alg":"ES256","kid":5}')),
+    ("kid_a_list", lambda: _raw(b'{"alg":"ES256","kid":["k1"]}')),
+    ("alg_a_list", lambda: _raw(b'{"alg":["ES256"],"kid":"k1"}')),
+    ("alg_an_object", lambda: _raw(b'{"alg":{"x":1},"kid":"k1"}')),
+    ("exp_nan", lambda: _minted(exp=float("nan"))),
+    ("exp_infinity", lambda: _minted(exp=float("inf"))),
+    ("exp_huge_int", lambda: _minted(exp=10**400)),
+    ("exp_past_year_9999", lambda: _minted(exp=1e308)),
+    ("exp_negative", lambda: _minted(exp=-1)),
+    ("nbf_nan", lambda: _minted(nbf=float("nan"))),
+    ("nbf_huge", lambda: _minted(nbf=10**30)),
+    ("iat_minus_infinity", lambda: _minted(iat=float("-inf"))),
+    ("iat_nan", lambda: _minted(iat=float("nan"))),
+    ("header_bad_base64", lambda: "!!!." + _b64(b"{}") + ".AAAA"),
+    ("payload_bad_base64", lambda: _b64(b'{"alg":"ES256","kid":"k1"}') + ".@@@.AAAA"),
+    ("signature_bad_base64", lambda: mint(claims(SUB, aud=AUD)).rsplit(".", 1)[0] + ".!!"),
+    ("header_not_json", lambda: _raw(b"alg=ES256")),
+    ("header_not_an_object", lambda: _raw(b'["ES256"]')),
+    ("header_not_utf8", lambda: _raw(b"\xff\xfe")),
+    ("payload_not_an_object", lambda: _raw(b'{"alg":"ES256","kid":"k1"}', b"[1]")),
+    ("payload_not_utf8", lambda: _raw(b'{"alg":"ES256","kid":"k1"}', b"\xff")),
+    ("payload_nested_too_deep", lambda: _raw(b'{"alg":"ES256","kid":"k1"}', b"[" * 100_000)),
+    (
+        "unencoded_payload_b64_false",
+        lambda: _raw(b'{"alg":"ES256","kid":"k1","b64":false}'),
+    ),
+]
+
+
+@pytest.mark.parametrize("make", [r[1] for r in MALFORMED], ids=[r[0] for r in MALFORMED])
+def test_malformed_is_an_answer_not_an_exception(make: Callable[[], str]) -> None:
+    with pytest.raises(JwtSvidError) as exc:
+        validate(make(), AUTHORITIES, AUD, now())
+    assert exc.value.reason == jwtsvid.MALFORMED
 
 
 def _tamper(token: str) -> str:

@@ -7,7 +7,9 @@ from collections.abc import Callable
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
 
 from proxy import svid
 from proxy.bundle import Bundle
@@ -87,6 +89,25 @@ ACCEPT += [
         "spiffe://c.org/x",
     ),
 ]
+
+
+def _ca_without_key_usage(subject: str, issuer: Issued | None) -> Issued:
+    """A CA (root when ``issuer`` is None) with basicConstraints but no keyUsage."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(issuer.cert.subject if issuer else name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - dt.timedelta(minutes=5))
+        .not_valid_after(NOW + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(issuer.key if issuer else key, hashes.SHA256())
+    )
+    return Issued(cert, key)
+
 
 REJECT: list[tuple[str, Callable[[World], Issued], str]] = [
     (
@@ -195,6 +216,13 @@ REJECT: list[tuple[str, Callable[[World], Issued], str]] = [
         lambda w: issue_svid(w.root_b, ["spiffe://a.org/admin"]),
         svid.UNTRUSTED,
     ),
+    # X509-SVID section 4.3: key usage MUST be present on signing certificates too;
+    # OpenSSL's path validation reads an absent one as "any use".
+    (
+        "intermediate_without_key_usage",
+        lambda w: issue_svid(_ca_without_key_usage("no-KU int", w.root_a), ["spiffe://a.org/x"]),
+        svid.SIGNING_NO_KEY_USAGE,
+    ),
     (
         "intermediate_of_other_domain",
         lambda w: issue_svid(issue_ca("b.org", parent=w.root_b), ["spiffe://a.org/admin"]),
@@ -272,3 +300,33 @@ def test_signing_cert_with_path_rejected(world: World) -> None:
     with pytest.raises(SvidError) as exc:
         svid.verify_peer([leaf.cert, rogue_int], world.store, NOW)
     assert exc.value.reason == svid.BAD_SIGNING_CERT
+
+
+@pytest.mark.parametrize(
+    ("extra", "anchor_on_intermediate"),
+    [("rogue_ca", False), ("stray_intermediate", False), ("rogue_ca", True)],
+    ids=["appended_rogue_ca", "appended_stray_intermediate", "bundle_anchored_on_intermediate"],
+)
+def test_peer_chain_is_the_verified_path_not_what_was_sent(
+    world: World, extra: str, anchor_on_intermediate: bool
+) -> None:
+    issued = good(world)
+    appended = (
+        issue_ca("a.org", common_name="rogue appended CA").cert
+        if extra == "rogue_ca"
+        else issue_ca("a.org", parent=world.root_a, common_name="stray").cert
+    )
+    store = TrustStore({A: Bundle(A, (world.int_a.cert,))}) if anchor_on_intermediate else None
+    peer = svid.verify_peer([*world.chain(issued), appended], store or world.store, NOW)
+    # Leaf, then intermediates up to, not including, the trust anchor.
+    expected = (issued.cert,) if anchor_on_intermediate else (issued.cert, world.int_a.cert)
+    assert peer.chain == expected
+
+
+def test_trust_anchor_without_key_usage_rejected() -> None:
+    root = _ca_without_key_usage("no-KU root", None)
+    store = TrustStore({A: Bundle(A, (root.cert,))})
+    with pytest.raises(SvidError) as exc:
+        svid.verify_peer([issue_svid(root, ["spiffe://a.org/x"]).cert], store, NOW)
+    assert exc.value.reason == svid.SIGNING_NO_KEY_USAGE
+    assert "no-KU root" in exc.value.detail
