@@ -58,6 +58,7 @@ def _json_body(error: str, reason: str, request_id: str) -> bytes:
 
 _ERRORS = {
     400: ("bad_request", "the request is malformed"),
+    401: ("unauthorized", "a valid JWT-SVID for this route is required"),
     403: ("forbidden", "the caller is not authorized for this request"),
     405: ("method_not_allowed", "this method is not supported"),
     408: ("request_timeout", "the request was not received in time"),
@@ -217,7 +218,9 @@ class HttpSession:
             raise HttpError(400, "malformed_request_body", str(exc)) from exc
         return None if event is h11.NEED_DATA else event  # type: ignore[return-value]
 
-    async def reply_error(self, status: int, reason: str, request_id: str, close: bool) -> None:
+    async def reply_error(
+        self, status: int, reason: str, request_id: str, close: bool, challenge: bool = False
+    ) -> None:
         if self.h.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
         error, text = _ERRORS.get(status, ("error", "the request failed"))
@@ -227,6 +230,11 @@ class HttpSession:
             (b"content-length", b"%d" % len(body)),
             (b"x-request-id", request_id.encode("ascii")),
         ]
+        if challenge:  # RFC 6750 section 3: no error code when no token was sent
+            value = b'Bearer realm="spiffe-pep"'
+            if reason != "jwt_missing":
+                value += b', error="invalid_token"'
+            hdrs.append((b"www-authenticate", value))
         if close:
             hdrs.append((b"connection", b"close"))
         await self.send(h11.Response(status_code=status, headers=hdrs), flush=False)
@@ -386,8 +394,13 @@ class HttpSession:
                 # carry the next request.
                 if not request.has_body:
                     await self.next_body_event()
-                ex.status = 403
-                await self.reply_error(403, ex.reason, rid, close=request.has_body)
+                # A missing or bad JWT-SVID is a credential problem (RFC 6750: 401 with
+                # a Bearer challenge); everything else the policy refuses is 403.
+                jwt = ex.reason.startswith("jwt_")
+                ex.status = 401 if jwt else 403
+                await self.reply_error(
+                    ex.status, ex.reason, rid, close=request.has_body, challenge=jwt
+                )
                 return not request.has_body
             fwd = exchange.Forward(self, request, decision, ex, hop, policy)
             if exchange.upgrade_protocol(request.headers) is not None:

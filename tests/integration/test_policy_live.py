@@ -136,8 +136,11 @@ async def test_route_that_keeps_the_token(proxy: Proxy) -> None:
 )
 async def test_bad_jwt_svids_are_denied(proxy: Proxy, make: object, reason: str) -> None:
     token = make()  # type: ignore[operator]
-    r = await curl(proxy, "/billing/pay", "-X", "POST", *(bearer(token) if token else []))
-    assert r.status == 403
+    r = await curl(proxy, "/billing/pay", "-X", "POST", "-i", *(bearer(token) if token else []))
+    assert r.status == 401
+    assert b'www-authenticate: Bearer realm="spiffe-pep"' in r.body.lower().replace(
+        b"bearer", b"Bearer"
+    )
     rec = proxy.decisions()[-1]
     assert rec["decision"] == "deny" and rec["reason"] == reason and rec["route"] == "billing-write"
 
@@ -159,10 +162,9 @@ def _unreadable(header: bytes) -> str:
     ids=["alg_a_list", "kid_not_a_string", "crit_header", "exp_nan", "exp_huge"],
 )
 async def test_unreadable_jwt_svid_is_answered_not_dropped(proxy: Proxy, make: object) -> None:
-    # Today's flow answers every JWT-SVID failure with 403 (the issue asks 401 for this one).
     r = await curl(proxy, "/billing/pay", "-X", "POST", *bearer(make()))  # type: ignore[operator]
-    assert r.returncode == 0 and r.status == 403, r.stderr
-    assert r.json()["error"] == "forbidden"
+    assert r.returncode == 0 and r.status == 401, r.stderr
+    assert r.json()["error"] == "unauthorized"
     await wait_until(lambda: proxy.decisions())
     rec = proxy.decisions()[-1]
     assert (rec["decision"], rec["reason"], rec["route"]) == (
