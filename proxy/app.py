@@ -369,10 +369,13 @@ async def serve(
             async with trio.open_nursery() as accepting:
                 admin_port = None
                 if cfg.admin is not None:
-                    # The Host names it answers to: loopback (and the address it is reached
-                    # on). More names need a configuration key (not in config.py yet).
+                    # The Host names it answers to: loopback, the address it is reached
+                    # on, and the configuration's admin_hosts.
                     admin_port = await accepting.start(
-                        functools.partial(admin.serve_admin, allowed_hosts=admin.LOOPBACK_HOSTS),
+                        functools.partial(
+                            admin.serve_admin,
+                            allowed_hosts=admin.LOOPBACK_HOSTS | set(cfg.admin_hosts),
+                        ),
                         *cfg.admin,
                         admin_routes(rt),
                     )

@@ -118,6 +118,7 @@ class Config:
     proxy_protocol: bool = False
     workers: int = 1  # "auto" in YAML: one per CPU
     http: HttpRules = field(default_factory=HttpRules)
+    admin_hosts: tuple[str, ...] = ()  # Host names the admin listener answers, beside loopback
 
     def canonical_rules(self) -> canonical.Rules:
         """How this proxy canonicalises requests (``proxy.canonical``)."""
@@ -310,6 +311,7 @@ def load_config(data: bytes, filename: str, base_dir: Path) -> Config:
             "proxy_protocol",
             "workers",
             "http",
+            "admin_hosts",
         ],
     )
 
@@ -438,6 +440,10 @@ def load_config(data: bytes, filename: str, base_dir: Path) -> Config:
         r.boolean(top["proxy_protocol"], ("proxy_protocol",)) if "proxy_protocol" in top else False,
         _workers(r, top.get("workers", "auto")),
         _http(r, top.get("http")),
+        tuple(
+            h.lower()
+            for h in r.string_list(top.get("admin_hosts", []), ("admin_hosts",), allow_empty=True)
+        ),
     )
 
 

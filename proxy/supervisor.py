@@ -174,7 +174,10 @@ class Supervisor:
                 admin_port = None
                 if cfg.admin is not None:
                     admin_port = await nursery.start(
-                        functools.partial(admin.serve_admin, allowed_hosts=admin.LOOPBACK_HOSTS),
+                        functools.partial(
+                            admin.serve_admin,
+                            allowed_hosts=admin.LOOPBACK_HOSTS | set(cfg.admin_hosts),
+                        ),
                         *cfg.admin,
                         self._routes(metrics_dir),
                     )

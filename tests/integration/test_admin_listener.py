@@ -73,3 +73,13 @@ async def test_only_get_and_head_are_answered(proxy: Proxy, method: str) -> None
 async def test_head_is_answered_without_a_body(proxy: Proxy) -> None:
     r = await admin_request(proxy, "HEAD", "/metrics", "127.0.0.1")
     assert status_of(r) == 200 and r.endswith(b"\r\n\r\n")
+
+
+async def test_configured_admin_hosts_are_answered(
+    nursery: trio.Nursery, tmp_path: Path, pki: Pki
+) -> None:
+    proxy = await start(nursery, tmp_path, pki, extra="admin_hosts: [pep-admin.internal]\n")
+    assert (
+        status_of(await admin_request(proxy, "GET", "/healthz", "PEP-admin.internal:9901")) == 200
+    )
+    assert status_of(await admin_request(proxy, "GET", "/healthz", "evil.example")) == 421
