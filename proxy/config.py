@@ -71,6 +71,8 @@ class Timeouts:
     upstream_response: float = 30.0
     drain: float = 30.0
     tunnel_idle: float = 600.0  # an Upgrade tunnel with no byte either way is closed
+    client_write: float = 30.0  # a client that takes no byte of a response this long is cut
+    max_connection_age: float = 3600.0  # keep-alive: close after the request in progress
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,9 @@ class Limits:
     max_idle_upstream_connections: int = 64
     max_connections: int = 10_000
     max_body_bytes: int | None = None  # None: no limit
+    max_handshakes: int = 1_000  # TLS handshakes (and PROXY headers) in flight
+    max_handshakes_per_source: int = 32  # the same, per client address
+    min_body_rate: int = 1024  # bytes/s a request body must average after request_head
 
 
 @dataclass(frozen=True)
@@ -394,6 +399,9 @@ def load_config(data: bytes, filename: str, base_dir: Path) -> Config:
         names = list(Limits.__dataclass_fields__)
         lm = r.mapping(top["limits"], ("limits",), optional=names)
         sizes = {k: r.size(v, ("limits", k)) for k, v in lm.items() if k != "max_body_bytes"}
+        for k in ("max_connections", "max_handshakes", "max_handshakes_per_source"):
+            if sizes.get(k) == 0:
+                raise r.fail(("limits", k), f"{k} must be at least 1")
         body = lm.get("max_body_bytes")
         limits = Limits(**sizes)
         if body not in (None, False, "off"):

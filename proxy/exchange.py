@@ -119,12 +119,12 @@ async def forward(f: Forward) -> bool:
             await conn.send(h11.EndOfMessage())
             response = await _response_head(client, conn)
         ex.upstream_status = ex.status = response.status_code
+        back = headers.downstream_response_headers(response.headers, ex.request_id)
+        if client.aged:  # timeouts.max_connection_age: this is the connection's last
+            back.append((b"connection", b"close"))
         await client.send(
             trusted(
-                h11.Response,
-                status_code=response.status_code,
-                reason=response.reason,
-                headers=headers.downstream_response_headers(response.headers, ex.request_id),
+                h11.Response, status_code=response.status_code, reason=response.reason, headers=back
             ),
             flush=False,
         )
@@ -277,18 +277,18 @@ async def _pump(f: Forward, conn: UpstreamConnection) -> None:
         cancel.cancel()
 
     async def down(cancel: trio.CancelScope) -> None:
-        with contextlib.suppress(*_BROKEN):
+        with contextlib.suppress(ClientGone, *_BROKEN):
             data = upstream_early
             if data:
                 ex.bytes_out += len(data)
-                await client.tls.send_all(data)
+                await client.write(data)
             while True:
                 data = await conn.stream.receive_some(65536)
                 if not data:
                     break
                 last[0] = trio.current_time()
                 ex.bytes_out += len(data)
-                await client.tls.send_all(data)
+                await client.write(data)
         cancel.cancel()
 
     async with trio.open_nursery() as n:

@@ -75,6 +75,13 @@ class Metrics:
             "Connections closed unserved: limits.max_connections.",
             registry=r,
         )
+        self.handshakes_refused = Counter(
+            "spiffe_pep_handshakes_refused",
+            "Connections closed before TLS: too many handshakes in flight (in all, or from "
+            "one source address).",
+            ["limit"],
+            registry=r,
+        )
         self.headers_dropped = Counter(
             "spiffe_pep_request_headers_dropped",
             "Client request headers dropped by a canonicalisation rule (underscore names).",

@@ -34,6 +34,8 @@ class Runtime:
     signer: AssertionSigner | None = None
     x509_source: Any = None  # a WorkloadApiSource when the SVID comes from a SPIRE agent
     open_connections: int = 0
+    handshakes: int = 0  # TLS handshakes in flight
+    handshakes_by_source: dict[str, int] = field(default_factory=dict)
     policy_loaded_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
     draining: bool = False
     drain_requested: trio.Event = field(default_factory=trio.Event)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+from collections.abc import Iterator
 
 import trio
 from cryptography import x509
@@ -64,16 +65,68 @@ async def _read_proxy_header(
     return None
 
 
+@contextlib.contextmanager
+def _handshake_slot(rt: Runtime, source: str) -> Iterator[bool]:
+    """Whether this connection may start its handshake: a cap on handshakes in flight,
+    in all and per source address, below ``max_connections``, so clients that never
+    finish TLS cannot lock out the ones that do for a whole handshake timeout."""
+    limits = rt.config.limits
+    limit = None
+    if rt.handshakes >= limits.max_handshakes:
+        limit = "max_handshakes"
+    elif source and rt.handshakes_by_source.get(source, 0) >= limits.max_handshakes_per_source:
+        limit = "max_handshakes_per_source"
+    if limit is not None:
+        rt.metrics.handshakes_refused.labels(limit=limit).inc()
+        yield False
+        return
+    rt.handshakes += 1
+    rt.handshakes_by_source[source] = rt.handshakes_by_source.get(source, 0) + 1
+    try:
+        yield True
+    finally:
+        rt.handshakes -= 1
+        left = rt.handshakes_by_source[source] - 1
+        if left:
+            rt.handshakes_by_source[source] = left
+        else:
+            del rt.handshakes_by_source[source]
+
+
 async def handle_connection(rt: Runtime, stream: trio.SocketStream) -> None:
     peer_ip, peer_addr = _peer_addr(stream)
+    # Behind a PROXY-protocol balancer every socket comes from the balancer: only the
+    # global cap applies there.
+    source = "" if rt.config.proxy_protocol else peer_ip
+    with _handshake_slot(rt, source) as admitted:
+        verified = await _open(rt, stream, peer_ip, peer_addr) if admitted else None
+    if verified is None:
+        await stream.aclose()
+        return
+    tls, peer, chain, creds, peer_ip, peer_addr = verified
+    rt.metrics.open_connections.inc()
+    try:
+        session = HttpSession(rt, tls, peer, peer_ip, peer_addr, chain, creds)
+        await session.run()
+        if session.truncated:
+            await tls.abort()
+    finally:
+        rt.metrics.open_connections.dec()
+        await tls.aclose()
+
+
+async def _open(
+    rt: Runtime, stream: trio.SocketStream, peer_ip: str, peer_addr: str
+) -> tuple[TLSStream, svid.PeerSvid, list[x509.Certificate], Credentials, str, str] | None:
+    """PROXY header (if configured), TLS handshake and SVID check: the verified
+    connection, or None (logged, and the TLS side closed)."""
     with contextlib.suppress(OSError):
         stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
     early = b""
     if rt.config.proxy_protocol:
         got = await _read_proxy_header(rt, stream, peer_addr)
         if got is None:
-            await stream.aclose()
-            return
+            return None
         header, early = got
         if header.source is not None:  # LOCAL/UNKNOWN: the balancer itself, keep the socket's
             peer_ip, port = header.source
@@ -84,18 +137,16 @@ async def handle_connection(rt: Runtime, stream: trio.SocketStream) -> None:
     if early:
         conn.bio_write(early)
     tls = TLSStream(stream, conn)
-    rt.metrics.open_connections.inc()
     try:
         verified = await _handshake(rt, creds, tls, peer_addr)
-        if verified is not None:
-            peer, chain = verified
-            session = HttpSession(rt, tls, peer, peer_ip, peer_addr, chain, creds)
-            await session.run()
-            if session.truncated:
-                await tls.abort()
-    finally:
-        rt.metrics.open_connections.dec()
+    except BaseException:
         await tls.aclose()
+        raise
+    if verified is None:
+        await tls.aclose()
+        return None
+    peer, chain = verified
+    return tls, peer, chain, creds, peer_ip, peer_addr
 
 
 _PLAIN_HTTP_BODY = b"This port speaks HTTPS and requires a client certificate.\n"

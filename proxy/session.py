@@ -93,6 +93,11 @@ class HttpSession:
         # rotation or bundle change the chain is verified again before the next request.
         self.chain = chain or [peer.leaf]
         self.creds = creds or rt.credentials
+        self.opened = trio.current_time()
+        # The body of the request in progress: when it started and what arrived, for
+        # limits.min_body_rate.
+        self._body_started = 0.0
+        self._body_bytes = 0
         self.peer_ip = peer_ip
         self.peer_addr = peer_addr
         self.h = http1.new_server_connection(rt.config.limits.max_header_bytes)
@@ -131,10 +136,25 @@ class HttpSession:
             return
         data = bytes(self._out)
         self._out.clear()
+        await self.write(data)
+
+    async def write(self, data: bytes) -> None:
+        """Send to the client; a client that takes none of it for ``timeouts.client_write``
+        (it stopped reading) is cut off, releasing the upstream connection too."""
         try:
-            await self.tls.send_all(data)
+            with trio.fail_after(self.rt.config.timeouts.client_write):
+                await self.tls.send_all(data)
+        except trio.TooSlowError as exc:
+            self.truncated = True
+            raise ClientGone("client_write_timeout") from exc
         except (TLSError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise ClientGone(str(exc)) from exc
+
+    @property
+    def aged(self) -> bool:
+        """Past ``timeouts.max_connection_age``: this connection's response carries
+        ``Connection: close`` and it ends after it."""
+        return trio.current_time() - self.opened > self.rt.config.timeouts.max_connection_age
 
     def _keep_http10_alive(self, response: h11.Response, data: bytes | None) -> bytes | None:
         """HTTP/1.0 keep-alive, which h11 does not do: an HTTP/1.0 client that asked for it
@@ -196,17 +216,28 @@ class HttpSession:
                 started = True
                 deadline = trio.current_time() + timeouts.request_head
 
+    def _body_deadline(self) -> float:
+        """A body must keep up ``limits.min_body_rate`` on average after a grace of
+        ``timeouts.request_head``: a trickle of a byte every few seconds is cut with 408
+        instead of resetting a deadline with every byte; a fast upload is never cut."""
+        rate = self.rt.config.limits.min_body_rate
+        grace = self.rt.config.timeouts.request_head
+        allowed = grace + (self._body_bytes / rate if rate else float("inf"))
+        idle = trio.current_time() + self.rt.config.timeouts.idle
+        return min(self._body_started + allowed, idle)
+
     async def next_body_event(self) -> h11.Event:
-        deadline = trio.current_time() + self.rt.config.timeouts.idle
         while True:
             try:
                 event = self.h.next_event()
             except h11.RemoteProtocolError as exc:
                 raise HttpError(400, "malformed_request_body", str(exc)) from exc
             if event is not h11.NEED_DATA:
+                if type(event) is h11.Data:
+                    self._body_bytes += len(event.data)
                 return event  # type: ignore[return-value]
             try:
-                await self._receive(deadline)
+                await self._receive(self._body_deadline())
             except trio.TooSlowError as exc:
                 raise HttpError(408, "request_body_timeout") from exc
 
@@ -216,6 +247,8 @@ class HttpSession:
             event = self.h.next_event()
         except h11.RemoteProtocolError as exc:
             raise HttpError(400, "malformed_request_body", str(exc)) from exc
+        if type(event) is h11.Data:
+            self._body_bytes += len(event.data)
         return None if event is h11.NEED_DATA else event  # type: ignore[return-value]
 
     async def reply_error(
@@ -235,7 +268,7 @@ class HttpSession:
             if reason != "jwt_missing":
                 value += b', error="invalid_token"'
             hdrs.append((b"www-authenticate", value))
-        if close:
+        if close or self.aged:
             hdrs.append((b"connection", b"close"))
         await self.send(h11.Response(status_code=status, headers=hdrs), flush=False)
         await self.send(h11.Data(data=body), flush=False)
@@ -298,7 +331,7 @@ class HttpSession:
         elapsed = time.perf_counter() - t0
         if ex.status == 0:
             # Nothing was answered: the client left (nginx's 499) or the proxy failed.
-            ex.status = 499 if ex.reason == "client_gone" else 500
+            ex.status = 499 if ex.reason in ("client_gone", "client_write_timeout") else 500
         record = audit.build_record(ex, self.peer, policy_sha256, started, elapsed)
         record.update(extra)
         self.rt.decisions.write(record)
@@ -358,6 +391,7 @@ class HttpSession:
         """Serve one request; return whether the connection may carry another."""
         t0 = time.perf_counter()
         started = dt.datetime.now(dt.UTC)
+        self._body_started, self._body_bytes = trio.current_time(), 0
         # h11's Headers iterates in Python, item by item: read it once per request.
         hdrs = list(req.headers)
         rid = headers.request_id(hdrs)
@@ -427,9 +461,10 @@ class HttpSession:
             )
             await self.reply_error(exc.status_hint, exc.reason, rid, close=True)
             return False
-        except ClientGone:
+        except ClientGone as exc:
             if ex.reason in ("", ALLOWED):
-                ex.reason = "client_gone"
+                slow = str(exc) == "client_write_timeout"
+                ex.reason = "client_write_timeout" if slow else "client_gone"
             raise
         except Exception as exc:
             # A bug, not the client's fault: answer 500 if nothing was sent yet, keep the
