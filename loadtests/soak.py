@@ -10,8 +10,11 @@ and runs ``--concurrency`` client tasks that take turns at:
 valid keep-alive requests, a handshake per request, a denied SVID (403), an upstream that
 is down (502), an untrusted CA and an expired SVID (handshake refused), request smuggling
 (CL+TE, 400), plain HTTP and TLS garbage on the TLS port, a client that vanishes
-mid-upload, and an idle connection dropped after its handshake. Every loop is bounded by
-the duration. Not part of the test suite (tests/test_soak.py only runs it for seconds).
+mid-upload, an idle connection dropped after its handshake, a client that stops reading
+a large response (cut by ``client_write``), a body trickled a byte at a time (408 by
+``min_body_rate``) and a socket that never starts TLS (closed by the handshake timeout).
+Every loop is bounded by the duration. Not part of the test suite
+(tests/test_loadtests.py only runs it for seconds).
 
 Verdict: the samples after the warm-up are cut in thirds; RSS "keeps growing" when the
 median of the last third exceeds the first third's by more than max(8 MiB, 10%), file
@@ -89,7 +92,8 @@ def write_config(d: Path, port: int, upstream: int) -> Path:
         port,
         {"app": upstream, "down": free_port()},  # nothing listens on "down"
         workers=1,
-        extra="timeouts: {idle: 5s}\n",
+        extra="timeouts: {idle: 5s, handshake: 2s, request_head: 2s, client_write: 2s}\n"
+        "limits: {min_body_rate: 1KiB}\n",
     )
 
 
@@ -213,6 +217,55 @@ class Traffic:
         await trio.aclose_forcefully(stream)
         return True
 
+    async def slow_reader(self) -> bool:
+        """Asks for 16 MiB and reads nothing: the proxy must cut it (client_write)."""
+        size = 16 * 2**20
+        stream = await self._tls("client")
+        got = 0
+        try:
+            await stream.send_all(b"GET /bytes/%d HTTP/1.1\r\nHost: localhost\r\n\r\n" % size)
+            await trio.sleep(3)
+            with trio.move_on_after(10):
+                while chunk := await stream.receive_some(65536):
+                    got += len(chunk)
+        except (ssl.SSLError, trio.BrokenResourceError, OSError):
+            pass  # cut without close_notify: what a truncated response looks like
+        finally:
+            await trio.aclose_forcefully(stream)
+        return got < size
+
+    async def trickle(self) -> bool:
+        """A body dripped a byte every 0.5 s: 408 from the minimum body rate."""
+        stream = await self._tls("client")
+
+        async def drip() -> None:
+            with contextlib.suppress(trio.BrokenResourceError, ssl.SSLError, OSError):
+                for _ in range(30):
+                    await stream.send_all(b"x")
+                    await trio.sleep(0.5)
+
+        try:
+            await stream.send_all(
+                b"POST /orders HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1000\r\n\r\n"
+            )
+            async with trio.open_nursery() as n:
+                n.start_soon(drip)
+                status = await self._response(stream)
+                n.cancel_scope.cancel()
+            return status == 408
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def pre_tls(self) -> bool:
+        """A socket that never starts TLS: closed by the handshake timeout."""
+        stream = await trio.open_tcp_stream("127.0.0.1", self.port)
+        try:
+            with trio.move_on_after(8) as scope:
+                data = await stream.receive_some(1)
+            return not scope.cancelled_caught and data == b""
+        finally:
+            await stream.aclose()
+
     def kinds(self) -> list[Callable[[], Awaitable[bool]]]:
         # Valid traffic is the bulk; every hostile kind comes round often.
         return [
@@ -229,6 +282,9 @@ class Traffic:
             self.vanish,
             self.idle,
             self.keepalive,
+            self.slow_reader,
+            self.trickle,
+            self.pre_tls,
         ]
 
     async def client(self, offset: int, deadline: float) -> None:

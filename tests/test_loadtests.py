@@ -130,7 +130,8 @@ def test_soak_script_runs_and_judges(tmp_path: Path) -> None:
     assert result["unexpected"] == {}
     assert set(result["ok"]) == {
         "keepalive", "handshake", "denied", "upstream_down", "untrusted", "expired",
-        "smuggling", "plain_http", "garbage", "vanish", "idle",
+        "smuggling", "plain_http", "garbage", "vanish", "idle", "slow_reader", "trickle",
+        "pre_tls",
     }  # fmt: skip
     assert result["verdict"]["judged"] and len(result["samples"]) >= 10
     assert all(s["rss"] > 0 and s["fds"] > 0 for s in result["samples"])
