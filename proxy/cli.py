@@ -103,11 +103,35 @@ def _load_with_rules(
     return policy, cfg.canonical_rules(), cfg.upstream_rules()
 
 
+def _refused_tests(policy: Policy, rules: canonical.Rules | None) -> list[str]:
+    """Test cases expecting ``allow`` whose request the proxy refuses before the policy
+    (canonicalised with the proxy's own function and, given a config, its rules)."""
+    out = []
+    for case in policy.tests:
+        if case.expect != "allow":
+            continue
+        got = canonical.build(
+            case.method.encode(), case.path.encode(), [(b"host", case.host.encode())],
+            rules or canonical.Rules(),
+        )  # fmt: skip
+        if isinstance(got, canonical.Refusal):
+            out.append(
+                f"{case.location}: {case.method} {case.host} {case.path} expects allow, but the "
+                f"proxy refuses it before the policy ({got.status} {got.reason})"
+            )
+    return out
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     path = Path(args.file)
     try:
         if _is_policy(path):
-            policy = _load_policy_file(path, args.config)
+            policy, rules, _ = _load_with_rules(path, args.config)
+            refused = _refused_tests(policy, rules)
+            for line in refused:
+                print(line, file=sys.stderr)
+            if refused:
+                return EXIT_CONFIG
             print(
                 f"ok: {path}: {len(policy.routes)} routes, {len(policy.tests)} tests, "
                 f"sha256 {policy.sha256}"
@@ -115,6 +139,11 @@ def cmd_check(args: argparse.Namespace) -> int:
         else:
             config = read_config(path)
             policy = read_policy(config)
+            refused = _refused_tests(policy, config.canonical_rules())
+            for line in refused:
+                print(line, file=sys.stderr)
+            if refused:
+                return EXIT_CONFIG
             print(
                 f"ok: {path} and {config.policy_path} ({len(policy.routes)} routes, "
                 f"policy sha256 {policy.sha256})"

@@ -143,3 +143,26 @@ def test_check_valid_policy(tmp_path: Path) -> None:
     policy.write_text(POLICY)
     done = spiffe_pep("check", str(policy))
     assert done.returncode == 0 and "3 routes, 4 tests" in done.stdout
+
+
+def test_check_reports_a_test_the_proxy_would_refuse_before_the_policy(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        POLICY.split("tests:")[0]
+        + textwrap.dedent("""\
+        tests:
+          - {id: "spiffe://example.org/ns/prod/sa/web", request: "GET billing.internal /api/invoices/..;/7", expect: allow}
+          - {id: "spiffe://example.org/ns/prod/sa/web", request: "GET billing.internal /api/../admin", expect: deny}
+        """)
+    )
+    done = spiffe_pep("check", str(policy))
+    assert done.returncode == 2, done.stdout
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"{policy}:") and "path_parameters_refused" in line
+    # explain says the same, and the verdict is the live proxy's: refused before the policy
+    done = spiffe_pep(
+        "explain", str(policy), "--id", "spiffe://example.org/ns/prod/sa/web",
+        "--host", "billing.internal", "--path", "/api/invoices/..;/7",
+    )  # fmt: skip
+    assert "decision: refuse (400, before the policy)" in done.stdout
+    assert "path_parameters_refused" in done.stdout
