@@ -282,6 +282,18 @@ def spiffe_pep(lab: Lab, upstream: int, workers: int) -> Target:
     return Target(f"spiffe-pep x{workers}" if workers > 1 else "spiffe-pep", port, proc)
 
 
+def floor(lab: Lab, upstream: int) -> Target:
+    """The floor forwarder (``loadtests/floor.py``) on the same TLS files and upstream."""
+    port = free_port()
+    cfg = pep_config(lab.dir, "floor", port, {"app": upstream}, 1)
+    proc = lab.start(
+        [sys.executable, "-m", "loadtests.floor", "-c", str(cfg), "--allow", CLIENT_ID],
+        port,
+        "floor",
+    )
+    return Target("floor", port, proc)
+
+
 AB_PATTERNS = {
     "rps": r"Requests per second:\s+([\d.]+)",
     "complete": r"Complete requests:\s+(\d+)",
@@ -379,7 +391,7 @@ def run(reps: int, ab_ka: int, ab_hs: int, seconds: float) -> dict[str, Any]:
     t0 = time.monotonic()
     try:
         up, nginx, pep = start_all(lab)
-        targets = [nginx, pep]
+        targets = [nginx, floor(lab, up), pep]
         for t in targets:  # warm up: first handshakes, pools, imports
             ab(lab, t, True, 500)
         rows: dict[str, dict[str, list[float]]] = {}
@@ -443,6 +455,19 @@ def report(r: dict[str, Any]) -> Iterator[str]:
     half_n, half_p = t[f"{n}|own at half rate"], t[f"{p}|own at half rate"]
     mem = r["idle_rss_bytes_per_connection"]
     w2 = t.get("spiffe-pep x2|ab keep-alive")
+    f = "floor"
+    if f"{f}|ab keep-alive" in t:
+        ka_f, hs_f = t[f"{f}|ab keep-alive"], t[f"{f}|ab handshake"]
+        yield ""
+        yield "| target (spiffe-pep / floor forwarder, same run) | measured | goal |"
+        yield "|---|---:|---:|"
+        yield (
+            f"| keep-alive CPU/request | {ka_p['cpu_us']:,.0f} vs {ka_f['cpu_us']:,.0f} µs "
+            f"({ratio(ka_p['cpu_us'], ka_f['cpu_us'])}) | <= 1.2x |"
+        )
+        yield (f"| handshake req/s (ab, c=32) | {ratio(hs_p['rps'], hs_f['rps'])} | >= 1.0x |")
+        if f in mem:
+            yield f"| idle mTLS connection memory (floor) | {mem[f] / 1024:.1f} KiB | (info) |"
     yield ""
     yield "| target (spiffe-pep / nginx, same run) | measured | goal |"
     yield "|---|---:|---:|"

@@ -145,3 +145,34 @@ def test_tls_idle_floor_runs() -> None:
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert float(done.stdout) > 0
+
+
+def test_floor_forwarder_forwards_allowed_ids_with_identity_headers(tmp_path: Path) -> None:
+    """The floor spiffe-pep is measured against really forwards, and refuses."""
+    from loadtests import compare
+    from proxy.devcerts import issue_svid
+
+    inter = compare.write_pki(tmp_path)
+    other = issue_svid(inter, ["spiffe://example.org/ns/dev/sa/other"])
+    (tmp_path / "other.pem").write_bytes(other.chain_pem())
+    (tmp_path / "other_key.pem").write_bytes(other.key_pem())
+    lab = compare.Lab(tmp_path)
+    try:
+        up = compare.free_port()
+        lab.start([sys.executable, "-m", "proxy.demo_upstream", "--port", str(up)], up, "up")
+        url = f"https://localhost:{compare.floor(lab, up).port}"
+
+        def curl(cert: str) -> str:
+            return subprocess.run(
+                ["curl", "-sS", "--cacert", str(tmp_path / "root.pem"),
+                 "--cert", str(tmp_path / f"{cert}.pem"), "--key", str(tmp_path / f"{cert}_key.pem"),
+                 f"{url}/x", f"{url}/y"],
+                capture_output=True, text=True, timeout=30,
+            ).stdout  # fmt: skip
+
+        allowed = curl("client")  # two requests on one keep-alive connection
+        assert allowed.count(f'["x-client-spiffe-id", "{compare.CLIENT_ID}"]') == 2, allowed
+        assert allowed.count("x-forwarded-client-cert") == 2
+        assert curl("other") == '{"error":"forbidden"}' * 2
+    finally:
+        lab.stop_all()
