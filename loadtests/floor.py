@@ -77,6 +77,7 @@ class Floor:
             http10 = event.http_version == b"1.0"
             keep10 = http10 and b"keep-alive" in headers.connection_tokens(event.headers)
             out = bytearray()
+            framed = True  # the response has a length (else HTTP/1.0 must close)
             if not allowed:
                 out += (
                     h.send(
@@ -93,9 +94,10 @@ class Floor:
                 )
                 up += [(headers.XFCC, element), (b"x-client-spiffe-id", spiffe_id.encode())]
                 try:
-                    out += await self.forward(
+                    body, framed = await self.forward(
                         h, h11.Request(method=event.method, target=event.target, headers=up)
                     )
+                    out += body
                 except UpstreamError:
                     return
             while True:  # the rest of the request (the floor serves bodiless ones)
@@ -105,6 +107,7 @@ class Floor:
                 if rest is h11.NEED_DATA:
                     h.receive_data(await tls.receive_some())
             out += h.send(h11.EndOfMessage()) or b""
+            keep10 = keep10 and framed
             if keep10:
                 out = bytearray(
                     bytes(out).replace(b"Connection: close\r\n", b"Connection: keep-alive\r\n", 1)
@@ -113,22 +116,25 @@ class Floor:
             if keep10:
                 leftover, _ = h.trailing_data
                 h = h11.Connection(h11.SERVER)
-                h.receive_data(leftover)
+                if leftover:  # receive_data(b"") would mean end of stream
+                    h.receive_data(leftover)
                 continue
             if h.our_state is not h11.DONE or h.their_state is not h11.DONE:
                 return
             h.start_next_cycle()
 
-    async def forward(self, h: h11.Connection, request: h11.Request) -> bytes:
+    async def forward(self, h: h11.Connection, request: h11.Request) -> tuple[bytes, bool]:
         conn = await self.pool.acquire(self.creds)
         try:
             await conn.send(request)
             await conn.send(h11.EndOfMessage())
             out = bytearray()
+            framed = False
             while True:
                 event = await conn.next_event(30)
                 if isinstance(event, h11.Response):
                     hdrs = headers.strip_hop_by_hop(event.headers)
+                    framed = any(n == b"content-length" for n, _ in hdrs)
                     out += h.send(h11.Response(status_code=event.status_code, headers=hdrs)) or b""
                 elif isinstance(event, h11.Data):
                     out += h.send(h11.Data(data=event.data)) or b""
@@ -138,7 +144,7 @@ class Floor:
             await conn.aclose()
             raise
         await self.pool.release(conn)
-        return bytes(out)
+        return bytes(out), framed
 
 
 async def main_async(config: Path, allow: set[str]) -> None:
