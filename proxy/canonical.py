@@ -149,6 +149,8 @@ class CanonicalRequest:
     xfcc: str | None = None  # inbound XFCC (counts only from a trusted forwarder)
     forwarded_for: bytes = b""  # inbound X-Forwarded-For (likewise)
     has_body: bool = False
+    connection: frozenset[bytes] = frozenset()  # Connection tokens, lower-case
+    chunked: bool = False
 
     @property
     def authority(self) -> str:
@@ -271,6 +273,8 @@ def _build(
         xfcc=b",".join(xfcc).decode("latin-1") if xfcc else None,
         forwarded_for=b", ".join(xff),
         has_body=chunked or (length is not None and length.strip() not in (b"0", b"")),
+        connection=frozenset(t for t in connection if t),
+        chunked=chunked,
     )
 
 

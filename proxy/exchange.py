@@ -35,11 +35,11 @@ def trusted(event: type[h11.Request] | type[h11.Response], **fields: Any) -> Any
     return event(**fields, _parsed=True)
 
 
-def upgrade_protocol(hdrs: headers.Headers) -> bytes | None:
+def upgrade_protocol(request: CanonicalRequest) -> bytes | None:
     """The protocol a request asks to switch to (``Connection: upgrade`` + ``Upgrade``)."""
-    if b"upgrade" not in headers.connection_tokens(hdrs):
+    if b"upgrade" not in request.connection:
         return None
-    return next((v for n, v in hdrs if n == b"upgrade"), None)
+    return next((v for n, v in request.headers if n == b"upgrade"), None)
 
 
 @dataclass
@@ -198,7 +198,7 @@ async def upgrade(f: Forward) -> None:
     stream until either closes. Anything else is relayed as a plain response."""
     client, ex, route = f.client, f.ex, f.route
     rt = client.rt
-    protocol = upgrade_protocol(f.request.headers)
+    protocol = upgrade_protocol(f.request)
     assert protocol is not None
     pool = rt.pools[route.upstream]
     ex.upstream = route.upstream

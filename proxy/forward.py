@@ -101,13 +101,16 @@ class UpstreamConnection:
                 return event  # type: ignore[return-value]
             if before_wait is not None:
                 await before_wait()
+            # A plain cancel scope: trio.fail_after is a generator context manager, and
+            # this runs for every read of every response.
+            data = None
             try:
-                with trio.fail_after(timeout):
+                with trio.CancelScope(deadline=trio.current_time() + timeout):
                     data = await self.stream.receive_some(_CHUNK)
-            except trio.TooSlowError as exc:
-                raise UpstreamError(504, TIMEOUT, "no answer in time") from exc
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 raise UpstreamError(502, BROKEN, str(exc) or type(exc).__name__) from exc
+            if data is None:
+                raise UpstreamError(504, TIMEOUT, "no answer in time")
             try:
                 self.h11.receive_data(data)
             except RuntimeError as exc:  # data after the upstream closed

@@ -12,8 +12,9 @@ client must not be able to strip that way); client-supplied identity headers
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Sequence
+import itertools
+import os
+from collections.abc import Sequence, Set
 from dataclasses import dataclass
 
 Headers = Sequence[tuple[bytes, bytes]]
@@ -48,8 +49,14 @@ def connection_tokens(headers: Headers) -> set[bytes]:
     return tokens
 
 
-def strip_hop_by_hop(headers: Headers, also: frozenset[bytes] = frozenset()) -> HeaderList:
-    named = connection_tokens(headers) - NEVER_STRIPPED_BY_CONNECTION
+def strip_hop_by_hop(
+    headers: Headers, also: frozenset[bytes] = frozenset(), tokens: Set[bytes] | None = None
+) -> HeaderList:
+    """``headers`` without hop-by-hop ones, those ``Connection`` names (``tokens``, when
+    the caller has them already) and ``also``."""
+    named = (
+        connection_tokens(headers) if tokens is None else tokens
+    ) - NEVER_STRIPPED_BY_CONNECTION
     drop = HOP_BY_HOP | named | also
     return [(n, v) for n, v in headers if n not in drop]
 
@@ -61,7 +68,17 @@ def request_id(headers: Headers) -> str:
             if 0 < len(value) <= MAX_REQUEST_ID and _REQUEST_ID_CHARS.issuperset(value):
                 return value.decode("ascii")
             break
-    return uuid.uuid4().hex
+    return new_request_id()
+
+
+# A fresh request id: 64 random bits drawn once per process, then a counter; unique
+# across workers and restarts, 32 hex digits like a UUID, without a uuid4() per request.
+_ID_PREFIX = os.urandom(8).hex()
+_ID_COUNTER = itertools.count(int.from_bytes(os.urandom(4), "big"))
+
+
+def new_request_id() -> str:
+    return f"{_ID_PREFIX}{next(_ID_COUNTER) & 0xFFFFFFFFFFFFFFFF:016x}"
 
 
 def is_chunked(headers: Headers) -> bool:
@@ -82,12 +99,17 @@ class Identity:
 
 
 def upstream_request_headers(
-    headers: Headers, ident: Identity, strip: frozenset[bytes] = frozenset()
+    headers: Headers,
+    ident: Identity,
+    strip: frozenset[bytes] = frozenset(),
+    tokens: Set[bytes] | None = None,
+    chunked: bool | None = None,
 ) -> HeaderList:
     """The headers to send upstream for an allowed request. ``strip``: more to drop
-    whatever the client sent (identity headers of every kind, a consumed JWT-SVID)."""
-    out = strip_hop_by_hop(headers, _PROXY_SET | {ident.id_header} | strip)
-    if is_chunked(headers):
+    whatever the client sent (identity headers of every kind, a consumed JWT-SVID);
+    ``tokens`` and ``chunked``: what the caller already knows of the headers."""
+    out = strip_hop_by_hop(headers, _PROXY_SET | {ident.id_header} | strip, tokens)
+    if is_chunked(headers) if chunked is None else chunked:
         out.append((b"transfer-encoding", b"chunked"))
     out += [
         (b"x-forwarded-for", ident.forwarded_for.encode("ascii")),

@@ -174,7 +174,9 @@ def upstream_head(
         forwarded_for=forwarded_for,
         extra=tuple(extra),
     )
-    out = headers.upstream_request_headers(request.headers, ident, strip)
+    out = headers.upstream_request_headers(
+        request.headers, ident, strip, request.connection, request.chunked
+    )
     if request.port is None and not request.host and not any(n == b"host" for n, _ in out):
         # HTTP/1.0 without Host: the upstream speaks HTTP/1.1 and needs one.
         out.insert(0, (b"host", f"{upstream.host}:{upstream.port}".encode("ascii")))

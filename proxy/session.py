@@ -36,6 +36,7 @@ from proxy.tls import Credentials
 from proxy.tls_stream import TLSError, TLSStream
 
 _OUT_HIGH_WATER = 64 * 1024  # buffered response bytes are written out at least this often
+_VERDICT_CACHE = 32  # verdicts remembered per connection
 
 
 def _bearer_token(hdrs: headers.Headers, name: str) -> str | None:
@@ -94,6 +95,9 @@ class HttpSession:
         self.chain = chain or [peer.leaf]
         self.creds = creds or rt.credentials
         self.opened = trio.current_time()
+        self._write_timeout = rt.config.timeouts.client_write
+        self._cache: dict[tuple[object, ...], Verdict] = {}
+        self._cached_for: tuple[object, ...] | None = None
         # The body of the request in progress: when it started and what arrived, for
         # limits.min_body_rate.
         self._body_started = 0.0
@@ -112,12 +116,20 @@ class HttpSession:
 
     # --- client I/O -------------------------------------------------------------------
 
-    async def _receive(self, deadline: float) -> None:
+    async def _receive(self, deadline: float, scope: trio.CancelScope | None = None) -> None:
+        """Read from the client into h11; ``TooSlowError`` past ``deadline``. ``scope``,
+        when given, is the (plain) cancel scope to wait in: a drain may cancel it."""
+        data = None
         try:
-            with trio.fail_at(deadline):
+            with scope or trio.CancelScope() as cs:
+                cs.deadline = deadline
                 data = await self.tls.receive_some()
         except (TLSError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise ClientGone(str(exc)) from exc
+        if data is None:
+            if cs.cancel_called and trio.current_time() < deadline:
+                return  # cancelled by a drain, not by the deadline
+            raise trio.TooSlowError
         self.h.receive_data(data)
 
     async def send(self, event: h11.Event, flush: bool = True) -> None:
@@ -141,14 +153,16 @@ class HttpSession:
     async def write(self, data: bytes) -> None:
         """Send to the client; a client that takes none of it for ``timeouts.client_write``
         (it stopped reading) is cut off, releasing the upstream connection too."""
+        done = False
         try:
-            with trio.fail_after(self.rt.config.timeouts.client_write):
+            with trio.CancelScope(deadline=trio.current_time() + self._write_timeout):
                 await self.tls.send_all(data)
-        except trio.TooSlowError as exc:
-            self.truncated = True
-            raise ClientGone("client_write_timeout") from exc
+                done = True
         except (TLSError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise ClientGone(str(exc)) from exc
+        if not done:
+            self.truncated = True
+            raise ClientGone("client_write_timeout")
 
     @property
     def aged(self) -> bool:
@@ -200,14 +214,14 @@ class HttpSession:
                 if started:
                     await self._receive(deadline)
                 else:
-                    with trio.CancelScope() as idle:
-                        self.rt.idle_scopes.add(idle)
-                        try:
-                            await self._receive(deadline)
-                        finally:
-                            self.rt.idle_scopes.discard(idle)
-                    if idle.cancelled_caught:
-                        return None
+                    idle = trio.CancelScope()
+                    self.rt.idle_scopes.add(idle)
+                    try:
+                        await self._receive(deadline, idle)
+                    finally:
+                        self.rt.idle_scopes.discard(idle)
+                    if idle.cancel_called and trio.current_time() < deadline:
+                        return None  # a drain closes idle keep-alive connections
             except trio.TooSlowError:
                 if started:
                     await self._refuse_head(408, "request_head_timeout")
@@ -365,18 +379,46 @@ class HttpSession:
     def verdict(
         self, request: CanonicalRequest, hop: Origin, policy: Policy, now: dt.datetime
     ) -> Verdict:
-        """Stage 2: the policy's verdict on the canonical request, for this peer."""
-        return decide(
+        """Stage 2: the policy's verdict on the canonical request, for this peer.
+
+        Remembered per connection for requests without a JWT-SVID: with the same policy
+        object, trust store, peer and canonical request, ``decide`` gives the same
+        verdict until the peer's certificate expires (the only clock it reads then), so
+        a keep-alive client repeating a request skips the evaluation."""
+        token = _bearer_token(request.headers, policy.jwt_header)
+        cacheable = token is None and now <= self.peer.not_after
+        if cacheable:
+            was = self._cached_for
+            rules = self.rt.upstream_rules
+            if (
+                was is None
+                or was[0] is not policy
+                or was[1] is not self.creds
+                or was[2] is not rules
+            ):
+                self._cache.clear()
+                self._cached_for = (policy, self.creds, rules)
+            key = (request.method, request.host, request.path, request.path_params,
+                   hop.spiffe_id, hop.sha256)  # fmt: skip
+            hit = self._cache.get(key)
+            if hit is not None:
+                return hit
+        verdict = decide(
             policy,
             self.peer,
             request,
             now,
-            token=_bearer_token(request.headers, policy.jwt_header),
+            token=token,
             origin=hop.spiffe_id,
             origin_sha256=hop.sha256,
             authorities=self.rt.credentials.jwt_authorities,
             upstreams=self.rt.upstream_rules,
         )
+        if cacheable:
+            if len(self._cache) >= _VERDICT_CACHE:
+                self._cache.clear()
+            self._cache[key] = verdict
+        return verdict
 
     def canonical(self, req: h11.Request, hdrs: headers.Headers) -> CanonicalRequest:
         """Stage 1: the canonical request, or an ``HttpError`` carrying the refusal."""
@@ -437,7 +479,7 @@ class HttpSession:
                 )
                 return not request.has_body
             fwd = exchange.Forward(self, request, decision, ex, hop, policy)
-            if exchange.upgrade_protocol(request.headers) is not None:
+            if exchange.upgrade_protocol(request) is not None:
                 await exchange.upgrade(fwd)
                 return False
             return await exchange.forward(fwd)

@@ -218,3 +218,43 @@ async def test_h2c_upgrade_is_refused(nursery: trio.Nursery, tmp_path: Path, pki
     await wait_until(lambda: len(proxy.decisions()) == 3)
     assert {d["reason"] for d in proxy.decisions()} == {"upgrade_not_allowed"}
     assert echo.handshakes == []
+
+
+async def test_keepalive_connection_sees_a_revocation_on_its_next_request(
+    nursery: trio.Nursery, tmp_path: Path, pki: Pki
+) -> None:
+    # The per-connection verdict cache must not outlive a policy change.
+    from proxy import demo_upstream
+
+    upstream = await nursery.start(demo_upstream.serve, "127.0.0.1", 0)
+    proxy = await serve(
+        nursery, write_config(tmp_path, pki, upstream, policy_watch="100ms"), pki, upstream
+    )
+    ctx = tls_client(pki, "client")
+
+    def keepalive() -> list[bytes]:
+        got = []
+        with (
+            socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as raw,
+            ctx.wrap_socket(raw, server_hostname="localhost") as s,
+        ):
+            client = h11.Connection(h11.CLIENT)
+            for i in range(3):
+                req = h11.Request(method="GET", target="/orders", headers=[("Host", "localhost")])
+                s.sendall(client.send(req) + client.send(h11.EndOfMessage()))
+                got.append(_read_response(s, client))
+                if i == 1:
+                    (tmp_path / "policy.yaml").write_text(
+                        f'revoked: {{ids: ["{CLIENT_ID}"]}}\n' + POLICY
+                    )
+                    deadline = 100
+                    while not any(e["event"] == "policy_reloaded" for e in proxy.events()):
+                        deadline -= 1
+                        assert deadline, "the policy change was not picked up"
+                        time.sleep(0.05)
+        return got
+
+    got = await trio.to_thread.run_sync(keepalive)
+    assert [statuses(g) for g in got] == [[200], [200], [403]]
+    assert proxy.decisions()[-1]["reason"] == "spiffe_id_revoked"
+    assert len({d["peer_addr"] for d in proxy.decisions()}) == 1  # one connection
