@@ -16,7 +16,22 @@ _PEER_CACHE_MAX = 4096
 _PEER_CACHE_TTL = 300.0
 
 
+Presented = tuple[bytes, ...]  # a presented chain, as DER: what a connection keeps of it
+
+
 def verified_peer(creds: Credentials, chain: list[x509.Certificate]) -> svid.PeerSvid:
+    """``svid.verify_peer`` through the cache (see ``verify_presented``)."""
+    return verify_presented(creds, chain)[0]
+
+
+def reverify(creds: Credentials, presented: Presented) -> svid.PeerSvid:
+    """A chain kept as DER, verified against ``creds`` (after a trust change)."""
+    return verified_peer(creds, [x509.load_der_x509_certificate(d) for d in presented])
+
+
+def verify_presented(
+    creds: Credentials, chain: list[x509.Certificate]
+) -> tuple[svid.PeerSvid, Presented]:
     """``svid.verify_peer``, remembered for a chain seen before: clients reconnect with the
     same SVID over and over, and path validation is the dearest part of a handshake after
     the key exchange. An entry is only used with the trust store it was verified against
@@ -26,13 +41,14 @@ def verified_peer(creds: Credentials, chain: list[x509.Certificate]) -> svid.Pee
     key = tuple(c.public_bytes(Encoding.DER) for c in chain)
     hit = creds.peer_cache.get(key)
     if hit is not None:
-        peer, valid_until = hit
+        peer, valid_until, shared = hit
         if now < valid_until and peer.not_before.timestamp() <= now:
-            return peer  # type: ignore[no-any-return]
+            # The cache's own key: connections with the same chain share one copy.
+            return peer, shared
         del creds.peer_cache[key]
     peer = svid.verify_peer(chain, creds.trust, dt.datetime.fromtimestamp(now, dt.UTC))
     valid_until = min(now + _PEER_CACHE_TTL, *(c.not_valid_after_utc.timestamp() for c in chain))
     if len(creds.peer_cache) >= _PEER_CACHE_MAX:
         del creds.peer_cache[next(iter(creds.peer_cache))]  # the oldest entry
-    creds.peer_cache[key] = (peer, valid_until)
-    return peer
+    creds.peer_cache[key] = (peer, valid_until, key)
+    return peer, key

@@ -9,12 +9,11 @@ import socket
 from collections.abc import Iterator
 
 import trio
-from cryptography import x509
 from OpenSSL import SSL
 
 from proxy import proxyproto, svid
 from proxy.errors import SvidError
-from proxy.peer import verified_peer
+from proxy.peer import Presented, verify_presented
 from proxy.runtime import Runtime
 from proxy.session import HttpSession
 from proxy.tls import Credentials
@@ -117,7 +116,7 @@ async def handle_connection(rt: Runtime, stream: trio.SocketStream) -> None:
 
 async def _open(
     rt: Runtime, stream: trio.SocketStream, peer_ip: str, peer_addr: str
-) -> tuple[TLSStream, svid.PeerSvid, list[x509.Certificate], Credentials, str, str] | None:
+) -> tuple[TLSStream, svid.PeerSvid, Presented, Credentials, str, str] | None:
     """PROXY header (if configured), TLS handshake and SVID check: the verified
     connection, or None (logged, and the TLS side closed)."""
     with contextlib.suppress(OSError):
@@ -163,7 +162,7 @@ def _handshake_failed(rt: Runtime, reason: str, peer_addr: str, **fields: object
 
 async def _handshake(
     rt: Runtime, creds: Credentials, tls: TLSStream, peer_addr: str
-) -> tuple[svid.PeerSvid, list[x509.Certificate]] | None:
+) -> tuple[svid.PeerSvid, Presented] | None:
     """The verified peer and the chain it presented, or None (logged) on failure."""
     try:
         with trio.fail_after(rt.config.timeouts.handshake):
@@ -191,7 +190,7 @@ async def _handshake(
         if cert not in chain:
             chain.append(cert)
     try:
-        return verified_peer(creds, chain), chain
+        return verify_presented(creds, chain)
     except SvidError as exc:
         _handshake_failed(
             rt,

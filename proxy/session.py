@@ -21,13 +21,12 @@ import traceback
 
 import h11
 import trio
-from cryptography import x509
 
 from proxy import audit, canonical, exchange, headers, http1, svid
 from proxy.canonical import CanonicalRequest, Refusal
 from proxy.decide import Verdict, decide
 from proxy.errors import ClientGone, HttpError, SvidError, UpstreamError
-from proxy.peer import verified_peer
+from proxy.peer import Presented, reverify
 from proxy.policy.evaluate import ALLOWED
 from proxy.policy.model import Policy
 from proxy.rewrite import Origin, OriginRefused, PeerHeaders
@@ -84,7 +83,7 @@ class HttpSession:
         peer: svid.PeerSvid,
         peer_ip: str,
         peer_addr: str,
-        chain: list[x509.Certificate] | None = None,
+        chain: Presented = (),
         creds: Credentials | None = None,
     ) -> None:
         self.rt = rt
@@ -92,7 +91,7 @@ class HttpSession:
         self.peer = peer
         # What the peer presented and the credentials it was verified under: after a
         # rotation or bundle change the chain is verified again before the next request.
-        self.chain = chain or [peer.leaf]
+        self.chain = chain
         self.creds = creds or rt.credentials
         self.opened = trio.current_time()
         self._write_timeout = rt.config.timeouts.client_write
@@ -361,7 +360,7 @@ class HttpSession:
         if creds is self.creds:
             return None
         try:
-            peer = verified_peer(creds, self.chain)
+            peer = reverify(creds, self.chain)
         except SvidError as exc:
             self.rt.events.event(
                 "peer_no_longer_trusted",

@@ -60,7 +60,7 @@ class Credentials:
     loaded_at: dt.datetime = dataclasses.field(default_factory=lambda: dt.datetime.now(dt.UTC))
     # Verified peer SVIDs by the exact DER chain presented (see server._verified_peer). It
     # lives and dies with these credentials, so a bundle change empties it.
-    peer_cache: dict[tuple[bytes, ...], tuple[Any, float]] = dataclasses.field(
+    peer_cache: dict[tuple[bytes, ...], tuple[Any, float, tuple[bytes, ...]]] = dataclasses.field(
         default_factory=dict, compare=False, repr=False
     )
 
