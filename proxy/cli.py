@@ -14,8 +14,8 @@ from pathlib import Path
 
 import trio
 
-from proxy import __version__, canonical, devcerts, yamlsrc
-from proxy.app import build_runtime, read_config, read_policy, run_until_signalled
+from proxy import __version__, canonical, check, devcerts
+from proxy.app import build_runtime, read_config, run_until_signalled
 from proxy.errors import ConfigError, SpiffeIdError
 from proxy.policy import tools
 from proxy.policy.loader import load_policy
@@ -72,15 +72,6 @@ def _errors(exc: ConfigError) -> int:
     return EXIT_CONFIG
 
 
-def _is_policy(path: Path) -> bool:
-    """A policy file has a top-level ``routes`` key; a runtime configuration has not."""
-    try:
-        doc, _ = yamlsrc.load(path.read_bytes(), str(path))
-    except (OSError, ConfigError):
-        return False
-    return isinstance(doc, dict) and "routes" in doc
-
-
 def _load_policy_file(path: Path, config: str | None) -> Policy:
     """A policy from its own file (upstream names checked against ``config`` if given)."""
     return _load_with_rules(path, config)[0]
@@ -103,54 +94,22 @@ def _load_with_rules(
     return policy, cfg.canonical_rules(), cfg.upstream_rules()
 
 
-def _refused_tests(policy: Policy, rules: canonical.Rules | None) -> list[str]:
-    """Test cases expecting ``allow`` whose request the proxy refuses before the policy
-    (canonicalised with the proxy's own function and, given a config, its rules)."""
-    out = []
-    for case in policy.tests:
-        if case.expect != "allow":
-            continue
-        got = canonical.build(
-            case.method.encode(), case.path.encode(), [(b"host", case.host.encode())],
-            rules or canonical.Rules(),
-        )  # fmt: skip
-        if isinstance(got, canonical.Refusal):
-            out.append(
-                f"{case.location}: {case.method} {case.host} {case.path} expects allow, but the "
-                f"proxy refuses it before the policy ({got.status} {got.reason})"
-            )
-    return out
-
-
 def cmd_check(args: argparse.Namespace) -> int:
     path = Path(args.file)
     try:
-        if _is_policy(path):
-            policy, rules, _ = _load_with_rules(path, args.config)
-            refused = _refused_tests(policy, rules)
-            for line in refused:
-                print(line, file=sys.stderr)
-            if refused:
-                return EXIT_CONFIG
-            print(
-                f"ok: {path}: {len(policy.routes)} routes, {len(policy.tests)} tests, "
-                f"sha256 {policy.sha256}"
-            )
+        if check.is_policy(path):
+            report = check.check_policy(path, args.config)
         else:
-            config = read_config(path)
-            policy = read_policy(config)
-            refused = _refused_tests(policy, config.canonical_rules())
-            for line in refused:
-                print(line, file=sys.stderr)
-            if refused:
-                return EXIT_CONFIG
-            print(
-                f"ok: {path} and {config.policy_path} ({len(policy.routes)} routes, "
-                f"policy sha256 {policy.sha256})"
-            )
+            report = check.check_config(path, files=not args.no_files)
     except ConfigError as exc:
         return _errors(exc)
-    return 0
+    for line in report.errors:
+        print(line, file=sys.stderr)
+    if report.summary and not report.errors:
+        print(report.summary)
+    for line in report.skipped:
+        print(f"skipped: {line}")
+    return EXIT_CONFIG if report.errors else 0
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -258,14 +217,21 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--worker-id", type=int, default=0)
     worker.add_argument("--assertion-key")
     worker.set_defaults(func=cmd_worker)
-    check = sub.add_parser(
+    checking = sub.add_parser(
         "check",
         help="validate a policy, or a runtime configuration and its policy; print "
         "every error with file:line:column",
     )
-    check.add_argument("file", help="a policy or a runtime configuration (YAML)")
-    check.add_argument("--config", help="with a policy: also check its upstream names")
-    check.set_defaults(func=cmd_check)
+    checking.add_argument("file", help="a policy or a runtime configuration (YAML)")
+    checking.add_argument("--config", help="with a policy: also check its upstream names")
+    checking.add_argument(
+        "--no-files",
+        action="store_true",
+        help="with a runtime configuration: do not read the files it names (SVID, key, "
+        "bundles, assertion key, log files), for a configuration checked away from where "
+        "it runs",
+    )
+    checking.set_defaults(func=cmd_check)
     explain = sub.add_parser("explain", help="the decision for one request, and why")
     explain.add_argument("policy", help="the policy file")
     explain.add_argument("--id", required=True, help="the caller's SPIFFE ID")

@@ -184,19 +184,29 @@ def jwt_authorities_of(
     return out
 
 
+def _read_chain(path: Path) -> list[x509.Certificate]:
+    data = _read(path, "SVID")
+    if b"-----BEGIN CERTIFICATE-----" not in data:
+        raise ConfigError(str(path), "not a certificate: no PEM CERTIFICATE block in the file")
+    try:
+        return x509.load_pem_x509_certificates(data)
+    except ValueError as exc:
+        raise ConfigError(str(path), f"a PEM certificate cannot be read: {exc}") from exc
+
+
+def _read_key(path: Path) -> Any:
+    data = _read(path, "SVID key")
+    try:
+        return serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(str(path), f"the private key cannot be read: {exc}") from exc
+
+
 def load_credentials(files: TlsFiles) -> Credentials:
     """Read and check the proxy's SVID, key and bundles; raise ConfigError naming the file."""
     assert files.svid is not None and files.key is not None
-    chain_pem = _read(files.svid, "SVID")
-    key_pem = _read(files.key, "SVID key")
-    try:
-        chain = x509.load_pem_x509_certificates(chain_pem)
-    except ValueError as exc:
-        raise ConfigError(str(files.svid), f"no PEM certificate could be read: {exc}") from exc
-    try:
-        key = serialization.load_pem_private_key(key_pem, password=None)
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(str(files.key), f"the private key cannot be read: {exc}") from exc
+    chain = _read_chain(files.svid)
+    key = _read_key(files.key)
     bundles = load_bundles(files.bundles)
     return credentials_from(
         chain,
@@ -206,3 +216,28 @@ def load_credentials(files: TlsFiles) -> Credentials:
         str(files.svid),
         str(files.key),
     )
+
+
+def check_files(files: TlsFiles) -> list[ConfigError]:
+    """Every reason ``load_credentials`` would refuse these files, each file checked on its
+    own (``spiffe-pep check``): missing, unreadable, not a certificate or key, a key that
+    does not match the SVID, an SVID not valid now, a bad bundle. Empty: all usable."""
+    errors: list[ConfigError] = []
+
+    def attempt(step: Any, *args: Any) -> Any:
+        try:
+            return step(*args)
+        except ConfigError as exc:
+            errors.append(exc)
+            return None
+
+    chain = attempt(_read_chain, files.svid) if files.svid is not None else None
+    key = attempt(_read_key, files.key) if files.key is not None else None
+    bundles: dict[TrustDomain, Bundle] = {}
+    for td, path in files.bundles.items():
+        bundles.update(attempt(load_bundles, {td: path}) or {})
+    for td, path in files.jwt_bundles.items():
+        attempt(jwt_authorities_of, {}, {td: path})
+    if chain is not None and key is not None:
+        attempt(credentials_from, chain, key, bundles, {}, str(files.svid), str(files.key))
+    return errors
