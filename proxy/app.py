@@ -1,5 +1,6 @@
 """Wiring: load everything, listen, serve connections, reload the policy on change or
-SIGHUP, serve the admin endpoints, stop cleanly on SIGTERM/SIGINT."""
+SIGHUP, reopen the log files on SIGUSR1 or SIGHUP, serve the admin endpoints, stop
+cleanly on SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ def build_runtime(config: Config, events: JsonLines | None = None) -> Runtime:
     """Read every file the proxy needs; raise ConfigError naming the first bad one."""
     credentials, source = load_tls(config)
     policy = read_policy(config)
-    events = events or JsonLines("stderr")
+    events = events or JsonLines(config.event_log)
     metrics = Metrics()
     metrics.set_policy(policy.sha256)
     metrics.set_credentials(credentials)
@@ -244,10 +245,35 @@ class PolicyReloader:
         await watch_files([self.rt.config.policy_path], interval, lambda: self.reload("watch"))
 
 
-async def on_sighup(policy: PolicyReloader, credentials: CredentialReloader) -> None:
-    """SIGHUP reloads the policy and the credentials."""
-    with trio.open_signal_receiver(signal.SIGHUP) as signals:
-        async for _ in signals:
+def reopen_logs(rt: Runtime, trigger: str) -> None:
+    """Open the decision and event log files again by their paths, so lines go to the
+    new file once logrotate (in its default ``create`` mode) renamed the old one. A file
+    that cannot be opened is logged and the old one kept."""
+    reopened = []
+    for key, sink in (("decision_log", rt.decisions), ("event_log", rt.events)):
+        if not sink.is_file:
+            continue
+        try:
+            sink.reopen()
+        except OSError as exc:
+            rt.events.event(
+                "log_reopen_failed", trigger=trigger, log=key, path=sink.target, error=exc.strerror
+            )
+            continue
+        reopened.append(sink.target)
+    if reopened:
+        rt.events.event("logs_reopened", trigger=trigger, files=reopened)
+
+
+async def on_signals(policy: PolicyReloader, credentials: CredentialReloader) -> None:
+    """SIGUSR1 reopens the log files; SIGHUP reopens them too, and reloads the policy and
+    the credentials."""
+    with trio.open_signal_receiver(signal.SIGHUP, signal.SIGUSR1) as signals:
+        async for signum in signals:
+            if signum == signal.SIGUSR1:
+                reopen_logs(policy.rt, "sigusr1")
+                continue
+            reopen_logs(policy.rt, "sighup")
             credentials.reload("sighup")
             policy.reload("sighup")
 
@@ -399,7 +425,7 @@ async def serve(
                         cfg.tls.watch,
                         lambda: creds_reloader.reload("watch"),
                     )
-                accepting.start_soon(on_sighup, reloader, creds_reloader)
+                accepting.start_soon(on_signals, reloader, creds_reloader)
                 if rt.x509_source is not None:
                     rt.x509_source.follow(lambda: creds_reloader.reload("workload_api"))
 

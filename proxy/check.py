@@ -126,7 +126,7 @@ def check_config(path: Path, files: bool = True) -> Report:
 
 def log_destinations(config: Config) -> list[tuple[str, str]]:
     """The configuration's log destinations by key (``stdout``, ``stderr`` or a path)."""
-    return [("decision_log", config.decision_log)]
+    return [("decision_log", config.decision_log), ("event_log", config.event_log)]
 
 
 def configs_beside(policy: Path) -> list[Config]:
