@@ -52,14 +52,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     """One worker under a supervisor: its port, no admin listener, the shared key."""
     try:
+        file_config = read_config(Path(args.config))
         config = dataclasses.replace(
-            read_config(Path(args.config)),
+            file_config,
             listen_port=args.port,
             admin=None,
             workers=1,
             assertion_key=Path(args.assertion_key) if args.assertion_key else None,
         )
-        rt = build_runtime(config)
+        rt = build_runtime(config, file_config=file_config)
     except ConfigError as exc:
         return _fail(exc)
     trio.run(functools.partial(run_until_signalled, rt, worker_of=args.supervisor))

@@ -404,6 +404,8 @@ class HttpSession:
             lost = self.still_trusted()
             if lost is not None:
                 raise HttpError(403, lost)
+            if self.identity.config is not self.rt.config:  # reloaded: new identity headers
+                self.identity = PeerHeaders(self.rt.config, self.rt.credentials.own_id, self.peer)
             request = self.canonical(req, hdrs)
             ex.host, ex.path = request.host, request.path
             if request.dropped:
