@@ -219,6 +219,7 @@ class PolicyReloader:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         self._rejected: str | None = None
+        self._failing = False  # the last reload failed: a fixed file is then logged
 
     def reload(self, trigger: str) -> bool:
         rt = self.rt
@@ -228,7 +229,22 @@ class PolicyReloader:
         except OSError as exc:
             return self._failed(trigger, str(path), f"cannot read the policy: {exc.strerror}")
         sha = hashlib.sha256(data).hexdigest()
-        if sha == rt.policy.sha256 or (trigger == "watch" and sha == self._rejected):
+        if sha == rt.policy.sha256:
+            if self._failing:  # fixed back to what serves: say so, or the last word is an error
+                self._failing, self._rejected = False, None
+                rt.metrics.policy_reloads.labels(result="ok").inc()
+                rt.events.event(
+                    "policy_reloaded",
+                    trigger=trigger,
+                    policy=str(path),
+                    old_sha256=sha,
+                    policy_sha256=sha,
+                    routes=len(rt.policy.routes),
+                    unchanged=True,
+                )
+                return True
+            return False
+        if trigger == "watch" and sha == self._rejected:
             return False
         try:
             policy = read_policy(rt.config, data)
@@ -240,7 +256,7 @@ class PolicyReloader:
         rt.policy = policy
         rt.trust_changed()
         rt.policy_loaded_at = dt.datetime.now(dt.UTC)
-        self._rejected = None
+        self._rejected, self._failing = None, False
         rt.metrics.policy_reloads.labels(result="ok").inc()
         rt.metrics.set_policy(policy.sha256)
         rt.events.event(
@@ -254,6 +270,7 @@ class PolicyReloader:
         return True
 
     def _failed(self, trigger: str, location: str, message: str, **fields: object) -> bool:
+        self._failing = True
         self.rt.metrics.policy_reloads.labels(result="failed").inc()
         self.rt.events.event(
             "policy_reload_failed",

@@ -9,8 +9,9 @@ import dataclasses
 import functools
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -170,6 +171,13 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
     root = Path(args.root).resolve()
     certs = root / "certs_dev"
+    if not (root / "config" / "dev.yaml").is_file():  # before writing anything there
+        print(
+            f"spiffe-pep dev: {root} is not a spiffe-pep checkout (no config/dev.yaml): run "
+            "it in the checkout, or give it with --root",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
     if not devcerts.dev_set_present(certs):
         for path in devcerts.write_dev_set(certs):
             print(f"spiffe-pep dev: wrote {path.relative_to(root)}", file=sys.stderr)
@@ -199,69 +207,125 @@ def cmd_dev(args: argparse.Namespace) -> int:
     return 0
 
 
+DESCRIPTION = (
+    "An mTLS reverse proxy that enforces SPIFFE workload identity in front of services "
+    "that cannot be changed."
+)
+HELP = "Show this help and exit."
+
+
+def _command(
+    sub: Any, name: str, text: str, func: Callable[[argparse.Namespace], int]
+) -> argparse.ArgumentParser:
+    """A subcommand whose one-line help is also its description (both whole sentences)."""
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name, help=text, description=text, add_help=False
+    )
+    parser.add_argument("-h", "--help", action="help", help=HELP)
+    parser.set_defaults(func=func)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="spiffe-pep", description=__doc__.splitlines()[0])
-    parser.add_argument("--version", action="version", version=f"spiffe-pep {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run the proxy with a configuration file")
-    run.add_argument("-c", "--config", required=True, help="the runtime configuration (YAML)")
+    """The command line people use (the supervisor's ``_worker`` has its own parser)."""
+    parser = argparse.ArgumentParser(prog="spiffe-pep", description=DESCRIPTION, add_help=False)
+    parser.add_argument("-h", "--help", action="help", help=HELP)
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"spiffe-pep {__version__}",
+        help="Print the version and exit.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = _command(sub, "run", "Run the proxy with a runtime configuration.", cmd_run)
+    run.add_argument("-c", "--config", required=True, help="The runtime configuration file (YAML).")
     run.add_argument(
         "--workers",
-        help="worker processes sharing the port (N or auto: one per "
-        "CPU); overrides the configuration's 'workers'",
+        help="How many worker processes share the port: N, or auto for one per CPU. "
+        "Overrides the configuration's 'workers'.",
     )
-    run.set_defaults(func=cmd_run)
-    worker = sub.add_parser("_worker")  # started by the supervisor, not by people
+    checking = _command(
+        sub,
+        "check",
+        "Find what 'run' would refuse, without starting: every error, with file:line:column.",
+        cmd_check,
+    )
+    checking.add_argument("file", help="A policy or a runtime configuration (YAML).")
+    checking.add_argument(
+        "--config",
+        help="With a policy: the runtime configuration to check its upstream names against "
+        "(default: those beside it that name it).",
+    )
+    checking.add_argument(
+        "--no-files",
+        action="store_true",
+        help="With a runtime configuration: do not read the files it names (SVID, key, "
+        "bundles, assertion key, log files), for a configuration checked away from where "
+        "it runs.",
+    )
+    explain = _command(sub, "explain", "Show the decision for one request, and why.", cmd_explain)
+    explain.add_argument("policy", help="The policy file.")
+    explain.add_argument("--id", required=True, help="The caller's SPIFFE ID.")
+    explain.add_argument("--method", default="GET", help="The request method (default: GET).")
+    explain.add_argument("--host", default="", help="The Host header (default: none).")
+    explain.add_argument(
+        "--path",
+        default="/",
+        help="The request target as a client sends it: path and query, undecoded.",
+    )
+    explain.add_argument("--audience", help="Present a valid JWT-SVID for this audience.")
+    explain.add_argument(
+        "--sha256", help="The client certificate's SHA-256, for the revocation list."
+    )
+    explain.add_argument(
+        "--config",
+        help="The runtime configuration, for its upstream names and request rules.",
+    )
+    test = _command(sub, "test", "Run the test cases written in the policy file.", cmd_test)
+    test.add_argument("policy", help="The policy file.")
+    test.add_argument(
+        "--config",
+        help="The runtime configuration, for its upstream names and request rules.",
+    )
+    reach = _command(
+        sub,
+        "reach",
+        "Show every route each identity pattern of the policy may reach.",
+        cmd_reach,
+    )
+    reach.add_argument("policy", help="The policy file.")
+    reach.add_argument("--config", help="The runtime configuration, to check upstream names.")
+    dev = _command(
+        sub,
+        "dev",
+        "Run on the embedded dev setup: dev certificates, the demo upstream, the example policy.",
+        cmd_dev,
+    )
+    dev.add_argument(
+        "--root", default=".", help="The spiffe-pep checkout to run in (default: the current "
+        "directory)."
+    )  # fmt: skip
+    return parser
+
+
+def worker_parser() -> argparse.ArgumentParser:
+    """``spiffe-pep _worker``: started by the supervisor, not by people, so not listed."""
+    worker = argparse.ArgumentParser(prog="spiffe-pep _worker")
     worker.add_argument("-c", "--config", required=True)
     worker.add_argument("--port", type=int, required=True)
     worker.add_argument("--supervisor", type=int, required=True)
     worker.add_argument("--worker-id", type=int, default=0)
     worker.add_argument("--assertion-key")
     worker.set_defaults(func=cmd_worker)
-    checking = sub.add_parser(
-        "check",
-        help="validate a policy, or a runtime configuration and its policy; print "
-        "every error with file:line:column",
-    )
-    checking.add_argument("file", help="a policy or a runtime configuration (YAML)")
-    checking.add_argument("--config", help="with a policy: also check its upstream names")
-    checking.add_argument(
-        "--no-files",
-        action="store_true",
-        help="with a runtime configuration: do not read the files it names (SVID, key, "
-        "bundles, assertion key, log files), for a configuration checked away from where "
-        "it runs",
-    )
-    checking.set_defaults(func=cmd_check)
-    explain = sub.add_parser("explain", help="the decision for one request, and why")
-    explain.add_argument("policy", help="the policy file")
-    explain.add_argument("--id", required=True, help="the caller's SPIFFE ID")
-    explain.add_argument("--method", default="GET")
-    explain.add_argument("--host", default="")
-    explain.add_argument(
-        "--path", default="/", help="the request target as sent (path and query, undecoded)"
-    )
-    explain.add_argument("--audience", help="present a valid JWT-SVID for this audience")
-    explain.add_argument("--sha256", help="the client certificate's SHA-256 (revocation)")
-    explain.add_argument("--config", help="the runtime configuration, to check upstreams")
-    explain.set_defaults(func=cmd_explain)
-    test = sub.add_parser("test", help="run the test cases written in the policy file")
-    test.add_argument("policy")
-    test.add_argument("--config", help="the runtime configuration, to check upstreams")
-    test.set_defaults(func=cmd_test)
-    reach = sub.add_parser("reach", help="every route each identity pattern can reach")
-    reach.add_argument("policy")
-    reach.add_argument("--config", help="the runtime configuration, to check upstreams")
-    reach.set_defaults(func=cmd_reach)
-    dev = sub.add_parser("dev", help="run on the embedded dev setup (certs, demo upstream)")
-    dev.add_argument("--root", default=".", help="the project checkout (default: .)")
-    dev.set_defaults(func=cmd_dev)
-    return parser
+    return worker
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["_worker"]:
+        return int(cmd_worker(worker_parser().parse_args(args[1:])))
+    parsed = build_parser().parse_args(args)
+    return int(parsed.func(parsed))
 
 
 if __name__ == "__main__":

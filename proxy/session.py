@@ -36,6 +36,7 @@ from proxy.tls import Credentials
 from proxy.tls_stream import TLSError, TLSStream
 
 _OUT_HIGH_WATER = 64 * 1024  # buffered response bytes are written out at least this often
+STOPPED = "proxy_stopped"  # a request cut because the proxy stopped before it was done
 
 
 def _bearer_token(hdrs: headers.Headers, name: str) -> str | None:
@@ -270,7 +271,10 @@ class HttpSession:
             hdrs.append((b"www-authenticate", value))
         if close or self.aged:
             hdrs.append((b"connection", b"close"))
-        await self.send(h11.Response(status_code=status, headers=hdrs), flush=False)
+        response = h11.Response(
+            status_code=status, reason=headers.reason_phrase(status), headers=hdrs
+        )
+        await self.send(response, flush=False)
         await self.send(h11.Data(data=body), flush=False)
         await self.send(h11.EndOfMessage())
 
@@ -330,8 +334,12 @@ class HttpSession:
     ) -> None:
         elapsed = time.perf_counter() - t0
         if ex.status == 0:
-            # Nothing was answered: the client left (nginx's 499) or the proxy failed.
-            ex.status = 499 if ex.reason in ("client_gone", "client_write_timeout") else 500
+            # Nothing was answered: the client left (nginx's 499), the proxy stopped, or
+            # it failed.
+            if ex.reason in ("client_gone", "client_write_timeout"):
+                ex.status = 499
+            else:
+                ex.status = 503 if ex.reason == STOPPED else 500
         record = audit.build_record(ex, self.peer, policy_sha256, started, elapsed)
         record.update(extra)
         self.rt.decisions.write(record)
@@ -467,6 +475,12 @@ class HttpSession:
             if ex.reason in ("", ALLOWED):
                 slow = str(exc) == "client_write_timeout"
                 ex.reason = "client_write_timeout" if slow else "client_gone"
+            raise
+        except trio.Cancelled:
+            # Only a stop cancels a request: a second SIGTERM/SIGINT, or the end of the
+            # drain's grace. The line says so, not the verdict's "allowed".
+            if ex.reason in ("", ALLOWED):
+                ex.reason = STOPPED
             raise
         except Exception as exc:
             # A bug, not the client's fault: answer 500 if nothing was sent yet, keep the

@@ -296,3 +296,44 @@ def test_kubernetes_example_config_and_policy_are_valid(tmp_path: Path) -> None:
     # The SVID files exist only in the pod: checked without them.
     done = spiffe_pep("check", str(tmp_path / "spiffe-pep.yaml"), "--no-files")
     assert done.returncode == 0, done.stderr
+
+
+def test_dev_outside_a_checkout_fails_before_writing_files(tmp_path: Path) -> None:
+    done = spiffe_pep("dev", "--root", str(tmp_path))
+    assert done.returncode == 2
+    assert "not a spiffe-pep checkout (no config/dev.yaml)" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+    assert list(tmp_path.iterdir()) == []  # no certs_dev/ left behind
+    done = spiffe_pep("dev", cwd=tmp_path)  # the default root: the current directory
+    assert done.returncode == 2 and list(tmp_path.iterdir()) == []
+
+
+def test_help_is_whole_sentences_and_hides_the_internal_worker_command() -> None:
+    import argparse
+
+    from proxy.cli import build_parser
+
+    def parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+        out = [parser]
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    out += parsers(sub)
+        return out
+
+    root = build_parser()
+    texts = [root.description or ""]
+    for parser in parsers(root):
+        texts.append(parser.description or "")
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                texts += [choice.help or "" for choice in action._choices_actions]
+            else:
+                texts.append(action.help or "")  # every option has a help text
+    for text in texts:
+        assert text[:1].isupper() and text.endswith("."), repr(text)
+    outputs = [spiffe_pep("--help").stdout]
+    outputs += [spiffe_pep(c, "--help").stdout for c in ("run", "check", "reach", "dev")]
+    assert all("_worker" not in out for out in outputs)
+    assert "Run the proxy with a runtime configuration." in outputs[0]
+    assert "_worker" not in spiffe_pep("nope").stderr

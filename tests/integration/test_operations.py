@@ -203,3 +203,40 @@ async def test_log_files_are_reopened_after_logrotate(
         proc.send_signal(signal.SIGTERM)
         code = await trio.to_thread.run_sync(proc.wait, 30)
     assert code == 0, proc.stderr.read().decode() if proc.stderr else ""
+
+
+async def test_request_cut_by_a_second_sigterm_is_logged_as_such(
+    nursery: trio.Nursery, tmp_path: Path, pki: Pki
+) -> None:
+    upstream = await nursery.start(demo_upstream.serve, "127.0.0.1", 0)
+    port = free_port()
+    cfg = write_config(
+        tmp_path, pki, upstream, listen=f"127.0.0.1:{port}", timeouts="timeouts: {drain: 30s}\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "run", "-c", str(cfg), "--workers", "1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        await wait_listening(port, proc)
+        slow = await trio.lowlevel.open_process(
+            ["curl", "-sS", *pki.client_args(), f"https://localhost:{port}/sleep/20"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        await trio.sleep(1)  # the request is at the upstream
+        proc.send_signal(signal.SIGTERM)  # drains: the request may finish...
+        await trio.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)  # ...until the second one stops at once
+        code = await trio.to_thread.run_sync(proc.wait, 10)
+        with trio.fail_after(10):
+            await slow.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert code == 0
+    (line,) = _jsonl(tmp_path / "decisions.jsonl")
+    assert line["path"] == "/sleep/20" and line["decision"] == "allow"
+    assert line["reason"] == "proxy_stopped" and line["status"] == 503, line
