@@ -290,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     reach = _command(
         sub,
         "reach",
-        "Show every route each identity pattern of the policy may reach.",
+        "Show, per identity pattern, the routes every identity it matches may reach, and "
+        "those only some of them may reach.",
         cmd_reach,
     )
     reach.add_argument("policy", help="The policy file.")
