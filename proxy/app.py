@@ -11,6 +11,7 @@ import hashlib
 import os
 import signal
 import socket
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -379,6 +380,20 @@ class ConfigReloader:
         self.file = rt.file_config or rt.config  # what the file said when last applied
 
     async def reload(self, trigger: str) -> bool:
+        try:
+            return await self._reload(trigger)
+        except Exception as exc:  # a bug must not take the proxy down with a SIGHUP
+            self.rt.metrics.config_reloads.labels(result="failed").inc()
+            self.rt.events.event(
+                "config_reload_failed",
+                trigger=trigger,
+                error=repr(exc),
+                traceback=traceback.format_exc(),
+                kept=self.rt.config.source,
+            )
+            return False
+
+    async def _reload(self, trigger: str) -> bool:
         rt = self.rt
         path = Path(rt.config.source)
         try:
