@@ -24,6 +24,8 @@ from collections.abc import Callable, Iterable
 import h11
 import trio
 
+from proxy.headers import reason_phrase
+
 Handler = Callable[[], tuple[int, bytes, bytes]]  # status, content type, body
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
@@ -114,6 +116,7 @@ async def _serve_one(
             out = conn.send(
                 h11.Response(
                     status_code=status,
+                    reason=reason_phrase(status),
                     headers=[
                         (b"content-type", ctype),
                         (b"content-length", b"%d" % len(body)),

@@ -1,15 +1,19 @@
 """Wiring: load everything, listen, serve connections, reload the policy on change or
-SIGHUP, serve the admin endpoints, stop cleanly on SIGTERM/SIGINT."""
+SIGHUP, reopen the log files on SIGUSR1 or SIGHUP, serve the admin endpoints, stop
+cleanly on SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import functools
 import hashlib
 import os
 import signal
 import socket
+import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,32 +62,51 @@ def load_tls(config: Config) -> tuple[Credentials, Any]:
     return source.credentials(), source
 
 
-def build_runtime(config: Config, events: JsonLines | None = None) -> Runtime:
-    """Read every file the proxy needs; raise ConfigError naming the first bad one."""
+def build_runtime(
+    config: Config, events: JsonLines | None = None, file_config: Config | None = None
+) -> Runtime:
+    """Read every file the proxy needs; raise ConfigError naming the first bad one.
+    ``file_config``: the configuration as its file says, when ``config`` overrides some
+    of it (a worker's)."""
     credentials, source = load_tls(config)
     policy = read_policy(config)
-    events = events or JsonLines("stderr")
+    events = events or JsonLines(config.event_log)
     metrics = Metrics()
     metrics.set_policy(policy.sha256)
     metrics.set_credentials(credentials)
-    on_violation = protocol_violation_hook(metrics, events)
-    pools = {
-        name: UpstreamPool(
-            up, config.timeouts, config.limits.max_idle_upstream_connections, on_violation
-        )
-        for name, up in config.upstreams.items()
-    }
     return Runtime(
         config,
         credentials,
         policy,
-        pools,
+        upstream_pools(config, {}, protocol_violation_hook(metrics, events)),
         JsonLines(config.decision_log),
         events,
         metrics,
         load_signer(config, str(credentials.own_id) if credentials.own_id else "spiffe-pep"),
         source,
+        file_config,
     )
+
+
+def upstream_pools(
+    config: Config, pools: dict[str, UpstreamPool], on_violation: ViolationHook | None
+) -> dict[str, UpstreamPool]:
+    """A pool per upstream of ``config``: those of ``pools`` whose upstream, timeouts and
+    limit are unchanged are kept (with their idle connections), the others are new."""
+    limit = config.limits.max_idle_upstream_connections
+    out = {}
+    for name, up in config.upstreams.items():
+        old = pools.get(name)
+        if (
+            old is not None
+            and old.upstream == up
+            and old.timeouts == config.timeouts
+            and old.max_idle == limit
+        ):
+            out[name] = old
+        else:
+            out[name] = UpstreamPool(up, config.timeouts, limit, on_violation)
+    return out
 
 
 def protocol_violation_hook(metrics: Metrics, events: JsonLines) -> ViolationHook:
@@ -125,15 +148,18 @@ def _stat(paths: list[Path]) -> tuple[tuple[int, int, int] | None, ...]:
     return tuple(out)
 
 
-async def watch_files(paths: list[Path], interval: float, on_change: Callable[[], object]) -> None:
+async def watch_files(
+    paths: Callable[[], list[Path]], interval: float, on_change: Callable[[], object]
+) -> None:
     """Call ``on_change`` once the files' (mtime, size, inode) changed and then held still
     for one interval, so a writer's half-done update (spiffe-helper truncates and rewrites
-    the SVID, then the key, then the bundle, in place) is not even tried."""
-    seen = _stat(paths)
+    the SVID, then the key, then the bundle, in place) is not even tried. ``paths`` is
+    asked on every poll: a configuration reload may name other files."""
+    seen = _stat(paths())
     pending = False
     while True:
         await trio.sleep(interval)
-        now = _stat(paths)
+        now = _stat(paths())
         if now != seen:
             seen, pending = now, True
         elif pending:
@@ -194,6 +220,7 @@ class PolicyReloader:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         self._rejected: str | None = None
+        self._failing = False  # the last reload failed: a fixed file is then logged
 
     def reload(self, trigger: str) -> bool:
         rt = self.rt
@@ -203,7 +230,22 @@ class PolicyReloader:
         except OSError as exc:
             return self._failed(trigger, str(path), f"cannot read the policy: {exc.strerror}")
         sha = hashlib.sha256(data).hexdigest()
-        if sha == rt.policy.sha256 or (trigger == "watch" and sha == self._rejected):
+        if sha == rt.policy.sha256:
+            if self._failing:  # fixed back to what serves: say so, or the last word is an error
+                self._failing, self._rejected = False, None
+                rt.metrics.policy_reloads.labels(result="ok").inc()
+                rt.events.event(
+                    "policy_reloaded",
+                    trigger=trigger,
+                    policy=str(path),
+                    old_sha256=sha,
+                    policy_sha256=sha,
+                    routes=len(rt.policy.routes),
+                    unchanged=True,
+                )
+                return True
+            return False
+        if trigger == "watch" and sha == self._rejected:
             return False
         try:
             policy = read_policy(rt.config, data)
@@ -215,7 +257,7 @@ class PolicyReloader:
         rt.policy = policy
         rt.trust_changed()
         rt.policy_loaded_at = dt.datetime.now(dt.UTC)
-        self._rejected = None
+        self._rejected, self._failing = None, False
         rt.metrics.policy_reloads.labels(result="ok").inc()
         rt.metrics.set_policy(policy.sha256)
         rt.events.event(
@@ -229,6 +271,7 @@ class PolicyReloader:
         return True
 
     def _failed(self, trigger: str, location: str, message: str, **fields: object) -> bool:
+        self._failing = True
         self.rt.metrics.policy_reloads.labels(result="failed").inc()
         self.rt.events.event(
             "policy_reload_failed",
@@ -241,13 +284,243 @@ class PolicyReloader:
         return False
 
     async def watch(self, interval: float) -> None:
-        await watch_files([self.rt.config.policy_path], interval, lambda: self.reload("watch"))
+        await watch_files(
+            lambda: [self.rt.config.policy_path], interval, lambda: self.reload("watch")
+        )
 
 
-async def on_sighup(policy: PolicyReloader, credentials: CredentialReloader) -> None:
-    """SIGHUP reloads the policy and the credentials."""
-    with trio.open_signal_receiver(signal.SIGHUP) as signals:
-        async for _ in signals:
+# What a running process cannot change (its sockets, processes and start-up choices): an
+# edit of these is logged as needing a restart, and the rest of the edit applies.
+_RESTART_ONLY: dict[str, Callable[[Config], object]] = {
+    "listen": lambda c: (c.listen_host, c.listen_port),
+    "workers": lambda c: c.workers,
+    "admin": lambda c: c.admin,
+    "admin_hosts": lambda c: c.admin_hosts,
+    "assertion_key": lambda c: c.assertion_key,
+    "policy_watch": lambda c: c.policy_watch,
+    "tls.watch": lambda c: c.tls.watch,
+    "tls.workload_api": lambda c: (c.tls.workload_api, c.tls.workload_api_timeout),
+}
+
+
+def _live_part(new: Config, running: Config) -> Config:
+    """``new``, but with what needs a restart as it runs (with the Workload API, the
+    whole ``tls`` section: the agent's stream was opened with it)."""
+    if running.tls.workload_api is not None or new.tls.workload_api is not None:
+        tls = running.tls
+    else:
+        tls = dataclasses.replace(new.tls, watch=running.tls.watch)
+    return dataclasses.replace(
+        new,
+        listen_host=running.listen_host,
+        listen_port=running.listen_port,
+        workers=running.workers,
+        admin=running.admin,
+        admin_hosts=running.admin_hosts,
+        assertion_key=running.assertion_key,
+        policy_watch=running.policy_watch,
+        tls=tls,
+    )
+
+
+def _open_log(config: Config, key: str, target: str) -> JsonLines:
+    try:
+        return JsonLines(target)
+    except OSError as exc:
+        raise ConfigError(config.source, f"{key} {target}: cannot open: {exc.strerror}") from exc
+
+
+@dataclass
+class _Staged:
+    """Everything a new configuration needs, built before anything is swapped."""
+
+    policy: Policy
+    credentials: Credentials | None = None
+    decisions: JsonLines | None = None
+    events: JsonLines | None = None
+
+    @classmethod
+    def build(cls, rt: Runtime, config: Config) -> _Staged:
+        """Raise ConfigError (naming the file, line and column) if ``config`` cannot serve."""
+        policy = read_policy(config)  # upstream names, case folding: checked against it
+        if rt.signer is None:
+            for name, up in config.upstreams.items():
+                if up.assertion_header:
+                    raise ConfigError(
+                        config.source,
+                        f"upstream {name!r} asks for signed assertions: the signing key is "
+                        "made at start, so this needs a restart",
+                    )
+        staged = cls(policy)
+        if config.tls != rt.config.tls:
+            staged.credentials = load_credentials(config.tls)
+        try:
+            if config.decision_log != rt.config.decision_log:
+                staged.decisions = _open_log(config, "decision_log", config.decision_log)
+            if config.event_log != rt.config.event_log:
+                staged.events = _open_log(config, "event_log", config.event_log)
+        except ConfigError:
+            if staged.decisions is not None:
+                staged.decisions.close()
+            raise
+        return staged
+
+
+class ConfigReloader:
+    """Re-reads the runtime configuration on SIGHUP. What can change live changes:
+    upstreams (their pools are rebuilt; unchanged ones keep their idle connections),
+    identity headers, timeouts, limits, the ``http`` rules, ``proxy_protocol``, the log
+    files, the policy and TLS file paths; the policy is compiled again against the new
+    upstreams. What cannot (``_RESTART_ONLY``: listen address, workers, ...) is logged as
+    needing a restart. A bad edit is rejected, logged with file:line:column and counted;
+    the last good configuration keeps serving."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.file = rt.file_config or rt.config  # what the file said when last applied
+
+    async def reload(self, trigger: str) -> bool:
+        try:
+            return await self._reload(trigger)
+        except Exception as exc:  # a bug must not take the proxy down with a SIGHUP
+            self.rt.metrics.config_reloads.labels(result="failed").inc()
+            self.rt.events.event(
+                "config_reload_failed",
+                trigger=trigger,
+                error=repr(exc),
+                traceback=traceback.format_exc(),
+                kept=self.rt.config.source,
+            )
+            return False
+
+    async def _reload(self, trigger: str) -> bool:
+        rt = self.rt
+        path = Path(rt.config.source)
+        try:
+            new = read_config(path)
+        except ConfigError as exc:
+            return self._failed(trigger, exc)
+        if new == self.file:
+            return False
+        restart = [name for name, get in _RESTART_ONLY.items() if get(new) != get(self.file)]
+        if new.tls != self.file.tls and rt.config.tls.workload_api is not None:
+            restart.append("tls")
+        old = rt.config
+        live = _live_part(new, old)
+        changed = [
+            f.name
+            for f in dataclasses.fields(Config)
+            if f.name != "source" and getattr(live, f.name) != getattr(old, f.name)
+        ]
+        try:
+            staged = _Staged.build(rt, live)
+        except ConfigError as exc:
+            return self._failed(trigger, exc)
+        self.file = new
+        if restart:
+            rt.events.event(
+                "config_restart_required",
+                trigger=trigger,
+                config=str(path),
+                settings=restart,
+                detail="these settings take effect when the proxy is restarted",
+            )
+        await self._apply(trigger, live, staged, changed)
+        return True
+
+    async def _apply(
+        self, trigger: str, config: Config, staged: _Staged, changed: list[str]
+    ) -> None:
+        rt = self.rt
+        old_pools, old_policy = rt.pools, rt.policy
+        old_sinks = []
+        if staged.decisions is not None:
+            old_sinks.append(rt.decisions)
+            rt.decisions = staged.decisions
+        if staged.events is not None:
+            old_sinks.append(rt.events)
+            rt.events = staged.events
+        rt.set_config(config)
+        rt.pools = upstream_pools(config, old_pools, protocol_violation_hook(rt.metrics, rt.events))
+        if staged.credentials is not None:
+            rt.credentials = staged.credentials
+            rt.metrics.set_credentials(staged.credentials)
+        rt.policy = staged.policy
+        rt.policy_loaded_at = dt.datetime.now(dt.UTC)
+        rt.metrics.set_policy(staged.policy.sha256)
+        rt.trust_changed()
+        rt.metrics.config_reloads.labels(result="ok").inc()
+        rt.events.event(
+            "config_reloaded",
+            trigger=trigger,
+            config=config.source,
+            changed=changed,
+            policy_sha256=staged.policy.sha256,
+        )
+        if staged.policy.sha256 != old_policy.sha256:  # ``policy:`` names another file
+            rt.metrics.policy_reloads.labels(result="ok").inc()
+            rt.events.event(
+                "policy_reloaded",
+                trigger="config",
+                policy=str(config.policy_path),
+                old_sha256=old_policy.sha256,
+                policy_sha256=staged.policy.sha256,
+                routes=len(staged.policy.routes),
+            )
+        for sink in old_sinks:
+            sink.close()
+        kept = set(map(id, rt.pools.values()))
+        for pool in old_pools.values():
+            if id(pool) not in kept:
+                with trio.CancelScope(shield=True):
+                    await pool.aclose()
+
+    def _failed(self, trigger: str, exc: ConfigError) -> bool:
+        rt = self.rt
+        rt.metrics.config_reloads.labels(result="failed").inc()
+        rt.events.event(
+            "config_reload_failed",
+            trigger=trigger,
+            location=exc.location,
+            error=exc.message,
+            errors=[str(e) for e in getattr(exc, "errors", [exc])],
+            kept=rt.config.source,
+        )
+        return False
+
+
+def reopen_logs(rt: Runtime, trigger: str) -> None:
+    """Open the decision and event log files again by their paths, so lines go to the
+    new file once logrotate (in its default ``create`` mode) renamed the old one. A file
+    that cannot be opened is logged and the old one kept."""
+    reopened = []
+    for key, sink in (("decision_log", rt.decisions), ("event_log", rt.events)):
+        if not sink.is_file:
+            continue
+        try:
+            sink.reopen()
+        except OSError as exc:
+            rt.events.event(
+                "log_reopen_failed", trigger=trigger, log=key, path=sink.target, error=exc.strerror
+            )
+            continue
+        reopened.append(sink.target)
+    if reopened:
+        rt.events.event("logs_reopened", trigger=trigger, files=reopened)
+
+
+async def on_signals(
+    config: ConfigReloader, policy: PolicyReloader, credentials: CredentialReloader
+) -> None:
+    """SIGUSR1 reopens the log files; SIGHUP reopens them too, and reloads the runtime
+    configuration, the credentials and the policy."""
+    with trio.open_signal_receiver(signal.SIGHUP, signal.SIGUSR1) as signals:
+        async for signum in signals:
+            if signum == signal.SIGUSR1:
+                reopen_logs(policy.rt, "sigusr1")
+                continue
+            reopen_logs(policy.rt, "sighup")
+            await config.reload("sighup")
             credentials.reload("sighup")
             policy.reload("sighup")
 
@@ -359,11 +632,13 @@ async def serve(
     """Listen and serve until cancelled, or until ``rt.drain_requested`` is set: then stop
     accepting, let requests in flight finish (idle keep-alive connections close at once)
     for at most ``timeouts.drain``, and return. ``task_status`` gets ``{"listen":
-    [(host, port)], "admin": port or None, "reloader": PolicyReloader}``."""
+    [(host, port)], "admin": port or None, "reloader": PolicyReloader, "credentials":
+    CredentialReloader, "config": ConfigReloader}``."""
     cfg = rt.config
     listeners = await open_listeners(cfg.listen_host, cfg.listen_port, reuse_port)
     bound = [tuple(lst.socket.getsockname()[:2]) for lst in listeners]
     reloader = PolicyReloader(rt)
+    config_reloader = ConfigReloader(rt)
     try:
         async with trio.open_nursery() as connections:
             async with trio.open_nursery() as accepting:
@@ -395,11 +670,11 @@ async def serve(
                 if cfg.tls.watch:
                     accepting.start_soon(
                         watch_files,
-                        cfg.tls.files,
+                        lambda: rt.config.tls.files,
                         cfg.tls.watch,
                         lambda: creds_reloader.reload("watch"),
                     )
-                accepting.start_soon(on_sighup, reloader, creds_reloader)
+                accepting.start_soon(on_signals, config_reloader, reloader, creds_reloader)
                 if rt.x509_source is not None:
                     rt.x509_source.follow(lambda: creds_reloader.reload("workload_api"))
 
@@ -417,6 +692,7 @@ async def serve(
                         "admin": admin_port,
                         "reloader": reloader,
                         "credentials": creds_reloader,
+                        "config": config_reloader,
                     }
                 )
                 await rt.drain_requested.wait()

@@ -9,6 +9,10 @@ import sys
 from typing import Any, TextIO
 
 
+def _open(path: str) -> int:
+    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+
+
 class JsonLines:
     """Writes one JSON object per line straight to the file descriptor (one ``write``
     each, no user-space buffer), so a crash loses no decision; with O_APPEND, lines from
@@ -17,13 +21,29 @@ class JsonLines:
     _encode = json.JSONEncoder(separators=(",", ":")).encode
 
     def __init__(self, target: str) -> None:
+        self.target = target
         self._owned = target not in ("stdout", "stderr")
         if self._owned:
-            self._fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            self._fd = _open(target)
         else:
             stream: TextIO = sys.stdout if target == "stdout" else sys.stderr
             stream.flush()
             self._fd = stream.fileno()
+
+    @property
+    def is_file(self) -> bool:
+        """Whether this writes to a file it opened itself (not stdout or stderr)."""
+        return self._owned
+
+    def reopen(self) -> None:
+        """Open the file by its path again and write there from now on (after logrotate
+        renamed it, in its default ``create`` mode); the old descriptor is closed once
+        the new one is open, so a failure (OSError) leaves this writing where it was."""
+        if not self._owned:
+            return
+        fd = _open(self.target)
+        old, self._fd = self._fd, fd
+        os.close(old)
 
     def write(self, record: dict[str, Any]) -> None:
         data = (self._encode(record) + "\n").encode()

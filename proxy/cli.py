@@ -9,13 +9,14 @@ import dataclasses
 import functools
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import trio
 
-from proxy import __version__, canonical, devcerts, yamlsrc
-from proxy.app import build_runtime, read_config, read_policy, run_until_signalled
+from proxy import __version__, canonical, check, devcerts
+from proxy.app import build_runtime, read_config, run_until_signalled
 from proxy.errors import ConfigError, SpiffeIdError
 from proxy.policy import tools
 from proxy.policy.loader import load_policy
@@ -52,14 +53,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     """One worker under a supervisor: its port, no admin listener, the shared key."""
     try:
+        file_config = read_config(Path(args.config))
         config = dataclasses.replace(
-            read_config(Path(args.config)),
+            file_config,
             listen_port=args.port,
             admin=None,
             workers=1,
             assertion_key=Path(args.assertion_key) if args.assertion_key else None,
         )
-        rt = build_runtime(config)
+        rt = build_runtime(config, file_config=file_config)
     except ConfigError as exc:
         return _fail(exc)
     trio.run(functools.partial(run_until_signalled, rt, worker_of=args.supervisor))
@@ -70,15 +72,6 @@ def _errors(exc: ConfigError) -> int:
     for err in getattr(exc, "errors", [exc]):
         print(f"{err}", file=sys.stderr)
     return EXIT_CONFIG
-
-
-def _is_policy(path: Path) -> bool:
-    """A policy file has a top-level ``routes`` key; a runtime configuration has not."""
-    try:
-        doc, _ = yamlsrc.load(path.read_bytes(), str(path))
-    except (OSError, ConfigError):
-        return False
-    return isinstance(doc, dict) and "routes" in doc
 
 
 def _load_policy_file(path: Path, config: str | None) -> Policy:
@@ -103,54 +96,22 @@ def _load_with_rules(
     return policy, cfg.canonical_rules(), cfg.upstream_rules()
 
 
-def _refused_tests(policy: Policy, rules: canonical.Rules | None) -> list[str]:
-    """Test cases expecting ``allow`` whose request the proxy refuses before the policy
-    (canonicalised with the proxy's own function and, given a config, its rules)."""
-    out = []
-    for case in policy.tests:
-        if case.expect != "allow":
-            continue
-        got = canonical.build(
-            case.method.encode(), case.path.encode(), [(b"host", case.host.encode())],
-            rules or canonical.Rules(),
-        )  # fmt: skip
-        if isinstance(got, canonical.Refusal):
-            out.append(
-                f"{case.location}: {case.method} {case.host} {case.path} expects allow, but the "
-                f"proxy refuses it before the policy ({got.status} {got.reason})"
-            )
-    return out
-
-
 def cmd_check(args: argparse.Namespace) -> int:
     path = Path(args.file)
     try:
-        if _is_policy(path):
-            policy, rules, _ = _load_with_rules(path, args.config)
-            refused = _refused_tests(policy, rules)
-            for line in refused:
-                print(line, file=sys.stderr)
-            if refused:
-                return EXIT_CONFIG
-            print(
-                f"ok: {path}: {len(policy.routes)} routes, {len(policy.tests)} tests, "
-                f"sha256 {policy.sha256}"
-            )
+        if check.is_policy(path):
+            report = check.check_policy(path, args.config)
         else:
-            config = read_config(path)
-            policy = read_policy(config)
-            refused = _refused_tests(policy, config.canonical_rules())
-            for line in refused:
-                print(line, file=sys.stderr)
-            if refused:
-                return EXIT_CONFIG
-            print(
-                f"ok: {path} and {config.policy_path} ({len(policy.routes)} routes, "
-                f"policy sha256 {policy.sha256})"
-            )
+            report = check.check_config(path, files=not args.no_files)
     except ConfigError as exc:
         return _errors(exc)
-    return 0
+    for line in report.errors:
+        print(line, file=sys.stderr)
+    if report.summary and not report.errors:
+        print(report.summary)
+    for line in report.skipped:
+        print(f"skipped: {line}")
+    return EXIT_CONFIG if report.errors else 0
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -210,6 +171,13 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
     root = Path(args.root).resolve()
     certs = root / "certs_dev"
+    if not (root / "config" / "dev.yaml").is_file():  # before writing anything there
+        print(
+            f"spiffe-pep dev: {root} is not a spiffe-pep checkout (no config/dev.yaml): run "
+            "it in the checkout, or give it with --root",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
     if not devcerts.dev_set_present(certs):
         for path in devcerts.write_dev_set(certs):
             print(f"spiffe-pep dev: wrote {path.relative_to(root)}", file=sys.stderr)
@@ -239,62 +207,126 @@ def cmd_dev(args: argparse.Namespace) -> int:
     return 0
 
 
+DESCRIPTION = (
+    "An mTLS reverse proxy that enforces SPIFFE workload identity in front of services "
+    "that cannot be changed."
+)
+HELP = "Show this help and exit."
+
+
+def _command(
+    sub: Any, name: str, text: str, func: Callable[[argparse.Namespace], int]
+) -> argparse.ArgumentParser:
+    """A subcommand whose one-line help is also its description (both whole sentences)."""
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name, help=text, description=text, add_help=False
+    )
+    parser.add_argument("-h", "--help", action="help", help=HELP)
+    parser.set_defaults(func=func)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="spiffe-pep", description=__doc__.splitlines()[0])
-    parser.add_argument("--version", action="version", version=f"spiffe-pep {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run the proxy with a configuration file")
-    run.add_argument("-c", "--config", required=True, help="the runtime configuration (YAML)")
+    """The command line people use (the supervisor's ``_worker`` has its own parser)."""
+    parser = argparse.ArgumentParser(prog="spiffe-pep", description=DESCRIPTION, add_help=False)
+    parser.add_argument("-h", "--help", action="help", help=HELP)
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"spiffe-pep {__version__}",
+        help="Print the version and exit.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = _command(sub, "run", "Run the proxy with a runtime configuration.", cmd_run)
+    run.add_argument("-c", "--config", required=True, help="The runtime configuration file (YAML).")
     run.add_argument(
         "--workers",
-        help="worker processes sharing the port (N or auto: one per "
-        "CPU); overrides the configuration's 'workers'",
+        help="How many worker processes share the port: N, or auto for one per CPU. "
+        "Overrides the configuration's 'workers'.",
     )
-    run.set_defaults(func=cmd_run)
-    worker = sub.add_parser("_worker")  # started by the supervisor, not by people
+    checking = _command(
+        sub,
+        "check",
+        "Find what 'run' would refuse, without starting: every error, with file:line:column.",
+        cmd_check,
+    )
+    checking.add_argument("file", help="A policy or a runtime configuration (YAML).")
+    checking.add_argument(
+        "--config",
+        help="With a policy: the runtime configuration to check its upstream names against "
+        "(default: those beside it that name it).",
+    )
+    checking.add_argument(
+        "--no-files",
+        action="store_true",
+        help="With a runtime configuration: do not read the files it names (SVID, key, "
+        "bundles, assertion key, log files), for a configuration checked away from where "
+        "it runs.",
+    )
+    explain = _command(sub, "explain", "Show the decision for one request, and why.", cmd_explain)
+    explain.add_argument("policy", help="The policy file.")
+    explain.add_argument("--id", required=True, help="The caller's SPIFFE ID.")
+    explain.add_argument("--method", default="GET", help="The request method (default: GET).")
+    explain.add_argument("--host", default="", help="The Host header (default: none).")
+    explain.add_argument(
+        "--path",
+        default="/",
+        help="The request target as a client sends it: path and query, undecoded.",
+    )
+    explain.add_argument("--audience", help="Present a valid JWT-SVID for this audience.")
+    explain.add_argument(
+        "--sha256", help="The client certificate's SHA-256, for the revocation list."
+    )
+    explain.add_argument(
+        "--config",
+        help="The runtime configuration, for its upstream names and request rules.",
+    )
+    test = _command(sub, "test", "Run the test cases written in the policy file.", cmd_test)
+    test.add_argument("policy", help="The policy file.")
+    test.add_argument(
+        "--config",
+        help="The runtime configuration, for its upstream names and request rules.",
+    )
+    reach = _command(
+        sub,
+        "reach",
+        "Show, per identity pattern, the routes every identity it matches may reach, and "
+        "those only some of them may reach.",
+        cmd_reach,
+    )
+    reach.add_argument("policy", help="The policy file.")
+    reach.add_argument("--config", help="The runtime configuration, to check upstream names.")
+    dev = _command(
+        sub,
+        "dev",
+        "Run on the embedded dev setup: dev certificates, the demo upstream, the example policy.",
+        cmd_dev,
+    )
+    dev.add_argument(
+        "--root", default=".", help="The spiffe-pep checkout to run in (default: the current "
+        "directory)."
+    )  # fmt: skip
+    return parser
+
+
+def worker_parser() -> argparse.ArgumentParser:
+    """``spiffe-pep _worker``: started by the supervisor, not by people, so not listed."""
+    worker = argparse.ArgumentParser(prog="spiffe-pep _worker")
     worker.add_argument("-c", "--config", required=True)
     worker.add_argument("--port", type=int, required=True)
     worker.add_argument("--supervisor", type=int, required=True)
     worker.add_argument("--worker-id", type=int, default=0)
     worker.add_argument("--assertion-key")
     worker.set_defaults(func=cmd_worker)
-    check = sub.add_parser(
-        "check",
-        help="validate a policy, or a runtime configuration and its policy; print "
-        "every error with file:line:column",
-    )
-    check.add_argument("file", help="a policy or a runtime configuration (YAML)")
-    check.add_argument("--config", help="with a policy: also check its upstream names")
-    check.set_defaults(func=cmd_check)
-    explain = sub.add_parser("explain", help="the decision for one request, and why")
-    explain.add_argument("policy", help="the policy file")
-    explain.add_argument("--id", required=True, help="the caller's SPIFFE ID")
-    explain.add_argument("--method", default="GET")
-    explain.add_argument("--host", default="")
-    explain.add_argument(
-        "--path", default="/", help="the request target as sent (path and query, undecoded)"
-    )
-    explain.add_argument("--audience", help="present a valid JWT-SVID for this audience")
-    explain.add_argument("--sha256", help="the client certificate's SHA-256 (revocation)")
-    explain.add_argument("--config", help="the runtime configuration, to check upstreams")
-    explain.set_defaults(func=cmd_explain)
-    test = sub.add_parser("test", help="run the test cases written in the policy file")
-    test.add_argument("policy")
-    test.add_argument("--config", help="the runtime configuration, to check upstreams")
-    test.set_defaults(func=cmd_test)
-    reach = sub.add_parser("reach", help="every route each identity pattern can reach")
-    reach.add_argument("policy")
-    reach.add_argument("--config", help="the runtime configuration, to check upstreams")
-    reach.set_defaults(func=cmd_reach)
-    dev = sub.add_parser("dev", help="run on the embedded dev setup (certs, demo upstream)")
-    dev.add_argument("--root", default=".", help="the project checkout (default: .)")
-    dev.set_defaults(func=cmd_dev)
-    return parser
+    return worker
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["_worker"]:
+        return int(cmd_worker(worker_parser().parse_args(args[1:])))
+    parsed = build_parser().parse_args(args)
+    return int(parsed.func(parsed))
 
 
 if __name__ == "__main__":

@@ -124,6 +124,7 @@ class Config:
     workers: int = 1  # "auto" in YAML: one per CPU
     http: HttpRules = field(default_factory=HttpRules)
     admin_hosts: tuple[str, ...] = ()  # Host names the admin listener answers, beside loopback
+    event_log: str = "stderr"  # operational events: stdout, stderr or a file path
 
     def canonical_rules(self) -> canonical.Rules:
         """How this proxy canonicalises requests (``proxy.canonical``)."""
@@ -310,6 +311,7 @@ def load_config(data: bytes, filename: str, base_dir: Path) -> Config:
             "timeouts",
             "limits",
             "decision_log",
+            "event_log",
             "admin",
             "policy_watch",
             "assertion_key",
@@ -409,12 +411,11 @@ def load_config(data: bytes, filename: str, base_dir: Path) -> Config:
                 limits, max_body_bytes=r.size(body, ("limits", "max_body_bytes"))
             )
 
-    decision_log = "stdout"
-    if "decision_log" in top:
-        value = r.string(top["decision_log"], ("decision_log",))
-        decision_log = (
-            value if value in ("stdout", "stderr") else str(path(value, ("decision_log",)))
-        )
+    def log(key: str, default: str) -> str:
+        if key not in top:
+            return default
+        value = r.string(top[key], (key,))
+        return value if value in ("stdout", "stderr") else str(path(value, (key,)))
 
     admin: tuple[str, int] | None = ("127.0.0.1", 9901)
     # YAML 1.1 reads a bare `off` as false: both mean "disabled".
@@ -438,7 +439,7 @@ def load_config(data: bytes, filename: str, base_dir: Path) -> Config:
         upstreams,
         path(top["policy"], ("policy",)),
         identity,
-        decision_log,
+        log("decision_log", "stdout"),
         timeouts,
         limits,
         filename,
@@ -452,6 +453,7 @@ def load_config(data: bytes, filename: str, base_dir: Path) -> Config:
             h.lower()
             for h in r.string_list(top.get("admin_hosts", []), ("admin_hosts",), allow_empty=True)
         ),
+        event_log=log("event_log", "stderr"),
     )
 
 

@@ -76,6 +76,14 @@ async def _respond(conn: h11.Connection, stream: trio.SocketStream, req: h11.Req
         )
         await _send(conn, stream, h11.EndOfMessage())
         return
+    if len(parts) == 2 and parts[1] == "early-hints":  # RFC 8297: a 103 first
+        await _send(
+            conn,
+            stream,
+            h11.InformationalResponse(
+                status_code=103, headers=[(b"link", b"</style.css>; rel=preload; as=style")]
+            ),
+        )
     if len(parts) == 3 and parts[1] == "sleep":
         await trio.sleep(float(parts[2]))
     body = json.dumps(

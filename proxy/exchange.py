@@ -99,7 +99,9 @@ async def forward(f: Forward) -> bool:
     # ever seeing the request.
     first = client.buffered_body_event() if request.has_body else None
     if client.h.client_is_waiting_for_100_continue:
-        await client.send(h11.InformationalResponse(status_code=100, headers=[]))
+        await client.send(
+            h11.InformationalResponse(status_code=100, reason=b"Continue", headers=[])
+        )
     conn = await pool.acquire(creds)
     try:
         try:
@@ -124,7 +126,10 @@ async def forward(f: Forward) -> bool:
             back.append((b"connection", b"close"))
         await client.send(
             trusted(
-                h11.Response, status_code=response.status_code, reason=response.reason, headers=back
+                h11.Response,
+                status_code=response.status_code,
+                reason=headers.reason_phrase(response.status_code, response.reason),
+                headers=back,
             ),
             flush=False,
         )
@@ -183,13 +188,23 @@ async def _send_request(
 
 
 async def _response_head(client: HttpSession, conn: UpstreamConnection) -> h11.Response:
-    """The upstream's final response head (1xx interim responses are dropped)."""
+    """The upstream's final response head. A ``103 Early Hints`` before it is relayed
+    (hop-by-hop headers removed; not to an HTTP/1.0 client, RFC 9110 section 15.2); other
+    1xx interim responses are the proxy's own business (it answers ``100-continue``)."""
     while True:
         event = await conn.next_event(client.rt.config.timeouts.upstream_response)
         if isinstance(event, h11.Response):
             return event
         if not isinstance(event, h11.InformationalResponse):
             raise UpstreamError(502, "upstream_bad_response", repr(event))
+        if event.status_code == 103 and client.h.their_http_version != b"1.0":
+            await client.send(
+                h11.InformationalResponse(
+                    status_code=103,
+                    reason=headers.reason_phrase(103, event.reason),
+                    headers=headers.strip_hop_by_hop(event.headers),
+                )
+            )
 
 
 async def upgrade(f: Forward) -> None:
@@ -222,7 +237,13 @@ async def upgrade(f: Forward) -> None:
                 (b"upgrade", protocol),
                 (headers.REQUEST_ID, ex.request_id.encode("ascii")),
             ]
-            await client.send(h11.InformationalResponse(status_code=101, headers=back))
+            await client.send(
+                h11.InformationalResponse(
+                    status_code=101,
+                    reason=headers.reason_phrase(101, response.reason),
+                    headers=back,
+                )
+            )
             await _pump(f, conn)
             return
         if not isinstance(response, h11.Response):
@@ -232,7 +253,7 @@ async def upgrade(f: Forward) -> None:
         await client.send(
             h11.Response(
                 status_code=response.status_code,
-                reason=response.reason,
+                reason=headers.reason_phrase(response.status_code, response.reason),
                 headers=[
                     *headers.downstream_response_headers(response.headers, ex.request_id),
                     (b"connection", b"close"),

@@ -162,6 +162,7 @@ class UpstreamPool:
         self.max_idle = max_idle
         self.on_violation = on_violation
         self._idle: list[UpstreamConnection] = []
+        self.closed = False  # replaced by a reload: connections coming back are closed
 
     async def _surplus(self, conn: UpstreamConnection, kind: str) -> bytes | None:
         """``conn.surplus()``, reported when there is some; ``conn`` is closed if this is
@@ -244,6 +245,7 @@ class UpstreamPool:
         ended exactly at the end of the bytes received; else close it."""
         if (
             conn.reusable
+            and not self.closed
             and await self._surplus(conn, BYTES_AFTER_RESPONSE) == b""
             and len(self._idle) < self.max_idle
         ):
@@ -254,5 +256,6 @@ class UpstreamPool:
             await conn.aclose()
 
     async def aclose(self) -> None:
+        self.closed = True
         while self._idle:
             await self._idle.pop().aclose()

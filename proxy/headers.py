@@ -16,9 +16,22 @@ import itertools
 import os
 from collections.abc import Sequence, Set
 from dataclasses import dataclass
+from http import HTTPStatus
 
 Headers = Sequence[tuple[bytes, bytes]]
 HeaderList = list[tuple[bytes, bytes]]
+
+
+def reason_phrase(status: int, given: bytes = b"") -> bytes:
+    """The status line's reason phrase: ``given`` (an upstream's own) if any, else the
+    standard one (``403 Forbidden``), so no status line ends in a bare code."""
+    if given:
+        return given
+    try:
+        return HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b""
+
 
 HOP_BY_HOP = frozenset(
     {

@@ -117,6 +117,12 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemin",
         )
+        self.config_reloads = Counter(
+            "spiffe_pep_config_reloads",
+            "Runtime configuration reloads (SIGHUP) by result (ok or failed).",
+            ["result"],
+            registry=r,
+        )
         self.credential_reloads = Counter(
             "spiffe_pep_credential_reloads",
             "SVID/key/bundle reloads by result (ok or failed).",

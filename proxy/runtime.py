@@ -33,6 +33,10 @@ class Runtime:
     metrics: Metrics
     signer: AssertionSigner | None = None
     x509_source: Any = None  # a WorkloadApiSource when the SVID comes from a SPIRE agent
+    # The configuration as its file says, before the command line's overrides (a worker's
+    # port, no admin listener): what a reload compares an edited file with. None: the
+    # same as ``config``.
+    file_config: Config | None = None
     open_connections: int = 0
     handshakes: int = 0  # TLS handshakes in flight
     handshakes_by_source: dict[str, int] = field(default_factory=dict)
@@ -49,8 +53,14 @@ class Runtime:
     upstream_rules: dict[str, canonical.UpstreamRules] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.rules = self.config.canonical_rules()
-        self.upstream_rules = self.config.upstream_rules()
+        self.set_config(self.config)
+
+    def set_config(self, config: Config) -> None:
+        """Swap in ``config`` and what is derived from it (the request rules). The caller
+        swaps the pools and the policy built for it, then calls ``trust_changed``."""
+        self.config = config
+        self.rules = config.canonical_rules()
+        self.upstream_rules = config.upstream_rules()
 
     def trust_changed(self) -> None:
         """The policy or the credentials were swapped: wake whoever re-evaluates."""

@@ -9,6 +9,7 @@ import socket
 from collections.abc import Iterator
 
 import trio
+from cryptography import x509
 from OpenSSL import SSL
 
 from proxy import proxyproto, svid
@@ -133,11 +134,13 @@ async def _open(
     creds = rt.credentials
     conn = SSL.Connection(creds.context, None)
     conn.set_accept_state()
+    check = _PeerCheck(creds)
+    conn.set_app_data(check)  # run by OpenSSL's verify callback (tls.ChainCheck)
     if early:
         conn.bio_write(early)
     tls = TLSStream(stream, conn)
     try:
-        verified = await _handshake(rt, creds, tls, peer_addr)
+        verified = await _handshake(rt, check, tls, peer_addr)
     except BaseException:
         await tls.aclose()
         raise
@@ -155,19 +158,44 @@ _PLAIN_HTTP_REPLY = (
 )
 
 
+class _PeerCheck:
+    """The X.509-SVID check of one connection's client chain (a ``tls.ChainCheck``): run
+    by OpenSSL during the handshake, so a refused client gets the matching TLS alert; the
+    verified peer, or the refusal, stays here for ``_handshake`` to use and log."""
+
+    def __init__(self, creds: Credentials) -> None:
+        self.creds = creds
+        self.chain: list[x509.Certificate] = []
+        self.peer: svid.PeerSvid | None = None
+        self.presented: Presented = ()
+        self.error: SvidError | None = None
+
+    def __call__(self, chain: list[x509.Certificate]) -> str | None:
+        self.chain = chain
+        try:
+            self.peer, self.presented = verify_presented(self.creds, chain)
+        except SvidError as exc:
+            self.error = exc
+            return exc.reason
+        return None
+
+
 def _handshake_failed(rt: Runtime, reason: str, peer_addr: str, **fields: object) -> None:
     rt.metrics.handshake_failures.labels(reason=reason).inc()
     rt.events.event("tls_handshake_failed", reason=reason, peer_addr=peer_addr, **fields)
 
 
 async def _handshake(
-    rt: Runtime, creds: Credentials, tls: TLSStream, peer_addr: str
+    rt: Runtime, check: _PeerCheck, tls: TLSStream, peer_addr: str
 ) -> tuple[svid.PeerSvid, Presented] | None:
     """The verified peer and the chain it presented, or None (logged) on failure."""
     try:
         with trio.fail_after(rt.config.timeouts.handshake):
             await tls.do_handshake()
     except TLSError as exc:
+        if check.error is not None:  # refused by the SVID rules; the client got the alert
+            _svid_refused(rt, check.error, check.chain, peer_addr)
+            return None
         reason = _tls_reason(exc.reason)
         _handshake_failed(rt, reason, peer_addr, detail=exc.reason, leaf_sha256=None)
         if reason == "tls_http_request":
@@ -183,6 +211,12 @@ async def _handshake(
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
         _handshake_failed(rt, "connection_broken", peer_addr, detail=str(exc))
         return None
+    if check.error is not None:  # refused, yet OpenSSL went on: never expected
+        _svid_refused(rt, check.error, check.chain, peer_addr)
+        return None
+    if check.peer is not None:
+        return check.peer, check.presented
+    # OpenSSL did not run the check (never expected): verify what the peer sent, here.
     leaf = tls.conn.get_peer_certificate(as_cryptography=True)
     chain = [leaf] if leaf is not None else []
     # On the server side OpenSSL's peer chain may or may not repeat the leaf: de-dupe.
@@ -190,14 +224,21 @@ async def _handshake(
         if cert not in chain:
             chain.append(cert)
     try:
-        return verify_presented(creds, chain)
+        return verify_presented(check.creds, chain)
     except SvidError as exc:
-        _handshake_failed(
-            rt,
-            exc.reason,
-            peer_addr,
-            detail=exc.detail,
-            leaf_sha256=svid.fingerprint(leaf) if leaf is not None else None,
-            claimed_ids=svid.uri_sans(leaf) if leaf is not None else [],
-        )
+        _svid_refused(rt, exc, chain, peer_addr)
         return None
+
+
+def _svid_refused(
+    rt: Runtime, exc: SvidError, chain: list[x509.Certificate], peer_addr: str
+) -> None:
+    leaf = chain[0] if chain else None
+    _handshake_failed(
+        rt,
+        exc.reason,
+        peer_addr,
+        detail=exc.detail,
+        leaf_sha256=svid.fingerprint(leaf) if leaf is not None else None,
+        claimed_ids=svid.uri_sans(leaf) if leaf is not None else [],
+    )

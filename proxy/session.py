@@ -36,6 +36,7 @@ from proxy.tls_stream import TLSError, TLSStream
 
 _OUT_HIGH_WATER = 64 * 1024  # buffered response bytes are written out at least this often
 _VERDICT_CACHE = 32  # verdicts remembered per connection
+STOPPED = "proxy_stopped"  # a request cut because the proxy stopped before it was done
 
 
 def _bearer_token(hdrs: headers.Headers, name: str) -> str | None:
@@ -283,7 +284,10 @@ class HttpSession:
             hdrs.append((b"www-authenticate", value))
         if close or self.aged:
             hdrs.append((b"connection", b"close"))
-        await self.send(h11.Response(status_code=status, headers=hdrs), flush=False)
+        response = h11.Response(
+            status_code=status, reason=headers.reason_phrase(status), headers=hdrs
+        )
+        await self.send(response, flush=False)
         await self.send(h11.Data(data=body), flush=False)
         await self.send(h11.EndOfMessage())
 
@@ -343,8 +347,12 @@ class HttpSession:
     ) -> None:
         elapsed = time.perf_counter() - t0
         if ex.status == 0:
-            # Nothing was answered: the client left (nginx's 499) or the proxy failed.
-            ex.status = 499 if ex.reason in ("client_gone", "client_write_timeout") else 500
+            # Nothing was answered: the client left (nginx's 499), the proxy stopped, or
+            # it failed.
+            if ex.reason in ("client_gone", "client_write_timeout"):
+                ex.status = 499
+            else:
+                ex.status = 503 if ex.reason == STOPPED else 500
         record = audit.build_record(ex, self.peer, policy_sha256, started, elapsed)
         record.update(extra)
         self.rt.decisions.write(record)
@@ -445,6 +453,8 @@ class HttpSession:
             lost = self.still_trusted()
             if lost is not None:
                 raise HttpError(403, lost)
+            if self.identity.config is not self.rt.config:  # reloaded: new identity headers
+                self.identity = PeerHeaders(self.rt.config, self.rt.credentials.own_id, self.peer)
             request = self.canonical(req, hdrs)
             ex.host, ex.path = request.host, request.path
             if request.dropped:
@@ -506,6 +516,12 @@ class HttpSession:
             if ex.reason in ("", ALLOWED):
                 slow = str(exc) == "client_write_timeout"
                 ex.reason = "client_write_timeout" if slow else "client_gone"
+            raise
+        except trio.Cancelled:
+            # Only a stop cancels a request: a second SIGTERM/SIGINT, or the end of the
+            # drain's grace. The line says so, not the verdict's "allowed".
+            if ex.reason in ("", ALLOWED):
+                ex.reason = STOPPED
             raise
         except Exception as exc:
             # A bug, not the client's fault: answer 500 if nothing was sent yet, keep the

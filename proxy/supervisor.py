@@ -4,11 +4,11 @@ The supervisor validates the configuration, holds the port (a bound, never-liste
 SO_REUSEPORT socket, so a restarted worker gets the same port even when it was 0), starts
 the workers (``spiffe-pep _worker``), each listening on the port with SO_REUSEPORT so the
 kernel spreads connections across them, and restarts any that dies (with backoff when one
-keeps dying). It forwards SIGHUP; on SIGTERM/SIGINT it asks every worker to drain and waits
-for them (a second signal kills them). It serves the admin listener itself: metrics are
-aggregated across workers with prometheus-client's multiprocess mode (each worker writes
-to a shared directory), and one assertion key is shared so every worker's assertions verify
-against the one JWKS.
+keeps dying). It forwards SIGHUP and SIGUSR1 (reopening its own log files too); on
+SIGTERM/SIGINT it asks every worker to drain and waits for them (a second signal kills
+them). It serves the admin listener itself: metrics are aggregated across workers with
+prometheus-client's multiprocess mode (each worker writes to a shared directory), and one
+assertion key is shared so every worker's assertions verify against the one JWKS.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from proxy import __version__, admin
-from proxy.app import admin_routes
+from proxy.app import admin_routes, reopen_logs
 from proxy.metrics import CONTENT_TYPE
 from proxy.runtime import Runtime
 
@@ -83,10 +83,11 @@ class Supervisor:
                 [*cmd, "--worker-id", str(worker.index)],
                 env=env,
                 stdin=subprocess.DEVNULL,
-                # A forwarded SIGHUP must not kill a worker still starting up (SIGHUP's
-                # default action): ignored dispositions survive exec, and the worker's own
-                # handler takes over once it serves (it read the files fresh anyway).
-                preexec_fn=_ignore_sighup,
+                # A forwarded SIGHUP or SIGUSR1 must not kill a worker still starting up
+                # (their default action): ignored dispositions survive exec, and the
+                # worker's own handler takes over once it serves (it opened the files
+                # fresh anyway).
+                preexec_fn=_ignore_reload_signals,
             )
             worker.process = proc
             self.rt.events.event("worker_started", worker=worker.index, pid=proc.pid)
@@ -189,11 +190,12 @@ class Supervisor:
                     admin_port=admin_port,
                 )
                 with trio.open_signal_receiver(
-                    signal.SIGTERM, signal.SIGINT, signal.SIGHUP
+                    signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1
                 ) as signals:
                     async for signum in signals:
-                        if signum == signal.SIGHUP:
-                            self._signal_all(signal.SIGHUP)
+                        if signum in (signal.SIGHUP, signal.SIGUSR1):
+                            reopen_logs(self.rt, signal.Signals(signum).name.lower())
+                            self._signal_all(signum)
                             continue
                         if self.stopping:  # a second signal: stop now
                             self._signal_all(signal.SIGKILL)
@@ -220,8 +222,9 @@ class Supervisor:
         nursery.cancel_scope.cancel()
 
 
-def _ignore_sighup() -> None:
+def _ignore_reload_signals() -> None:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 def _json_fn(handler: admin.Handler) -> Callable[[], tuple[int, object]]:

@@ -1,10 +1,13 @@
 """Reading the proxy's SVID, key and trust bundles from files; building the TLS context.
 
-The server context requires a client certificate but accepts any at the OpenSSL layer:
-the X.509-SVID rules, including "the chain must end in the bundle of the leaf's own
-trust domain", are applied by ``svid.verify_peer`` right after the handshake, before a
-byte of HTTP is read (go-spiffe does the same with ``RequireAnyClientCert`` plus
-``VerifyPeerCertificate``).
+The server context requires a client certificate and leaves its verification to the
+connection's :data:`ChainCheck`: the X.509-SVID rules, including "the chain must end in
+the bundle of the leaf's own trust domain", applied by ``svid.verify_peer`` (go-spiffe
+does the same with ``RequireAnyClientCert`` plus ``VerifyPeerCertificate``). The check
+runs inside OpenSSL's verify callback, on the chain OpenSSL built from what the client
+sent, so a refused client gets the TLS alert matching the reason during the handshake
+(``bad_certificate``, ``unknown_ca``, ``certificate_expired``), as nginx's or Envoy's
+clients do, instead of a connection closed without a word.
 
 TLS policy (both the server context and the client context used towards upstreams):
 
@@ -28,12 +31,13 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.hazmat.bindings.openssl.binding import Binding
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from OpenSSL import SSL, crypto
@@ -45,6 +49,9 @@ from proxy.config import TlsFiles
 from proxy.errors import BundleError, ConfigError, SvidError
 from proxy.spiffe_id import SpiffeId, TrustDomain
 from proxy.trust import TrustStore
+
+# OpenSSL as pyOpenSSL itself binds it (the same library and objects).
+_ffi, _lib = Binding.ffi, Binding.lib
 
 
 @dataclass(frozen=True)
@@ -84,6 +91,72 @@ def load_bundles(files: Mapping[TrustDomain, Path]) -> dict[TrustDomain, Bundle]
 
 def _accept_any(conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int) -> bool:
     return True  # verification happens in svid.verify_peer, per trust domain
+
+
+# A connection's verification of its client's chain (leaf first, as OpenSSL built it from
+# what the client sent): None to accept, else the reason code that refuses it. Set on the
+# server-side ``SSL.Connection`` with ``set_app_data``; without one, any chain passes.
+ChainCheck = Callable[[list[x509.Certificate]], "str | None"]
+
+# The TLS alert a refused client gets, by reason: OpenSSL sends the alert it maps the
+# verify error to (``ssl_x509err2alert``). Any other reason: bad_certificate.
+_ALERT_BY_REASON = {
+    svid.EXPIRED: "X509_V_ERR_CERT_HAS_EXPIRED",  # certificate_expired
+    svid.UNTRUSTED: "X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY",  # unknown_ca
+    svid.NO_BUNDLE: "X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY",
+    svid.EMPTY_BUNDLE: "X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY",
+    svid.BAD_SIGNING_CERT: "X509_V_ERR_INVALID_CA",  # unknown_ca
+    svid.SIGNING_NO_KEY_USAGE: "X509_V_ERR_INVALID_CA",
+}
+_BAD_CERTIFICATE = "X509_V_ERR_CERT_REJECTED"
+
+
+def alert_error(reason: str) -> int:
+    """OpenSSL's verify error for ``reason``: the one it turns into the matching alert."""
+    return int(getattr(_lib, _ALERT_BY_REASON.get(reason, _BAD_CERTIFICATE)))
+
+
+def _built_chain(store_ctx: Any) -> list[x509.Certificate]:
+    stack = _lib.X509_STORE_CTX_get1_chain(store_ctx)
+    if stack == _ffi.NULL:
+        return []
+    try:
+        # get1: every certificate was up-referenced; pyOpenSSL's X509 frees its own.
+        return [
+            crypto.X509._from_raw_x509_ptr(_lib.sk_X509_value(stack, i)).to_cryptography()
+            for i in range(_lib.sk_X509_num(stack))
+        ]
+    finally:
+        _lib.sk_X509_free(stack)
+
+
+def _verify(ok: int, store_ctx: Any) -> int:
+    """OpenSSL's verify callback of the server context. OpenSSL has no trust anchors here,
+    so it reports errors on the way (accepted: the SVID rules decide, per trust domain);
+    its last call is for the leaf with ``ok`` set, once the chain is built. There the
+    connection's :data:`ChainCheck` runs, and a refusal sets the verify error whose alert
+    matches its reason. pyOpenSSL's own ``set_verify`` wrapper cannot set that error, so
+    this is registered with ``SSL_CTX_set_verify`` directly (pinned by a test)."""
+    try:
+        if ok and _lib.X509_STORE_CTX_get_error_depth(store_ctx) == 0:
+            index = _lib.SSL_get_ex_data_X509_STORE_CTX_idx()
+            ssl = _lib.X509_STORE_CTX_get_ex_data(store_ctx, index)
+            conn = SSL.Connection._reverse_mapping.get(ssl)
+            check = conn.get_app_data() if conn is not None else None
+            if check is not None:
+                reason = check(_built_chain(store_ctx))
+                if reason is not None:
+                    _lib.X509_STORE_CTX_set_error(store_ctx, alert_error(reason))
+                    return 0
+        _lib.X509_STORE_CTX_set_error(store_ctx, _lib.X509_V_OK)
+        return 1
+    except Exception:  # never let an exception cross into OpenSSL: refuse (fail closed)
+        _lib.X509_STORE_CTX_set_error(store_ctx, alert_error(""))
+        return 0
+
+
+# Module-level: OpenSSL keeps calling it for as long as any context lives.
+_verify_callback = _ffi.callback("int (*)(int, X509_STORE_CTX *)", _verify)
 
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
@@ -126,7 +199,8 @@ def server_context(
     chain: Sequence[x509.Certificate], key: PrivateKey, key_source: str
 ) -> SSL.Context:
     ctx = _context(chain, key, key_source)
-    ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, _accept_any)
+    mode = SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT
+    _lib.SSL_CTX_set_verify(ctx._context, mode, _verify_callback)
     return ctx
 
 
@@ -184,19 +258,29 @@ def jwt_authorities_of(
     return out
 
 
+def _read_chain(path: Path) -> list[x509.Certificate]:
+    data = _read(path, "SVID")
+    if b"-----BEGIN CERTIFICATE-----" not in data:
+        raise ConfigError(str(path), "not a certificate: no PEM CERTIFICATE block in the file")
+    try:
+        return x509.load_pem_x509_certificates(data)
+    except ValueError as exc:
+        raise ConfigError(str(path), f"a PEM certificate cannot be read: {exc}") from exc
+
+
+def _read_key(path: Path) -> Any:
+    data = _read(path, "SVID key")
+    try:
+        return serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(str(path), f"the private key cannot be read: {exc}") from exc
+
+
 def load_credentials(files: TlsFiles) -> Credentials:
     """Read and check the proxy's SVID, key and bundles; raise ConfigError naming the file."""
     assert files.svid is not None and files.key is not None
-    chain_pem = _read(files.svid, "SVID")
-    key_pem = _read(files.key, "SVID key")
-    try:
-        chain = x509.load_pem_x509_certificates(chain_pem)
-    except ValueError as exc:
-        raise ConfigError(str(files.svid), f"no PEM certificate could be read: {exc}") from exc
-    try:
-        key = serialization.load_pem_private_key(key_pem, password=None)
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(str(files.key), f"the private key cannot be read: {exc}") from exc
+    chain = _read_chain(files.svid)
+    key = _read_key(files.key)
     bundles = load_bundles(files.bundles)
     return credentials_from(
         chain,
@@ -206,3 +290,28 @@ def load_credentials(files: TlsFiles) -> Credentials:
         str(files.svid),
         str(files.key),
     )
+
+
+def check_files(files: TlsFiles) -> list[ConfigError]:
+    """Every reason ``load_credentials`` would refuse these files, each file checked on its
+    own (``spiffe-pep check``): missing, unreadable, not a certificate or key, a key that
+    does not match the SVID, an SVID not valid now, a bad bundle. Empty: all usable."""
+    errors: list[ConfigError] = []
+
+    def attempt(step: Any, *args: Any) -> Any:
+        try:
+            return step(*args)
+        except ConfigError as exc:
+            errors.append(exc)
+            return None
+
+    chain = attempt(_read_chain, files.svid) if files.svid is not None else None
+    key = attempt(_read_key, files.key) if files.key is not None else None
+    bundles: dict[TrustDomain, Bundle] = {}
+    for td, path in files.bundles.items():
+        bundles.update(attempt(load_bundles, {td: path}) or {})
+    for td, path in files.jwt_bundles.items():
+        attempt(jwt_authorities_of, {}, {td: path})
+    if chain is not None and key is not None:
+        attempt(credentials_from, chain, key, bundles, {}, str(files.svid), str(files.key))
+    return errors

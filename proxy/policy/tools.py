@@ -20,7 +20,7 @@ from proxy import canonical
 from proxy.decide import Verdict
 from proxy.decide import decide as decide_request
 from proxy.policy.model import WRITE_METHODS, Policy, PolicyTest, Route
-from proxy.policy.patterns import IdentityPattern
+from proxy.policy.patterns import WILDCARD, IdentityPattern
 from proxy.spiffe_id import SpiffeId
 
 WHY = {
@@ -186,42 +186,95 @@ def _named_patterns(policy: Policy) -> list[IdentityPattern]:
     return list(seen.values())
 
 
-def reach(policy: Policy) -> Iterator[str]:
-    """Per identity pattern the policy allows: every route it may reach, and warnings for
-    whole-trust-domain grants on methods that write.
+@dataclass(frozen=True)
+class Reach:
+    """What the identities one pattern matches may reach: ``every`` route all of them may
+    reach, and the routes only ``some`` of them may reach, each with why not all."""
 
-    A pattern reaches a route when it overlaps one of the route's allow patterns and no
-    deny pattern covers it entirely; routes earlier in the list may still catch some of
-    those requests first, so this is what an identity MAY reach (its blast radius).
+    pattern: IdentityPattern
+    every: tuple[Route, ...]
+    some: tuple[tuple[Route, str], ...]
+
+
+def reach_of(policy: Policy, pattern: IdentityPattern) -> Reach:
+    """A route is reached by every identity ``pattern`` matches when one allow pattern
+    covers it and no deny pattern or revoked ID takes any of them out; by only some when
+    an allow pattern overlaps it (allowing a part) or a deny pattern or revoked ID takes a
+    part out; by none when no allow pattern overlaps it or a deny pattern covers it."""
+    ids = [SpiffeId.parse(rid) for rid in sorted(policy.revoked_ids)]
+    revoked_ids = [sid for sid in ids if pattern.matches(sid)]
+    if revoked_ids and not pattern.tail and WILDCARD not in pattern.segments:
+        return Reach(pattern, (), ())  # one ID, and it is revoked
+    every: list[Route] = []
+    some: list[tuple[Route, str]] = []
+    for route in policy.routes:
+        allows = [a for a in route.allow if a.overlaps(pattern)]
+        if not allows or any(d.covers(pattern) for d in route.deny):
+            continue
+        denies = [d.text for d in route.deny if d.overlaps(pattern)]
+        revoked = [
+            str(sid)
+            for sid in revoked_ids
+            if any(a.matches(sid) for a in allows) and not any(d.matches(sid) for d in route.deny)
+        ]
+        why = []
+        if not any(a.covers(pattern) for a in allows):
+            why.append("allows only " + ", ".join(a.text for a in allows))
+        if denies:
+            why.append("denies " + ", ".join(denies))
+        if revoked:
+            why.append("revoked " + ", ".join(revoked))
+        if why:
+            some.append((route, "; ".join(why)))
+        else:
+            every.append(route)
+    return Reach(pattern, tuple(every), tuple(some))
+
+
+def _route_line(route: Route, width: int) -> str:
+    methods = ",".join(sorted(route.match.methods)) if route.match.methods else "ANY"
+    where = "; ".join(x for x in route.match.describe().split("; ") if not x.startswith("methods"))
+    needs = []
+    if route.audiences:
+        needs.append("with a JWT-SVID for " + ", ".join(route.audiences))
+    if route.origin:
+        needs.append("for origins " + ", ".join(p.text for p in route.origin))
+    suffix = f" ({'; '.join(needs)})" if needs else ""
+    return f"    {route.name:<{width}}  {methods:<16} {where or 'any host, any path'}{suffix}"
+
+
+def reach(policy: Policy) -> Iterator[str]:
+    """Per identity pattern the policy allows: the routes every identity it matches may
+    reach, then the routes only some of them may reach (and why not all), and warnings
+    for whole-trust-domain grants on methods that write.
+
+    Routes earlier in the list may still catch some of those requests first, so this is
+    what an identity MAY reach (its blast radius), not where each request goes.
     """
     for pattern in _named_patterns(policy):
         yield pattern.text
-        routes = [r for r in policy.routes if _reaches(pattern, r)]
-        if not routes:
+        r = reach_of(policy, pattern)
+        if not r.every and not r.some:
             yield "  (no route: every match is denied)"
-        width = max((len(r.name) for r in routes), default=0)
-        for r in routes:
-            methods = ",".join(sorted(r.match.methods)) if r.match.methods else "ANY"
-            where = "; ".join(
-                x for x in r.match.describe().split("; ") if not x.startswith("methods")
-            )
-            yield f"  {r.name:<{width}}  {methods:<16} {where or 'any host, any path'}"
-    for r in policy.routes:
-        writes = r.match.methods is None or bool(r.match.methods & WRITE_METHODS)
-        for p in r.allow:
+            continue
+        width = max(len(route.name) for route in [*r.every, *(x for x, _ in r.some)])
+        yield "  every identity it matches may reach:" + ("" if r.every else " no route")
+        for route in r.every:
+            yield _route_line(route, width)
+        if r.some:
+            yield "  only some of them may reach:"
+            for route, why in r.some:
+                yield f"{_route_line(route, width)}  [{why}]"
+    for route in policy.routes:
+        writes = route.match.methods is None or bool(route.match.methods & WRITE_METHODS)
+        for p in route.allow:
             if p.whole_trust_domain and writes:
                 methods = (
                     "any method"
-                    if r.match.methods is None
-                    else ",".join(sorted(r.match.methods & WRITE_METHODS))
+                    if route.match.methods is None
+                    else ",".join(sorted(route.match.methods & WRITE_METHODS))
                 )
                 yield (
-                    f"WARNING: route {r.name} ({r.location}) lets every workload of "
+                    f"WARNING: route {route.name} ({route.location}) lets every workload of "
                     f"{p.trust_domain} ({p.text}) write ({methods})"
                 )
-
-
-def _reaches(pattern: IdentityPattern, route: Route) -> bool:
-    if any(d.covers(pattern) for d in route.deny):
-        return False
-    return any(a.overlaps(pattern) for a in route.allow)

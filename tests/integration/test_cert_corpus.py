@@ -1,6 +1,6 @@
 """The certificate corpus: one row per kind of client certificate, each presented in a
 real mTLS handshake to a running proxy, with the expected outcome (served, or refused
-before any HTTP) and the reason the proxy logs for it.
+before any HTTP), the reason the proxy logs for it and the TLS alert the client gets.
 
 The client is the stdlib TLS stack at OpenSSL security level 0, so weak keys and SHA-1
 signatures reach the proxy instead of being refused by the client itself.
@@ -178,6 +178,18 @@ CORPUS: list[tuple[str, Callable[[Pki], Issued], str]] = [
 ]
 
 
+# The TLS alert a refused client gets (OpenSSL's text for it), by the reason logged.
+ALERTS = {
+    svid.EXPIRED: "alert certificate expired",
+    svid.UNTRUSTED: "alert unknown ca",
+    svid.NO_BUNDLE: "alert unknown ca",
+}
+
+
+def alert(reason: str) -> str:
+    return ALERTS.get(reason, "alert bad certificate")
+
+
 def _exchange(port: int, cert: Path, key: Path, cafile: str) -> tuple[int | None, str]:
     """One handshake and one request; (status, "") if served, (None, error) if not."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -222,3 +234,48 @@ async def test_client_certificate(
     (event,) = failures
     assert event["reason"] == outcome, event
     assert event["detail"] and event["leaf_sha256"] == svid.fingerprint(issued.cert)
+    assert alert(outcome) in error, error  # the client learns why, as from nginx or Envoy
+
+
+async def test_curl_and_openssl_clients_see_the_alert(
+    proxy: Proxy, tmp_path: Path, pki: Pki
+) -> None:
+    expired = issue_svid(
+        pki.intermediate,
+        [ID],
+        not_before=NOW - dt.timedelta(days=2),
+        not_after=NOW - dt.timedelta(days=1),
+    )
+    cert, key = tmp_path / "expired.pem", tmp_path / "expired_key.pem"
+    cert.write_bytes(expired.chain_pem())
+    key.write_bytes(expired.key_pem())
+    url = f"https://localhost:{proxy.port}/orders"
+    done = await trio.run_process(
+        ["curl", "-sS", "--cacert", pki.bundle, "--cert", str(cert), "--key", str(key), url],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    assert done.returncode != 0
+    assert b"alert certificate expired" in done.stderr, done.stderr
+    assert b"Empty reply" not in done.stderr
+
+    rogue = issue_svid(issue_ca("example.org"), [ID])
+    cert.write_bytes(rogue.chain_pem())
+    key.write_bytes(rogue.key_pem())
+    for client_cert, text in [
+        (["-cert", str(cert), "-key", str(key)], b"alert unknown ca"),
+        ([], b"alert certificate required"),
+    ]:
+        # -ign_eof: read until the proxy closes, not only until stdin ends.
+        cmd = ["openssl", "s_client", "-ign_eof", "-connect", f"127.0.0.1:{proxy.port}"]
+        done = await trio.run_process(
+            [*cmd, "-CAfile", pki.bundle, *client_cert],
+            stdin=b"GET /orders HTTP/1.1\r\nHost: localhost\r\n\r\n",
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+        assert text in done.stderr, done.stderr
+    reasons = [e["reason"] for e in proxy.events() if e["event"] == "tls_handshake_failed"]
+    assert reasons == [svid.EXPIRED, svid.UNTRUSTED, svid.NO_CERTIFICATE]

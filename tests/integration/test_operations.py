@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import ssl
@@ -17,10 +18,12 @@ from tests.conftest import Pki
 from tests.integration.harness import (
     Proxy,
     curl,
+    free_port,
     raw,
     start,
     statuses,
     tls_client,
+    wait_listening,
     wait_until,
     write_config,
 )
@@ -148,3 +151,92 @@ async def test_sigterm_drains_in_flight_requests(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _jsonl(path: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.mark.parametrize(
+    ("signum", "workers"),
+    [(signal.SIGUSR1, 1), (signal.SIGHUP, 1), (signal.SIGUSR1, 2)],
+    ids=["sigusr1", "sighup", "sigusr1_to_the_supervisor_of_2_workers"],
+)
+async def test_log_files_are_reopened_after_logrotate(
+    nursery: trio.Nursery, tmp_path: Path, pki: Pki, signum: int, workers: int
+) -> None:
+    upstream = await nursery.start(demo_upstream.serve, "127.0.0.1", 0)
+    port = free_port()
+    decisions, events = tmp_path / "decisions.jsonl", tmp_path / "events.log"
+    cfg = write_config(
+        tmp_path, pki, upstream, listen=f"127.0.0.1:{port}", extra=f"event_log: {events}\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "run", "-c", str(cfg), "--workers", str(workers)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    url = f"https://localhost:{port}/x"
+    try:
+        await wait_listening(port, proc)
+        await wait_until(
+            lambda: sum(e["event"] == "listening" for e in _jsonl(events)) == workers, 15
+        )
+        assert (await trio.run_process(["curl", "-sS", *pki.client_args(), url])).returncode == 0
+        await wait_until(lambda: len(_jsonl(decisions)) == 1)
+        # logrotate's default (create): rename the files, create new ones, signal.
+        for log in (decisions, events):
+            log.rename(log.with_name(log.name + ".1"))
+            log.touch()
+        proc.send_signal(signum)
+        processes = workers + (workers > 1)  # and the supervisor
+        await wait_until(
+            lambda: sum(e["event"] == "logs_reopened" for e in _jsonl(events)) == processes
+        )
+        for _ in range(10):  # new connections, spread over the workers
+            done = await trio.run_process(["curl", "-sS", *pki.client_args(), url])
+            assert done.returncode == 0
+        await wait_until(lambda: len(_jsonl(decisions)) == 10)
+        assert len(_jsonl(tmp_path / "decisions.jsonl.1")) == 1  # nothing more in the old one
+        assert not any(e["event"] == "logs_reopened" for e in _jsonl(tmp_path / "events.log.1"))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = await trio.to_thread.run_sync(proc.wait, 30)
+    assert code == 0, proc.stderr.read().decode() if proc.stderr else ""
+
+
+async def test_request_cut_by_a_second_sigterm_is_logged_as_such(
+    nursery: trio.Nursery, tmp_path: Path, pki: Pki
+) -> None:
+    upstream = await nursery.start(demo_upstream.serve, "127.0.0.1", 0)
+    port = free_port()
+    cfg = write_config(
+        tmp_path, pki, upstream, listen=f"127.0.0.1:{port}", timeouts="timeouts: {drain: 30s}\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "run", "-c", str(cfg), "--workers", "1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        await wait_listening(port, proc)
+        slow = await trio.lowlevel.open_process(
+            ["curl", "-sS", *pki.client_args(), f"https://localhost:{port}/sleep/20"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        await trio.sleep(1)  # the request is at the upstream
+        proc.send_signal(signal.SIGTERM)  # drains: the request may finish...
+        await trio.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)  # ...until the second one stops at once
+        code = await trio.to_thread.run_sync(proc.wait, 10)
+        with trio.fail_after(10):
+            await slow.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert code == 0
+    (line,) = _jsonl(tmp_path / "decisions.jsonl")
+    assert line["path"] == "/sleep/20" and line["decision"] == "allow"
+    assert line["reason"] == "proxy_stopped" and line["status"] == 503, line

@@ -107,15 +107,37 @@ def test_reach_and_write_warning(tmp_path: Path) -> None:
     done = spiffe_pep("reach", str(policy))
     assert done.returncode == 0
     lines = done.stdout.splitlines()
-    start = lines.index("spiffe://example.org/ns/prod/sa/checkout")
-    block = [line.split()[:2] for line in lines[start + 1 : start + 3]]
+
+    def block(pattern: str) -> list[list[str]]:
+        start = lines.index(pattern) + 1
+        end = next(
+            (i for i, line in enumerate(lines[start:], start) if not line.startswith(" ")),
+            len(lines),
+        )
+        return [line.split()[:2] for line in lines[start:end]]
+
     # checkout is in ns/prod, so it may also reach invoices-read: its blast radius.
-    assert block == [["invoices-read", "GET"], ["invoices-write", "POST"]]
+    assert block("spiffe://example.org/ns/prod/sa/checkout") == [
+        ["every", "identity"],
+        ["invoices-read", "GET"],
+        ["invoices-write", "POST"],
+        ["uploads", "ANY"],
+    ]
+    # Not every identity of ns/prod may reach invoices-read (batch is denied) or
+    # invoices-write (it allows checkout only): listed apart, with why.
+    assert block("spiffe://example.org/ns/prod/*") == [
+        ["every", "identity"],
+        ["uploads", "ANY"],
+        ["only", "some"],
+        ["invoices-read", "GET"],
+        ["invoices-write", "POST"],
+    ]
+    some = lines[lines.index("spiffe://example.org/ns/prod/*") + 4 :][:2]
+    assert some[0].endswith("[denies spiffe://example.org/ns/prod/sa/batch]")
+    assert some[1].endswith("[allows only spiffe://example.org/ns/prod/sa/checkout]")
     assert any(
         line.startswith("WARNING: route uploads") and "any method" in line for line in lines
     ), done.stdout
-    batch = [line for line in lines if line.startswith("spiffe://example.org/ns/prod/*")]
-    assert batch
 
 
 def test_check_prints_every_error(tmp_path: Path) -> None:

@@ -254,6 +254,21 @@ async def test_sighup_reload_and_bad_edit_keeps_last_good(proxy: Proxy) -> None:
     assert f'spiffe_pep_policy_info{{sha256="{second}"}} 1.0' in metrics
 
 
+async def test_policy_fixed_after_a_failed_edit_is_logged(proxy: Proxy) -> None:
+    policy_file = proxy.dir / "policy.yaml"
+    serving = proxy.rt.policy.sha256
+    policy_file.write_text(POLICY + "  - name: broken\n    upstream: nowhere\n    allow: []\n")
+    assert not proxy.reloader.reload("sighup")
+    failed = [e for e in proxy.events() if e["event"] == "policy_reload_failed"]
+    assert failed
+    policy_file.write_text(POLICY)  # fixed: back to what serves
+    proxy.reloader.reload("sighup")  # (or the file watch, whichever comes first)
+    await wait_until(lambda: any(e["event"] == "policy_reloaded" for e in proxy.events()))
+    (done,) = [e for e in proxy.events() if e["event"] == "policy_reloaded"]
+    assert done["policy_sha256"] == serving and done["unchanged"] is True
+    assert proxy.events().index(done) > proxy.events().index(failed[-1])
+
+
 async def test_file_watch_reload(proxy: Proxy) -> None:
     (proxy.dir / "policy.yaml").write_text(
         POLICY.replace("deny: [", 'deny: ["' + CLIENT_ID + '", ')

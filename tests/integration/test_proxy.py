@@ -375,3 +375,40 @@ def test_trusted_h11_events_keep_h11_framing_checks() -> None:
             reason=b"",
             headers=[(b"content-length", b"1"), (b"content-length", b"2")],
         )
+
+
+async def test_status_lines_carry_reason_phrases(proxy: Proxy) -> None:
+    def first_line(response: bytes) -> bytes:
+        return response.split(b"\r\n", 1)[0]
+
+    get = b"GET %s HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    assert first_line(await raw(proxy, get % b"/admin")) == b"HTTP/1.1 403 Forbidden"
+    assert first_line(await raw(proxy, get % b"/x")) == b"HTTP/1.1 200 OK"  # upstream: "200 "
+    assert first_line(await raw(proxy, get % b"/dead")) == b"HTTP/1.1 502 Bad Gateway"
+    assert first_line(await raw(proxy, b"GET /%zz HTTP/1.1\r\nHost: localhost\r\n\r\n")) == (
+        b"HTTP/1.1 400 Bad Request"
+    )
+    upload = (
+        b"POST /x HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\nExpect: 100-continue\r\n"
+        b"Connection: close\r\n\r\n"
+    )
+    out = await raw(proxy, upload, b"ok", pause=0.3)
+    assert out.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n"), out[:80]
+    stream = await trio.open_tcp_stream("127.0.0.1", proxy.admin_port)
+    await stream.send_all(b"GET /nope HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    assert first_line(await stream.receive_some(4096)) == b"HTTP/1.1 404 Not Found"
+    await stream.aclose()
+
+
+async def test_103_early_hints_from_the_upstream_are_forwarded(proxy: Proxy) -> None:
+    out = await raw(
+        proxy, b"GET /early-hints HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    hints, _, final = out.partition(b"\r\n\r\n")
+    assert hints == b"HTTP/1.1 103 Early Hints\r\nlink: </style.css>; rel=preload; as=style"
+    assert final.startswith(b"HTTP/1.1 200 OK\r\n")
+    # Never to an HTTP/1.0 client (RFC 9110 section 15.2).
+    out = await raw(proxy, b"GET /early-hints HTTP/1.0\r\nHost: localhost\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 200 OK\r\n") and b" 103 " not in out
+    r = await curl(proxy, "/early-hints", "-v")
+    assert r.status == 200 and "< HTTP/1.1 103 Early Hints" in r.stderr
