@@ -81,6 +81,7 @@ PROXY_SET = (
 )
 UNDERSCORES = ("drop", "pass", "refuse")
 
+_FRAMING = frozenset({b"host", b"content-length", b"transfer-encoding", b"connection", b"upgrade"})
 XFCC = b"x-forwarded-client-cert"
 XFF = b"x-forwarded-for"
 
@@ -213,17 +214,18 @@ def _build(
     upgrade: list[bytes] = []
     always = rules.always
     for name, value in headers:
-        if name == b"host":
-            hosts.append(value)
-            continue
-        if name == b"content-length":
-            length = value
-        elif name == b"transfer-encoding":
-            chunked = True
-        elif name == b"connection":
-            connection += [t.strip().lower() for t in value.split(b",")]
-        elif name == b"upgrade":
-            upgrade += [t.strip().lower() for t in value.split(b",")]
+        if name in _FRAMING:  # one set lookup for the ordinary header
+            if name == b"host":
+                hosts.append(value)
+                continue
+            if name == b"content-length":
+                length = value
+            elif name == b"transfer-encoding":
+                chunked = True
+            elif name == b"connection":
+                connection += [t.strip().lower() for t in value.split(b",")]
+            else:
+                upgrade += [t.strip().lower() for t in value.split(b",")]
         if b"_" in name:
             if rules.underscores == "refuse":
                 raise Refused(400, "underscore_in_header_name", name.decode("ascii", "replace"))
