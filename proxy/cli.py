@@ -289,6 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
     dev = sub.add_parser("dev", help="run on the embedded dev setup (certs, demo upstream)")
     dev.add_argument("--root", default=".", help="the project checkout (default: .)")
     dev.set_defaults(func=cmd_dev)
+    # Governance over decision logs: inventory, unused, suggest, replay (issue 14).
+    from proxy.governance.commands import add_parsers as add_governance
+
+    add_governance(sub)
     return parser
 
 

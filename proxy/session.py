@@ -363,7 +363,12 @@ class HttpSession:
         return None
 
     def verdict(
-        self, request: CanonicalRequest, hop: Origin, policy: Policy, now: dt.datetime
+        self,
+        request: CanonicalRequest,
+        hop: Origin,
+        policy: Policy,
+        now: dt.datetime,
+        token: str | None = None,
     ) -> Verdict:
         """Stage 2: the policy's verdict on the canonical request, for this peer."""
         return decide(
@@ -371,7 +376,7 @@ class HttpSession:
             self.peer,
             request,
             now,
-            token=_bearer_token(request.headers, policy.jwt_header),
+            token=token or _bearer_token(request.headers, policy.jwt_header),
             origin=hop.spiffe_id,
             origin_sha256=hop.sha256,
             authorities=self.rt.credentials.jwt_authorities,
@@ -414,7 +419,10 @@ class HttpSession:
                 raise HttpError(exc.refusal.status, exc.refusal.reason, exc.refusal.detail) from exc
             origin = hop.spiffe_id
             ex.origin = str(origin) if origin else None
-            verdict = self.verdict(request, hop, policy, started)
+            ex.origin_sha256 = hop.sha256
+            token = _bearer_token(request.headers, policy.jwt_header)
+            ex.jwt_presented = token is not None
+            verdict = self.verdict(request, hop, policy, started, token)
             ex.decision = decision = verdict.decision
             ex.outcome = audit.ALLOW if decision.allowed else audit.DENY
             ex.reason = decision.reason
