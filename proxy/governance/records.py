@@ -276,10 +276,10 @@ def lifetime(not_before: str | None, not_after: str | None) -> float | None:
 
 
 def human_duration(seconds: float | None) -> str:
-    """``90d``, ``36h``, ``45m``, ``30s``: the largest unit that divides it, else hours."""
+    """``90d``, ``36h``, ``45m``: the largest unit that divides it, else hours or seconds."""
     if seconds is None:
         return "?"
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size and seconds % size == 0:
             return f"{int(seconds // size)}{unit}"
     if seconds >= 3600:
