@@ -432,7 +432,7 @@ def _route_yaml(d: Draft) -> list[str]:
     examples = [p for p, _ in paths.most_common(3)]
     who = f"{len(d.ids)} identit{'y' if len(d.ids) == 1 else 'ies'}"
     lines = [
-        f"  # {d.requests:,} requests from {who}, "
+        f"  # {_n(d.requests, 'request')} from {who}, "
         f"{first[:19]}Z to {last[:19]}Z; {_n(len(paths), 'distinct path')}, e.g. "
         + ", ".join(examples),
         f"  - name: {d.name}",
@@ -447,7 +447,10 @@ def _route_yaml(d: Draft) -> list[str]:
     lines.append("    allow:")
     for ident, n in sorted(d.ids.items(), key=lambda x: (-x[1], x[0])):
         why = d.extra_ids.get(ident)
-        note = f"  # {n:,} requests" if why is None else f"  # {why}"
+        audited = sum(x.count for x in d.seen if x.spiffe_id == ident and x.group.decision != ALLOW)
+        note = f"  # {_n(n, 'request')}" if why is None else f"  # {why}"
+        if audited and why is None:
+            note += f", {audited:,} of them denied by the logged policy in audit mode"
         lines.append(f"      - {_q(ident)}{note}")
     if d.origins:
         lines.append(f"    origin: {_flow(d.origins)}  # every request came through a trusted hop")
@@ -511,6 +514,12 @@ def _header(forwarded: list[Seen], denied: int, n_routes: int, source: Policy | 
         f"# {sum(s.count for s in forwarded):,} forwarded requests from {ids} identities, "
         f"{first} to {last}, in {n_routes} routes.",
     ]
+    audited = sum(s.count for s in forwarded if s.group.decision != ALLOW)
+    if audited:
+        out.append(
+            f"# {audited:,} of them were denied by the logged policy in audit mode and "
+            "forwarded anyway: their allow entries say so."
+        )
     if denied:
         out.append(
             f"# {denied:,} requests denied in enforce mode were not granted "

@@ -789,6 +789,8 @@ def test_suggest_grants_exactly_what_was_forwarded_and_its_tests_pass() -> None:
         in text
     )
     assert "max_cert_lifetime: 86400s" in text and "cert_sha256:" in text
+    assert f'- "{BATCH}"  # 1 request, 1 of them denied by the logged policy in audit mode' in text
+    assert "# 1 of them were denied by the logged policy in audit mode" in text
 
 
 def test_suggest_without_a_source_uses_the_logged_upstreams() -> None:
