@@ -21,7 +21,7 @@ import yaml
 
 from proxy.bundle import jwk_members
 from tests.conftest import CLIENT_ID, PARTNER_ID, Pki
-from tests.integration.harness import Proxy, start, wait_until
+from tests.integration.harness import POLICY, Proxy, curl, start, wait_until
 from tests.jwt_helpers import EC_KEY, claims, mint
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -302,3 +302,39 @@ def test_inputs_rotated_gzip_and_stdin_other_lines_counted(tmp_path: Path) -> No
     assert done.returncode == 2 and "cannot read the policy" in done.stderr
     done = spiffe_pep("unused", "config/policy.yaml", str(rotated), "--since", "2030-01-01")
     assert done.returncode == 1 and "3 before the window" in done.stdout
+
+
+async def test_origins_behind_a_trusted_hop_are_inventoried_and_replayed(
+    nursery: trio.Nursery, tmp_path: Path, pki: Pki
+) -> None:
+    px = await start(
+        nursery,
+        tmp_path,
+        pki,
+        policy=POLICY,
+        identity_headers='xfcc: append_forward\ntrusted_forwarders: ["spiffe://example.org/ns/prod/*"]',
+    )
+    origin, sha = "spiffe://example.org/ns/prod/sa/origin", "cd" * 32
+    for _ in range(2):
+        r = await curl(px, "/x", "-H", f"X-Forwarded-Client-Cert: Hash={sha.upper()};URI={origin}")
+        assert r.status == 200
+    await wait_until(lambda: len(px.decisions()) == 2)
+    rec = px.decisions()[-1]
+    assert rec["origin_spiffe_id"] == origin and rec["origin_sha256"] == sha
+    log = str(px.dir / "decisions.jsonl")
+    done = spiffe_pep("inventory", log, "--format", "json")
+    inv = {(i["spiffe_id"], i["kind"]): i for i in json.loads(done.stdout)["identities"]}
+    relayed = inv[(origin, "origin")]
+    assert relayed["via"] == {CLIENT_ID: 2} and [c["sha256"] for c in relayed["credentials"]] == [
+        sha
+    ]
+    # Revoking the origin's certificate: both relayed requests would now be denied.
+    revoking = tmp_path / "revoking.yaml"
+    revoking.write_text(
+        POLICY.replace("routes:", f'revoked: {{cert_sha256: ["{sha}"]}}\nroutes:', 1)
+    )
+    done = spiffe_pep("replay", str(revoking), log, "--format", "json")
+    assert done.returncode == 1
+    (flip,) = json.loads(done.stdout)["flips"]
+    assert flip["origin_spiffe_id"] == origin and flip["requests"] == 2
+    assert flip["new_reasons"] == {"certificate_revoked": 2} and flip["new_route"] is None
