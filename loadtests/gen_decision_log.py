@@ -26,6 +26,7 @@ import argparse
 import datetime as dt
 import gzip
 import hashlib
+import io
 import json
 import multiprocessing
 import random
@@ -69,7 +70,16 @@ ENDPOINTS = (
     ("billing.internal", "GET", "/healthz", NAMESPACES),
     ("orders.internal", "GET", "/healthz", NAMESPACES),
     ("admin.internal", "GET", "/admin/users", ()),
+    ("ops.internal", "POST", "/maintenance/{id}", ("ops",)),
 )
+# Endpoints only these identities call (a wildcard grant used by two: "unused" says so).
+ONLY = {16: ("spiffe://example.org/ns/ops/sa/svc-00", "spiffe://example.org/ns/ops/sa/svc-01")}
+# A route of the policy nobody calls.
+NEVER_CALLED = """\
+  - name: legacy-export
+    match: {hosts: [billing.internal], path_prefix: /export}
+    upstream: billing
+    allow: ["spiffe://example.org/ns/ops/*"]"""
 
 
 def _route_name(i: int, method: str, template: str) -> str:
@@ -99,6 +109,7 @@ def policy_yaml(tight: bool = False) -> str:
             f"    upstream: {host.split('.')[0]}\n"
             f"    allow: {json.dumps(allow)}{extra}"
         )
+    lines.append(NEVER_CALLED)
     return "\n".join(lines) + "\n"
 
 
@@ -120,8 +131,9 @@ def world(seed: int) -> list[Workload]:
         for a in range(ACCOUNTS):
             sid = f"spiffe://example.org/ns/{ns}/sa/svc-{a:02d}"
             replicas = rng.randint(1, 3)
-            allowed = [i for i, e in enumerate(ENDPOINTS) if ns in e[3]]
+            allowed = [i for i, e in enumerate(ENDPOINTS) if ns in e[3] and i not in ONLY]
             mine = rng.sample(allowed, min(len(allowed), rng.randint(2, 6)))
+            mine += [i for i, ids in ONLY.items() if sid in ids]
             subnet = 10 + n if not (ns == "ops" and a == 7) else 99  # one moved network
             ips = [f"10.{subnet}.{a}.{r + 1}" for r in range(replicas)]
             if ns == "ops" and a == 7:
@@ -213,9 +225,10 @@ def write_file(job: tuple[Path, int, int, int, int, int, float, float, bool]) ->
     total_weights = [sum(w.weights) for w in workloads]
     sha = policy.sha256
     out: IO[str] = (
-        gzip.open(path, "wt", compresslevel=1, encoding="ascii")  # noqa: SIM115 - closed below
+        # mtime=0: the same seed gives the same bytes
+        io.TextIOWrapper(gzip.GzipFile(path, "wb", compresslevel=1, mtime=0), "ascii")
         if compress
-        else open(path, "w", encoding="ascii")  # noqa: SIM115
+        else open(path, "w", encoding="ascii")  # noqa: SIM115 - closed below
     )
     certs: dict[tuple[int, int, int], tuple[str, str, str]] = {}
     with out:
@@ -237,7 +250,7 @@ def write_file(job: tuple[Path, int, int, int, int, int, float, float, bool]) ->
             w = workloads[wi]
             r = rng.randrange(len(w.ips))
             if rng.random() < 0.02:
-                ei = rng.randrange(len(ENDPOINTS))  # somewhere it may have no grant
+                ei = rng.randrange(len(ENDPOINTS) - len(ONLY))  # maybe without a grant
             else:
                 x = rng.random() * total_weights[wi]
                 ei = w.endpoints[-1]
