@@ -30,6 +30,8 @@ class Exchange:
     status: int = 0
     upstream: str | None = None
     origin: str | None = None
+    origin_sha256: str | None = None  # the Hash of a trusted hop's XFCC element
+    jwt_presented: bool = False  # a bearer token was sent (valid or not)
     upstream_status: int | None = None
     bytes_in: int = 0
     bytes_out: int = 0
@@ -48,7 +50,11 @@ def _iso(t: dt.datetime) -> str:
 def build_record(
     ex: Exchange, peer: PeerSvid | None, policy_sha256: str, started: dt.datetime, duration_s: float
 ) -> dict[str, Any]:
+    """One decision line. Its fields are a contract (README, "Decision log"): the
+    governance commands (``proxy/governance/``) read logs of every version, so a field
+    is only ever added, never renamed or given another meaning."""
     d = ex.decision
+    jwt = d.jwt if d else None
     return {
         "time": _iso(started),
         "event": "request",
@@ -57,8 +63,11 @@ def build_record(
         "peer_addr": ex.peer_addr,
         "spiffe_id": str(peer.spiffe_id) if peer else None,
         "origin_spiffe_id": ex.origin,
+        "origin_sha256": ex.origin_sha256,
         "leaf_sha256": peer.fingerprint if peer else None,
+        "leaf_not_before": _iso(peer.not_before) if peer else None,
         "leaf_not_after": _iso(peer.not_after) if peer else None,
+        "leaf_issuer": peer.issuer if peer else None,
         "method": ex.method,
         "host": ex.host,
         "path": ex.path,
@@ -67,8 +76,10 @@ def build_record(
         "decision": ex.outcome,
         "mode": "audit" if d and d.audit else "enforce",
         "reason": ex.reason,
-        "jwt_sub": str(d.jwt.subject) if d and d.jwt else None,
-        "jwt_kid": d.jwt.kid if d and d.jwt else None,
+        "jwt_presented": ex.jwt_presented,
+        "jwt_sub": str(jwt.subject) if jwt else None,
+        "jwt_kid": jwt.kid if jwt else None,
+        "jwt_aud": list(jwt.audience) if jwt else None,
         "policy_sha256": policy_sha256,
         "status": ex.status,
         "upstream": ex.upstream,

@@ -306,6 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--root", default=".", help="The spiffe-pep checkout to run in (default: the current "
         "directory)."
     )  # fmt: skip
+    # Governance over decision logs: inventory, unused, suggest, replay.
+    from proxy.governance.commands import add_parsers as add_governance
+
+    add_governance(sub, _command)
     return parser
 
 

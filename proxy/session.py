@@ -384,7 +384,12 @@ class HttpSession:
         return None
 
     def verdict(
-        self, request: CanonicalRequest, hop: Origin, policy: Policy, now: dt.datetime
+        self,
+        request: CanonicalRequest,
+        hop: Origin,
+        policy: Policy,
+        now: dt.datetime,
+        token: str | None = None,
     ) -> Verdict:
         """Stage 2: the policy's verdict on the canonical request, for this peer.
 
@@ -392,7 +397,8 @@ class HttpSession:
         object, trust store, peer and canonical request, ``decide`` gives the same
         verdict until the peer's certificate expires (the only clock it reads then), so
         a keep-alive client repeating a request skips the evaluation."""
-        token = _bearer_token(request.headers, policy.jwt_header)
+        if token is None:
+            token = _bearer_token(request.headers, policy.jwt_header)
         cacheable = token is None and now <= self.peer.not_after
         if cacheable:
             was = self._cached_for
@@ -465,7 +471,10 @@ class HttpSession:
                 raise HttpError(exc.refusal.status, exc.refusal.reason, exc.refusal.detail) from exc
             origin = hop.spiffe_id
             ex.origin = str(origin) if origin else None
-            verdict = self.verdict(request, hop, policy, started)
+            ex.origin_sha256 = hop.sha256
+            token = _bearer_token(request.headers, policy.jwt_header)
+            ex.jwt_presented = token is not None
+            verdict = self.verdict(request, hop, policy, started, token)
             ex.decision = decision = verdict.decision
             ex.outcome = audit.ALLOW if decision.allowed else audit.DENY
             ex.reason = decision.reason

@@ -88,6 +88,7 @@ class PeerSvid:
     not_before: dt.datetime
     not_after: dt.datetime
     chain: tuple[x509.Certificate, ...] = ()
+    issuer: str = ""  # the leaf's issuer DN (RFC 4514), for the decision log
 
 
 def fingerprint(cert: x509.Certificate) -> str:
@@ -247,4 +248,5 @@ def verify_peer(
         leaf.not_valid_before_utc,
         leaf.not_valid_after_utc,
         tuple(verified[:-1]) or (leaf,),
+        leaf.issuer.rfc4514_string(),
     )

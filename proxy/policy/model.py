@@ -27,6 +27,12 @@ class RouteMatch:
             return False
         return not self.hosts or any(h.matches(host) for h in self.hosts)
 
+    def matches_target(self, host: str, path: str) -> bool:
+        """``matches`` for every method: whether host and path match."""
+        if self.path is not None and not self.path.matches(path):
+            return False
+        return not self.hosts or any(h.matches(host) for h in self.hosts)
+
     def covers(self, other: RouteMatch) -> bool:
         """Does this match catch every request ``other`` does? (No false positives.)"""
         if self.methods is not None and (
