@@ -9,6 +9,7 @@ import hashlib
 import os
 import signal
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import trio
 from proxy import __version__, admin
 from proxy.assertion import AssertionSigner
 from proxy.audit_sink import JsonLines
-from proxy.config import Config, load_config
+from proxy.config import Config, TlsFiles, load_config
 from proxy.errors import ConfigError
 from proxy.forward import PROTOCOL_VIOLATION, UpstreamPool, ViolationHook
 from proxy.metrics import CONTENT_TYPE, Metrics
@@ -48,21 +49,51 @@ def read_policy(config: Config, data: bytes | None = None) -> Policy:
     return load_policy(data, str(path), set(config.upstreams), folded)
 
 
-def load_tls(config: Config) -> tuple[Credentials, Any]:
-    """The proxy's credentials, from files or from the Workload API (then also the source)."""
+def load_tls(config: Config, events: JsonLines | None = None) -> tuple[Credentials, Any]:
+    """The proxy's credentials, from files or from the Workload API (then also the source).
+    Either way start-up waits up to ``tls.wait_for_svid`` for a first SVID."""
     if config.tls.workload_api is None:
-        return load_credentials(config.tls), None
+        return wait_for_credentials(config.tls, events), None
     from proxy.workload_api import WorkloadApiSource  # grpc is only loaded when used
 
     source = WorkloadApiSource(config.tls)
     return source.credentials(), source
 
 
+def wait_for_credentials(
+    files: TlsFiles, events: JsonLines | None = None, poll: float = 0.2
+) -> Credentials:
+    """The credentials from their files. Files that are not there yet (spiffe-helper
+    starts beside the proxy and writes them once the agent answers) are waited for, up to
+    ``files.wait_for_svid``, with one ``waiting_for_svid`` event; once they have all
+    appeared, a set that does not load yet (the writer is between two files) is tried
+    again until the same deadline. Files present from the start are loaded at once, so a
+    broken file fails start-up without waiting."""
+    deadline = time.monotonic() + files.wait_for_svid
+    missing = [str(p) for p in files.files if not p.exists()]
+    if not missing or files.wait_for_svid <= 0:
+        return load_credentials(files)
+    if events is not None:
+        events.event("waiting_for_svid", missing=missing, timeout_s=files.wait_for_svid)
+    while True:
+        if all(p.exists() for p in files.files) or time.monotonic() >= deadline:
+            try:
+                return load_credentials(files)
+            except ConfigError as exc:
+                if time.monotonic() >= deadline:
+                    raise ConfigError(
+                        exc.location,
+                        f"{exc.message} (after waiting {files.wait_for_svid:g}s for the "
+                        "SVID files: tls.wait_for_svid)",
+                    ) from exc
+        time.sleep(poll)
+
+
 def build_runtime(config: Config, events: JsonLines | None = None) -> Runtime:
     """Read every file the proxy needs; raise ConfigError naming the first bad one."""
-    credentials, source = load_tls(config)
-    policy = read_policy(config)
     events = events or JsonLines("stderr")
+    credentials, source = load_tls(config, events)
+    policy = read_policy(config)
     metrics = Metrics()
     metrics.set_policy(policy.sha256)
     metrics.set_credentials(credentials)

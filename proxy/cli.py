@@ -7,20 +7,21 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import os
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import trio
 
-from proxy import __version__, canonical, devcerts, yamlsrc
+from proxy import __version__, canonical, cpus, devcerts, yamlsrc
 from proxy.app import build_runtime, read_config, read_policy, run_until_signalled
+from proxy.config import AUTO_WORKERS
 from proxy.errors import ConfigError, SpiffeIdError
 from proxy.policy import tools
 from proxy.policy.loader import load_policy
 from proxy.policy.model import Policy
-from proxy.supervisor import Supervisor
+from proxy.supervisor import Supervisor, make_workdir
 
 EXIT_CONFIG = 2
 
@@ -33,15 +34,20 @@ def _fail(exc: ConfigError) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     try:
         config = read_config(Path(args.config))
-        workers = (
-            config.workers
-            if args.workers is None
-            else (os.cpu_count() or 1 if args.workers == "auto" else int(args.workers))
-        )
+        workers = config.workers
+        if args.workers is not None:
+            workers = AUTO_WORKERS if args.workers == "auto" else int(args.workers)
+        if workers == AUTO_WORKERS:
+            workers = cpus.available_cpus()
         if workers > 1:  # the supervisor validates everything, then starts the workers
             config = dataclasses.replace(config, workers=workers)
-            rt = build_runtime(config)
-            return trio.run(Supervisor(rt, Path(args.config), workers).run)
+            workdir = make_workdir(workers)
+            try:
+                rt = build_runtime(config)
+            except ConfigError:
+                shutil.rmtree(workdir, ignore_errors=True)
+                raise
+            return trio.run(Supervisor(rt, Path(args.config), workers, workdir).run)
         rt = build_runtime(config)
     except ConfigError as exc:
         return _fail(exc)
@@ -247,8 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-c", "--config", required=True, help="the runtime configuration (YAML)")
     run.add_argument(
         "--workers",
-        help="worker processes sharing the port (N or auto: one per "
-        "CPU); overrides the configuration's 'workers'",
+        help="worker processes sharing the port (N or auto: one per CPU the process may "
+        "use, its cgroup's CPU limit included); overrides the configuration's 'workers'",
     )
     run.set_defaults(func=cmd_run)
     worker = sub.add_parser("_worker")  # started by the supervisor, not by people

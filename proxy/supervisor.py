@@ -34,6 +34,7 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 
 from proxy import __version__, admin
 from proxy.app import admin_routes
+from proxy.errors import ConfigError
 from proxy.metrics import CONTENT_TYPE
 from proxy.runtime import Runtime
 
@@ -51,7 +52,7 @@ class Supervisor:
     rt: Runtime  # the supervisor's own view of config, credentials and policy
     config_path: Path
     count: int
-    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="spiffe-pep-")))
+    workdir: Path
     workers: list[Worker] = field(default_factory=list)
     stopping: bool = False
 
@@ -218,6 +219,22 @@ class Supervisor:
         self._signal_all(signal.SIGKILL)
         self.rt.events.event("stopped", workers=self.count)
         nursery.cancel_scope.cancel()
+
+
+def make_workdir(workers: int) -> Path:
+    """The supervisor's private directory (metrics shared by the workers, the assertion
+    key), under ``$TMPDIR`` or ``/tmp``. Not writable there (a read-only root file system
+    without a volume on ``/tmp``): a ConfigError naming the directory."""
+    parent = Path(os.environ.get("TMPDIR") or "/tmp")
+    try:
+        return Path(tempfile.mkdtemp(prefix="spiffe-pep-", dir=parent))
+    except OSError as exc:
+        raise ConfigError(
+            str(parent),
+            f"not writable ({exc.strerror}): {workers} workers share their metrics through "
+            "a directory there; mount a writable volume there (an emptyDir in Kubernetes), "
+            "set TMPDIR to one, or run with workers: 1",
+        ) from exc
 
 
 def _ignore_sighup() -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -102,7 +103,11 @@ def test_mismatched_key_stops_startup(tmp_path: Path, pki: Pki) -> None:
 
 def test_missing_bundle_file_stops_startup(tmp_path: Path, pki: Pki) -> None:
     cfg = write_config(tmp_path, pki, 9)
-    cfg.write_text(cfg.read_text().replace(pki.partner_bundle, str(tmp_path / "nope.json")))
+    cfg.write_text(
+        cfg.read_text()
+        .replace(pki.partner_bundle, str(tmp_path / "nope.json"))
+        .replace("tls:\n", "tls:\n  wait_for_svid: 0s\n")  # no waiting for spiffe-helper
+    )
     done = spiffe_pep("run", "-c", str(cfg))
     assert (
         done.returncode == 2 and "nope.json: cannot read the bundle of partner.org" in done.stderr
@@ -188,3 +193,49 @@ def test_kubernetes_example_config_and_policy_are_valid(tmp_path: Path) -> None:
     (tmp_path / "policy.yaml").write_text(data["policy.yaml"])
     done = spiffe_pep("check", str(tmp_path / "spiffe-pep.yaml"))
     assert done.returncode == 0, done.stderr
+
+
+def test_svid_files_not_written_are_waited_for_then_fail_in_one_line(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """spiffe-helper never wrote the SVID: start-up waits tls.wait_for_svid (bounded),
+    logs that it waits, then stops with one line naming the file."""
+    import time
+
+    cfg = write_config(tmp_path, pki, 9)
+    missing = tmp_path / "spiffe" / "svid.pem"
+    cfg.write_text(
+        cfg.read_text()
+        .replace(f"{pki.dir}/server.pem", str(missing))
+        .replace("tls:\n", "tls:\n  wait_for_svid: 1500ms\n")
+    )
+    started = time.monotonic()
+    done = spiffe_pep("run", "-c", str(cfg), "--workers", "1")
+    assert done.returncode == 2
+    assert time.monotonic() - started >= 1.5
+    waiting, error = done.stderr.splitlines()
+    assert '"event":"waiting_for_svid"' in waiting and str(missing) in waiting
+    assert error == (
+        f"spiffe-pep: {missing}: cannot read the SVID: No such file or directory "
+        "(after waiting 1.5s for the SVID files: tls.wait_for_svid)"
+    )
+
+
+def test_unwritable_tmpdir_for_workers_is_one_line_naming_it(tmp_path: Path, pki: Pki) -> None:
+    """Where no mount namespace can make / read-only (test_kubernetes_example.py does):
+    the same error path with a TMPDIR the supervisor cannot create its directory in."""
+    cfg = write_config(tmp_path, pki, 9)
+    gone = tmp_path / "no-such-dir"
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy", "run", "-c", str(cfg), "--workers", "2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "TMPDIR": str(gone)},
+    )
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        f"spiffe-pep: {gone}: not writable (No such file or directory): 2 workers share "
+        "their metrics through a directory there; mount a writable volume there (an emptyDir "
+        "in Kubernetes), set TMPDIR to one, or run with workers: 1"
+    ]

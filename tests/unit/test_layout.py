@@ -60,6 +60,7 @@ SHELL = {
     "admin",
     "supervisor",
     "workload_api",
+    "cpus",
 }
 
 
