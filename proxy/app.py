@@ -387,79 +387,92 @@ async def serve(
     reuse_port: bool = False,
     task_status: trio.TaskStatus[dict[str, object]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Listen and serve until cancelled, or until ``rt.drain_requested`` is set: then stop
-    accepting, let requests in flight finish (idle keep-alive connections close at once)
-    for at most ``timeouts.drain``, and return. ``task_status`` gets ``{"listen":
-    [(host, port)], "admin": port or None, "reloader": PolicyReloader}``."""
+    """Listen and serve until cancelled, or until ``rt.drain_requested`` is set: then shut
+    down the way a load balancer needs (Envoy's drain sequence). For
+    ``timeouts.shutdown_grace`` it goes on accepting while ``/readyz`` answers 503
+    ``draining`` and every response carries ``Connection: close``, so the balancer takes
+    the endpoint out before it stops answering; then it stops accepting, lets requests in
+    flight finish (idle keep-alive connections close at once) for at most
+    ``timeouts.drain``, and returns. The admin listener and the reloaders live until the
+    end. ``task_status`` gets ``{"listen": [(host, port)], "admin": port or None,
+    "reloader": PolicyReloader, "credentials": CredentialReloader}``."""
     cfg = rt.config
     listeners = await open_listeners(cfg.listen_host, cfg.listen_port, reuse_port)
     bound = [tuple(lst.socket.getsockname()[:2]) for lst in listeners]
     reloader = PolicyReloader(rt)
+    creds_reloader = CredentialReloader(rt)
     try:
-        async with trio.open_nursery() as connections:
-            async with trio.open_nursery() as accepting:
-                admin_port = None
-                if cfg.admin is not None:
-                    # The Host names it answers to: loopback, the address it is reached
-                    # on, and the configuration's admin_hosts.
-                    admin_port = await accepting.start(
-                        functools.partial(
-                            admin.serve_admin,
-                            allowed_hosts=admin.LOOPBACK_HOSTS | set(cfg.admin_hosts),
-                        ),
-                        *cfg.admin,
-                        admin_routes(rt),
-                    )
-                rt.events.event(
-                    "listening",
-                    version=__version__,
-                    addresses=[f"{h}:{p}" for h, p in bound],
-                    admin=f"{cfg.admin[0]}:{admin_port}" if cfg.admin else None,
-                    spiffe_id=str(rt.credentials.own_id) if rt.credentials.own_id else None,
-                    policy=str(cfg.policy_path),
-                    policy_sha256=rt.policy.sha256,
-                    trust_domains=sorted(str(td) for td in rt.credentials.trust.bundles),
-                )
-                if cfg.policy_watch:
-                    accepting.start_soon(reloader.watch, cfg.policy_watch)
-                creds_reloader = CredentialReloader(rt)
-                if cfg.tls.watch:
-                    accepting.start_soon(
-                        watch_files,
-                        cfg.tls.files,
-                        cfg.tls.watch,
-                        lambda: creds_reloader.reload("watch"),
-                    )
-                accepting.start_soon(on_sighup, reloader, creds_reloader)
-                if rt.x509_source is not None:
-                    rt.x509_source.follow(lambda: creds_reloader.reload("workload_api"))
-
-                async def handler(stream: trio.SocketStream) -> None:
-                    await _connection(rt, stream)
-
-                accepting.start_soon(
+        async with trio.open_nursery() as services:
+            admin_port = None
+            if cfg.admin is not None:
+                # The Host names it answers to: loopback, the address it is reached on,
+                # and the configuration's admin_hosts.
+                admin_port = await services.start(
                     functools.partial(
-                        trio.serve_listeners, handler, listeners, handler_nursery=connections
-                    )
+                        admin.serve_admin,
+                        allowed_hosts=admin.LOOPBACK_HOSTS | set(cfg.admin_hosts),
+                    ),
+                    *cfg.admin,
+                    admin_routes(rt),
                 )
-                task_status.started(
-                    {
-                        "listen": bound,
-                        "admin": admin_port,
-                        "reloader": reloader,
-                        "credentials": creds_reloader,
-                    }
-                )
-                await rt.drain_requested.wait()
-                accepting.cancel_scope.cancel()  # stop accepting: the listeners close
-            rt.draining = True
-            for scope in list(rt.idle_scopes):
-                scope.cancel()
             rt.events.event(
-                "draining", connections=rt.open_connections, deadline_s=cfg.timeouts.drain
+                "listening",
+                version=__version__,
+                addresses=[f"{h}:{p}" for h, p in bound],
+                admin=f"{cfg.admin[0]}:{admin_port}" if cfg.admin else None,
+                spiffe_id=str(rt.credentials.own_id) if rt.credentials.own_id else None,
+                policy=str(cfg.policy_path),
+                policy_sha256=rt.policy.sha256,
+                trust_domains=sorted(str(td) for td in rt.credentials.trust.bundles),
             )
-            connections.cancel_scope.deadline = trio.current_time() + cfg.timeouts.drain
-        rt.events.event("drained", cut_connections=rt.open_connections)
+            if cfg.policy_watch:
+                services.start_soon(reloader.watch, cfg.policy_watch)
+            if cfg.tls.watch:
+                services.start_soon(
+                    watch_files,
+                    cfg.tls.files,
+                    cfg.tls.watch,
+                    lambda: creds_reloader.reload("watch"),
+                )
+            services.start_soon(on_sighup, reloader, creds_reloader)
+            if rt.x509_source is not None:
+                rt.x509_source.follow(lambda: creds_reloader.reload("workload_api"))
+
+            async def handler(stream: trio.SocketStream) -> None:
+                await _connection(rt, stream)
+
+            async with trio.open_nursery() as connections:
+                async with trio.open_nursery() as accepting:
+                    accepting.start_soon(
+                        functools.partial(
+                            trio.serve_listeners, handler, listeners, handler_nursery=connections
+                        )
+                    )
+                    task_status.started(
+                        {
+                            "listen": bound,
+                            "admin": admin_port,
+                            "reloader": reloader,
+                            "credentials": creds_reloader,
+                        }
+                    )
+                    await rt.drain_requested.wait()
+                    grace = cfg.timeouts.shutdown_grace
+                    if grace > 0:
+                        rt.events.event(
+                            "shutdown_grace", accepting_for_s=grace, connections=rt.open_connections
+                        )
+                        await trio.sleep(grace)
+                    accepting.cancel_scope.cancel()  # stop accepting: the listeners close
+                rt.draining = True
+                for scope in list(rt.idle_scopes):
+                    scope.cancel()
+                rt.events.event(
+                    "draining", connections=rt.open_connections, deadline_s=cfg.timeouts.drain
+                )
+                connections.cancel_scope.deadline = trio.current_time() + cfg.timeouts.drain
+            rt.events.event("drained", cut_connections=rt.open_connections)
+            services.cancel_scope.cancel()
     finally:
         for pool in rt.pools.values():
             with trio.CancelScope(shield=True):
@@ -495,5 +508,10 @@ async def run_until_signalled(rt: Runtime, *, worker_of: int | None = None) -> N
                     rt.events.event("stopping", signal=name, graceful=False)
                     nursery.cancel_scope.cancel()
                     break
-                rt.events.event("stopping", signal=name, graceful=True)
+                rt.events.event(
+                    "stopping",
+                    signal=name,
+                    graceful=True,
+                    shutdown_grace_s=rt.config.timeouts.shutdown_grace,
+                )
                 rt.drain_requested.set()

@@ -69,6 +69,9 @@ class Timeouts:
     upstream_connect: float = 5.0
     upstream_response: float = 30.0
     drain: float = 30.0
+    # After SIGTERM: go on accepting (readyz 503 "draining", every response with
+    # Connection: close) this long, so a load balancer stops sending first; then drain.
+    shutdown_grace: float = 0.0
     tunnel_idle: float = 600.0  # an Upgrade tunnel with no byte either way is closed
     client_write: float = 30.0  # a client that takes no byte of a response this long is cut
     max_connection_age: float = 3600.0  # keep-alive: close after the request in progress

@@ -200,11 +200,16 @@ class Supervisor:
                             self._signal_all(signal.SIGKILL)
                             break
                         self.stopping = True
+                        self.rt.drain_requested.set()  # /readyz: 503 draining from now on
                         self.rt.events.event(
-                            "stopping", signal=signal.Signals(signum).name, graceful=True
+                            "stopping",
+                            signal=signal.Signals(signum).name,
+                            graceful=True,
+                            shutdown_grace_s=cfg.timeouts.shutdown_grace,
                         )
                         self._signal_all(signal.SIGTERM)
-                        nursery.start_soon(self._await_workers, nursery, cfg.timeouts.drain + 5)
+                        deadline = cfg.timeouts.shutdown_grace + cfg.timeouts.drain + 5
+                        nursery.start_soon(self._await_workers, nursery, deadline)
                 nursery.cancel_scope.cancel()
         finally:
             hold.close()

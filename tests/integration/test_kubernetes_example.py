@@ -22,7 +22,7 @@ import pytest
 import trio
 import yaml
 
-from proxy.config import parse_address
+from proxy.config import Config, load_config, parse_address
 from tests.conftest import Pki
 from tests.integration import containers
 from tests.integration.containers import Container, cpu_max, inside
@@ -30,7 +30,7 @@ from tests.integration.harness import ROOT
 
 MANIFEST = ROOT / "config" / "kubernetes" / "legacy-billing.yaml"
 
-pytestmark = pytest.mark.skipif(
+needs_namespaces = pytest.mark.skipif(
     containers.unavailable() is not None, reason=str(containers.unavailable())
 )
 
@@ -134,6 +134,25 @@ def spiffe_pep_container(ex: Example, tmp: Path, volumes: dict[str, Path]) -> Co
     )
 
 
+def load_config_of(ex: Example) -> Config:
+    """spiffe-pep's configuration as the proxy reads it from the ConfigMap."""
+    return load_config(ex.data["spiffe-pep.yaml"].encode(), "spiffe-pep.yaml", Path("/etc"))
+
+
+def test_kubernetes_example_shutdown_fits() -> None:
+    """The pod's shutdown budget: every container gets SIGTERM after its own preStop, so
+    the app (preStop sleep) must outlive spiffe-pep's shutdown_grace + drain, and the
+    pod's terminationGracePeriodSeconds must cover both (past it, the kubelet kills)."""
+    ex = load_example()
+    timeouts = load_config_of(ex).timeouts
+    assert timeouts.shutdown_grace >= 5  # endpoint removal reaches every node meanwhile
+    pep_needs = timeouts.shutdown_grace + timeouts.drain
+    assert "lifecycle" not in ex.container("spiffe-pep")  # SIGTERM starts its grace at once
+    app_stop = ex.container("app")["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert app_stop > pep_needs
+    assert ex.pod["terminationGracePeriodSeconds"] > app_stop
+
+
 async def _wait_for_event(proc: subprocess.Popen[bytes], err: Path, event: str) -> None:
     """Until the process logs ``event``; fail with its stderr if it exits first."""
     with trio.fail_after(30):
@@ -149,6 +168,7 @@ async def _run(pid: int, *argv: str) -> tuple[int, str]:
     return done.returncode, done.stdout.decode()
 
 
+@needs_namespaces
 async def test_kubernetes_example_runs_as_written(tmp_path: Path, pki: Pki) -> None:
     ex = load_example()
     volumes = make_volumes(ex, tmp_path)
@@ -162,6 +182,7 @@ async def test_kubernetes_example_runs_as_written(tmp_path: Path, pki: Pki) -> N
     out, err = tmp_path / "stdout", tmp_path / "stderr"
     proc = container.start(out, err)
     app = None
+    code = None
     try:
         # spiffe-helper has written nothing yet: spiffe-pep waits for the files.
         await _wait_for_event(proc, err, "waiting_for_svid")
@@ -207,25 +228,32 @@ async def test_kubernetes_example_runs_as_written(tmp_path: Path, pki: Pki) -> N
                     break
                 await trio.sleep(0.3)
         assert len(status["workers"]) == min(int(float(limit)), len(os.sched_getaffinity(0)))
-        _, text = await _run(
-            proc.pid, "curl", "-sS", "-w", "\n%{http_code}", f"http://127.0.0.1:{admin}/readyz"
-        )
+        readyz = ["curl", "-sS", "-w", "\n%{http_code}", f"http://127.0.0.1:{admin}/readyz"]
+        _, text = await _run(proc.pid, *readyz)
         assert text.endswith("\n200"), text
-    finally:
+
+        # Pod deleted: SIGTERM. For shutdown_grace it still serves, told to close, while
+        # /readyz says draining; then it stops accepting and exits once drained.
+        grace = load_config_of(ex).timeouts.shutdown_grace
         proc.send_signal(signal.SIGTERM)
-        try:
-            await trio.to_thread.run_sync(proc.wait, 60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            if app is not None:
-                app.kill()
-                app.wait()
-    assert proc.returncode == 0, err.read_text()
+        await trio.sleep(0.5)
+        _, text = await _run(proc.pid, *readyz)
+        assert text.endswith("\n503") and "draining" in text, text
+        _, text = await _run(proc.pid, *curl, "-D", "-", url)
+        assert text.endswith("\n200") and "\nconnection: close\r\n" in text.lower(), text
+        code = await trio.to_thread.run_sync(proc.wait, grace + 30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if app is not None:
+            app.kill()
+            app.wait()
+    assert code == 0, err.read_text()
     assert "Traceback" not in err.read_text()
 
 
+@needs_namespaces
 async def test_workers_auto_follows_the_cgroup_cpu_limit(tmp_path: Path, pki: Pki) -> None:
     """A CPU limit of 1.5 CPUs on this (at least) 2-CPU machine: one worker, no
     supervisor (rounded down, as automaxprocs does)."""
@@ -248,6 +276,7 @@ async def test_workers_auto_follows_the_cgroup_cpu_limit(tmp_path: Path, pki: Pk
     assert sum(e["event"] == "listening" for e in events) == 1
 
 
+@needs_namespaces
 async def test_read_only_tmp_is_one_line_naming_it(tmp_path: Path, pki: Pki) -> None:
     """The example as it was (no volume on /tmp) with two workers: one line naming the
     directory, not a traceback."""
