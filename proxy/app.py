@@ -38,11 +38,13 @@ def read_config(path: Path) -> Config:
     return load_config(data, str(path), path.parent)
 
 
-def read_policy(config: Config, data: bytes | None = None) -> Policy:
+def read_policy(config: Config, data: bytes | None = None, source: Path | None = None) -> Policy:
+    """The policy of ``config``: from ``data``, else read from ``source`` (a worker's copy
+    of what its supervisor accepted), else from its file; named after its file."""
     path = config.policy_path
     if data is None:
         try:
-            data = path.read_bytes()
+            data = (source or path).read_bytes()
         except OSError as exc:
             raise ConfigError(str(path), f"cannot read the policy: {exc.strerror}") from exc
     folded = {name for name, u in config.upstreams.items() if u.case_insensitive}
@@ -89,11 +91,18 @@ def wait_for_credentials(
         time.sleep(poll)
 
 
-def build_runtime(config: Config, events: JsonLines | None = None) -> Runtime:
-    """Read every file the proxy needs; raise ConfigError naming the first bad one."""
+def build_runtime(
+    config: Config,
+    events: JsonLines | None = None,
+    *,
+    policy_source: Path | None = None,
+    status_fd: int | None = None,
+) -> Runtime:
+    """Read every file the proxy needs; raise ConfigError naming the first bad one.
+    ``policy_source`` and ``status_fd``: a worker's (see ``Runtime``)."""
     events = events or JsonLines("stderr")
     credentials, source = load_tls(config, events)
-    policy = read_policy(config)
+    policy = read_policy(config, source=policy_source)
     metrics = Metrics()
     metrics.set_policy(policy.sha256)
     metrics.set_credentials(credentials)
@@ -114,6 +123,8 @@ def build_runtime(config: Config, events: JsonLines | None = None) -> Runtime:
         metrics,
         load_signer(config, str(credentials.own_id) if credentials.own_id else "spiffe-pep"),
         source,
+        policy_source=policy_source,
+        status_fd=status_fd,
     )
 
 
@@ -175,10 +186,14 @@ async def watch_files(paths: list[Path], interval: float, on_change: Callable[[]
 class CredentialReloader:
     """Swaps in new SVID, key and bundles when their files change or on SIGHUP. New
     handshakes use the new ones; established connections keep theirs. A half-written or
-    mismatched set is rejected, logged and counted, and the old credentials keep serving."""
+    mismatched set is rejected, logged and counted, and the old credentials keep serving.
 
-    def __init__(self, rt: Runtime) -> None:
+    ``quiet``: no events (a supervisor follows the credentials only for its own /status
+    and /readyz; each worker logs its own reloads)."""
+
+    def __init__(self, rt: Runtime, *, quiet: bool = False) -> None:
         self.rt = rt
+        self.quiet = quiet
 
     def reload(self, trigger: str) -> bool:
         rt = self.rt
@@ -189,6 +204,8 @@ class CredentialReloader:
                 creds = load_credentials(rt.config.tls)
         except ConfigError as exc:
             rt.metrics.credential_reloads.labels(result="failed").inc()
+            if self.quiet:
+                return False
             rt.events.event(
                 "credentials_reload_failed",
                 trigger=trigger,
@@ -202,6 +219,8 @@ class CredentialReloader:
         rt.trust_changed()
         rt.metrics.credential_reloads.labels(result="ok").inc()
         rt.metrics.set_credentials(creds)
+        if self.quiet:
+            return True
         rt.events.event(
             "credentials_reloaded",
             trigger=trigger,
@@ -220,17 +239,24 @@ class PolicyReloader:
 
     The file watch polls (mtime, size, inode) and reloads once they have stayed the same
     for one interval, so an editor's half-written save is not even tried.
+
+    Under a supervisor the supervisor alone reads the policy file, validates each edit and
+    logs and counts it once; ``on_accept`` (its hook) gets every accepted file's bytes and
+    hands them to the workers (a copy each worker reads, ``rt.policy_source``), so a
+    worker never sees a bad edit, and one restarted after it serves the last good
+    policy. A worker's reloads are logged (they name the worker) but not counted.
     """
 
-    def __init__(self, rt: Runtime) -> None:
+    def __init__(self, rt: Runtime, on_accept: Callable[[bytes], object] | None = None) -> None:
         self.rt = rt
+        self.on_accept = on_accept
         self._rejected: str | None = None
 
     def reload(self, trigger: str) -> bool:
         rt = self.rt
         path = rt.config.policy_path
         try:
-            data = path.read_bytes()
+            data = (rt.policy_source or path).read_bytes()
         except OSError as exc:
             return self._failed(trigger, str(path), f"cannot read the policy: {exc.strerror}")
         sha = hashlib.sha256(data).hexdigest()
@@ -242,12 +268,23 @@ class PolicyReloader:
             self._rejected = sha
             errors = [str(e) for e in getattr(exc, "errors", [exc])]
             return self._failed(trigger, exc.location, exc.message, sha256=sha, errors=errors)
+        if self.on_accept is not None:
+            try:
+                self.on_accept(data)
+            except OSError as exc:  # the supervisor's directory: full, or gone
+                return self._failed(
+                    trigger,
+                    str(path),
+                    f"cannot hand the policy to the workers: {exc.strerror}",
+                    sha256=sha,
+                )
         old = rt.policy
         rt.policy = policy
         rt.trust_changed()
         rt.policy_loaded_at = dt.datetime.now(dt.UTC)
         self._rejected = None
-        rt.metrics.policy_reloads.labels(result="ok").inc()
+        if rt.policy_source is None:  # a worker's reloads are its supervisor's to count
+            rt.metrics.policy_reloads.labels(result="ok").inc()
         rt.metrics.set_policy(policy.sha256)
         rt.events.event(
             "policy_reloaded",
@@ -257,10 +294,12 @@ class PolicyReloader:
             policy_sha256=policy.sha256,
             routes=len(policy.routes),
         )
+        rt.report()
         return True
 
     def _failed(self, trigger: str, location: str, message: str, **fields: object) -> bool:
-        self.rt.metrics.policy_reloads.labels(result="failed").inc()
+        if self.rt.policy_source is None:
+            self.rt.metrics.policy_reloads.labels(result="failed").inc()
         self.rt.events.event(
             "policy_reload_failed",
             trigger=trigger,
@@ -273,6 +312,29 @@ class PolicyReloader:
 
     async def watch(self, interval: float) -> None:
         await watch_files([self.rt.config.policy_path], interval, lambda: self.reload("watch"))
+
+    async def follow_supervisor(self, interval: float = 0.25) -> None:
+        """A worker: reload as soon as the supervisor replaced its copy of the policy (it
+        renames a complete file into place, so no waiting for the writer)."""
+        assert self.rt.policy_source is not None
+        seen = _stat([self.rt.policy_source])
+        while True:
+            await trio.sleep(interval)
+            now = _stat([self.rt.policy_source])
+            if now != seen:
+                seen = now
+                self.reload("supervisor")
+
+
+def follow_credentials(nursery: trio.Nursery, rt: Runtime, reloader: CredentialReloader) -> None:
+    """Reload the credentials when their files change (``tls.watch``) or the Workload
+    API sends an update."""
+    if rt.config.tls.watch:
+        nursery.start_soon(
+            watch_files, rt.config.tls.files, rt.config.tls.watch, lambda: reloader.reload("watch")
+        )
+    if rt.x509_source is not None:
+        rt.x509_source.follow(lambda: reloader.reload("workload_api"))
 
 
 async def on_sighup(policy: PolicyReloader, credentials: CredentialReloader) -> None:
@@ -425,18 +487,12 @@ async def serve(
                 policy_sha256=rt.policy.sha256,
                 trust_domains=sorted(str(td) for td in rt.credentials.trust.bundles),
             )
-            if cfg.policy_watch:
+            if rt.policy_source is not None:  # a worker: its supervisor watches the file
+                services.start_soon(reloader.follow_supervisor)
+            elif cfg.policy_watch:
                 services.start_soon(reloader.watch, cfg.policy_watch)
-            if cfg.tls.watch:
-                services.start_soon(
-                    watch_files,
-                    cfg.tls.files,
-                    cfg.tls.watch,
-                    lambda: creds_reloader.reload("watch"),
-                )
+            follow_credentials(services, rt, creds_reloader)
             services.start_soon(on_sighup, reloader, creds_reloader)
-            if rt.x509_source is not None:
-                rt.x509_source.follow(lambda: creds_reloader.reload("workload_api"))
 
             async def handler(stream: trio.SocketStream) -> None:
                 await _connection(rt, stream)
@@ -456,6 +512,7 @@ async def serve(
                             "credentials": creds_reloader,
                         }
                     )
+                    rt.report(serving=True)
                     await rt.drain_requested.wait()
                     grace = cfg.timeouts.shutdown_grace
                     if grace > 0:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import os
 import shutil
 import sys
 from collections.abc import Sequence
@@ -16,6 +17,7 @@ import trio
 
 from proxy import __version__, canonical, cpus, devcerts, yamlsrc
 from proxy.app import build_runtime, read_config, read_policy, run_until_signalled
+from proxy.audit_sink import JsonLines, python_output_as_events
 from proxy.config import AUTO_WORKERS
 from proxy.errors import ConfigError, SpiffeIdError
 from proxy.policy import tools
@@ -47,16 +49,22 @@ def cmd_run(args: argparse.Namespace) -> int:
             except ConfigError:
                 shutil.rmtree(workdir, ignore_errors=True)
                 raise
+            python_output_as_events(rt.events)  # from here on, stderr is JSON events only
             return trio.run(Supervisor(rt, Path(args.config), workers, workdir).run)
         rt = build_runtime(config)
     except ConfigError as exc:
         return _fail(exc)
+    python_output_as_events(rt.events)
     trio.run(run_until_signalled, rt)
     return 0
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    """One worker under a supervisor: its port, no admin listener, the shared key."""
+    """One worker under a supervisor: its port, no admin listener, the shared key, the
+    policy its supervisor accepted. Everything it writes to stderr is a JSON event naming
+    it (its index and pid), its start-up errors and Python's own output included."""
+    events = JsonLines("stderr", fields={"worker": args.worker_id, "pid": os.getpid()})
+    python_output_as_events(events)
     try:
         config = dataclasses.replace(
             read_config(Path(args.config)),
@@ -65,9 +73,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
             workers=1,
             assertion_key=Path(args.assertion_key) if args.assertion_key else None,
         )
-        rt = build_runtime(config)
+        rt = build_runtime(
+            config,
+            events,
+            policy_source=Path(args.policy_copy) if args.policy_copy else None,
+            status_fd=args.status_fd,
+        )
     except ConfigError as exc:
-        return _fail(exc)
+        errors = [str(e) for e in getattr(exc, "errors", [exc])]
+        events.event("worker_start_failed", location=exc.location, error=exc.message, errors=errors)
+        return EXIT_CONFIG
     trio.run(functools.partial(run_until_signalled, rt, worker_of=args.supervisor))
     return 0
 
@@ -263,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--supervisor", type=int, required=True)
     worker.add_argument("--worker-id", type=int, default=0)
     worker.add_argument("--assertion-key")
+    worker.add_argument("--policy-copy")
+    worker.add_argument("--status-fd", type=int)
     worker.set_defaults(func=cmd_worker)
     check = sub.add_parser(
         "check",

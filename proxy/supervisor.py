@@ -9,12 +9,19 @@ for them (a second signal kills them). It serves the admin listener itself: metr
 aggregated across workers with prometheus-client's multiprocess mode (each worker writes
 to a shared directory), and one assertion key is shared so every worker's assertions verify
 against the one JWKS.
+
+The policy is the supervisor's: it watches the file (and reloads it on SIGHUP), validates
+every edit, logs and counts it once, and publishes the accepted file in its directory,
+which the workers read at start and follow. A worker restarted after a bad edit thus
+serves the last good policy. Each worker reports on a pipe when it serves and which policy
+it serves; ``/status`` and ``/readyz`` are built from those reports.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import os
 import shutil
@@ -33,7 +40,13 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from proxy import __version__, admin
-from proxy.app import admin_routes
+from proxy.app import (
+    CredentialReloader,
+    PolicyReloader,
+    admin_routes,
+    follow_credentials,
+    read_policy,
+)
 from proxy.errors import ConfigError
 from proxy.metrics import CONTENT_TYPE
 from proxy.runtime import Runtime
@@ -45,6 +58,12 @@ class Worker:
     process: trio.Process | None = None
     started: float = 0.0
     restarts: int = 0
+    serving: bool = False  # it said it listens (on its status pipe)
+    policy_sha256: str | None = None  # the policy it said it serves
+
+    @property
+    def alive(self) -> bool:
+        return bool(self.process and self.process.returncode is None)
 
 
 @dataclass
@@ -55,6 +74,32 @@ class Supervisor:
     workdir: Path
     workers: list[Worker] = field(default_factory=list)
     stopping: bool = False
+
+    @property
+    def policy_copy(self) -> Path:
+        """The policy file the workers read: the last one this supervisor accepted."""
+        return self.workdir / "policy.yaml"
+
+    def _publish_policy(self, data: bytes) -> None:
+        """Hand an accepted policy to the workers: a complete file renamed into place, so
+        a worker reading it (at start, or following it) never sees half of one."""
+        tmp = self.workdir / ".policy.yaml.tmp"
+        tmp.write_bytes(data)
+        os.replace(tmp, self.policy_copy)
+
+    def _first_policy(self) -> None:
+        """The policy the workers start with: the file as validated at start (read again,
+        and validated again if it changed since)."""
+        cfg = self.rt.config
+        try:
+            data = cfg.policy_path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(
+                str(cfg.policy_path), f"cannot read the policy: {exc.strerror}"
+            ) from exc
+        if hashlib.sha256(data).hexdigest() != self.rt.policy.sha256:
+            self.rt.policy = read_policy(cfg, data)
+        self._publish_policy(data)
 
     def _hold_port(self) -> socket.socket:
         cfg = self.rt.config
@@ -80,18 +125,29 @@ class Supervisor:
         backoff = 0.5
         while not self.stopping:
             worker.started = time.monotonic()
-            proc = await trio.lowlevel.open_process(
-                [*cmd, "--worker-id", str(worker.index)],
-                env=env,
-                stdin=subprocess.DEVNULL,
-                # A forwarded SIGHUP must not kill a worker still starting up (SIGHUP's
-                # default action): ignored dispositions survive exec, and the worker's own
-                # handler takes over once it serves (it read the files fresh anyway).
-                preexec_fn=_ignore_sighup,
-            )
+            status_r, status_w = os.pipe()  # the worker tells what it serves, a JSON line each
+            try:
+                proc = await trio.lowlevel.open_process(
+                    [*cmd, "--worker-id", str(worker.index), "--status-fd", str(status_w)],
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    pass_fds=(status_w,),
+                    # A forwarded SIGHUP must not kill a worker still starting up (SIGHUP's
+                    # default action): ignored dispositions survive exec, and the worker's
+                    # own handler takes over once it serves (it read the files fresh anyway).
+                    preexec_fn=_ignore_sighup,
+                )
+            except BaseException:
+                os.close(status_r)
+                raise
+            finally:
+                os.close(status_w)
             worker.process = proc
             self.rt.events.event("worker_started", worker=worker.index, pid=proc.pid)
-            code = await proc.wait()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._read_status, worker, status_r)
+                code = await proc.wait()
+            worker.serving, worker.policy_sha256 = False, None
             mark_process_dead(proc.pid, env["PROMETHEUS_MULTIPROC_DIR"])  # type: ignore[no-untyped-call]
             if self.stopping:
                 return
@@ -102,6 +158,20 @@ class Supervisor:
                 "worker_exited", worker=worker.index, pid=proc.pid, code=code, restart_in_s=backoff
             )
             await trio.sleep(backoff)
+
+    async def _read_status(self, worker: Worker, fd: int) -> None:
+        """A worker's status lines until it exits: ``serving``, the policy it serves."""
+        pending = b""
+        async with trio.lowlevel.FdStream(fd) as stream:
+            while data := await stream.receive_some(4096):
+                *lines, pending = (pending + data).split(b"\n")
+                for line in lines:
+                    try:
+                        state = json.loads(line)
+                    except ValueError:
+                        continue
+                    worker.serving = worker.serving or bool(state.get("serving"))
+                    worker.policy_sha256 = state.get("policy_sha256", worker.policy_sha256)
 
     def _signal_all(self, signum: int) -> None:
         for w in self.workers:
@@ -115,6 +185,8 @@ class Supervisor:
         def metrics() -> tuple[int, bytes, bytes]:
             registry = CollectorRegistry()
             MultiProcessCollector(registry, path=str(metrics_dir))  # type: ignore[no-untyped-call]
+            # Policy reloads are the supervisor's to count (once per edit, not per worker).
+            registry.register(self.rt.metrics.policy_reloads)
             return 200, CONTENT_TYPE.encode(), bytes(generate_latest(registry))
 
         def status() -> tuple[int, object]:
@@ -124,7 +196,9 @@ class Supervisor:
                 {
                     "index": w.index,
                     "pid": w.process.pid if w.process else None,
-                    "alive": bool(w.process and w.process.returncode is None),
+                    "alive": w.alive,
+                    "serving": w.alive and w.serving,
+                    "policy_sha256": w.policy_sha256 if w.alive else None,
                     "restarts": w.restarts,
                 }
                 for w in self.workers
@@ -133,9 +207,12 @@ class Supervisor:
 
         def readyz() -> tuple[int, object]:
             code, doc = base_ready()
-            alive = sum(bool(w.process and w.process.returncode is None) for w in self.workers)
-            if code == 200 and alive < self.count:
-                return 503, {"status": "not ready", "problems": [f"{alive}/{self.count} workers"]}
+            serving = sum(w.alive and w.serving for w in self.workers)
+            if code == 200 and serving < self.count:
+                return 503, {
+                    "status": "not ready",
+                    "problems": [f"{serving}/{self.count} workers serving"],
+                }
             return code, doc
 
         base_status = _json_fn(routes[b"/status"])
@@ -151,6 +228,9 @@ class Supervisor:
         port = hold.getsockname()[1]
         metrics_dir = self.workdir / "metrics"
         metrics_dir.mkdir()
+        self._first_policy()
+        policy = PolicyReloader(self.rt, on_accept=self._publish_policy)
+        credentials = CredentialReloader(self.rt, quiet=True)  # for /status and /readyz
         env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
         cmd = [
             sys.executable,
@@ -163,6 +243,8 @@ class Supervisor:
             str(port),
             "--supervisor",
             str(os.getpid()),
+            "--policy-copy",
+            str(self.policy_copy),
         ]
         key = self._assertion_key()
         if key is not None:
@@ -182,6 +264,9 @@ class Supervisor:
                         *cfg.admin,
                         self._routes(metrics_dir),
                     )
+                if cfg.policy_watch:
+                    nursery.start_soon(policy.watch, cfg.policy_watch)
+                follow_credentials(nursery, self.rt, credentials)
                 self.rt.events.event(
                     "supervising",
                     version=__version__,
@@ -194,6 +279,10 @@ class Supervisor:
                 ) as signals:
                     async for signum in signals:
                         if signum == signal.SIGHUP:
+                            # Validate (log, count) the policy here first, so the workers
+                            # find the accepted copy when SIGHUP makes them look.
+                            credentials.reload("sighup")
+                            policy.reload("sighup")
                             self._signal_all(signal.SIGHUP)
                             continue
                         if self.stopping:  # a second signal: stop now

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -239,3 +240,25 @@ def test_unwritable_tmpdir_for_workers_is_one_line_naming_it(tmp_path: Path, pki
         "their metrics through a directory there; mount a writable volume there (an emptyDir "
         "in Kubernetes), set TMPDIR to one, or run with workers: 1"
     ]
+
+
+def test_python_output_becomes_json_events() -> None:
+    """What Python would print as text (a warning, a library's log record, a crash in a
+    thread, an uncaught exception) reaches stderr as JSON events naming the worker."""
+    code = textwrap.dedent("""\
+        import logging, threading, warnings
+        from proxy.audit_sink import JsonLines, python_output_as_events
+        python_output_as_events(JsonLines("stderr", fields={"worker": 3, "pid": 42}))
+        warnings.warn("careful", RuntimeWarning)
+        logging.getLogger("spiffe").error("agent gone")
+        t = threading.Thread(target=lambda: 1 / 0); t.start(); t.join()
+        raise SystemError("boom")
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    events = [json.loads(line) for line in done.stderr.splitlines()]
+    assert [e["event"] for e in events] == ["warning", "log", "crashed", "crashed"]
+    assert all(e["worker"] == 3 and e["pid"] == 42 for e in events)
+    assert events[1]["message"] == "agent gone" and events[1]["logger"] == "spiffe"
+    assert events[2]["error"] == "ZeroDivisionError: division by zero"
+    assert events[3]["error"] == "SystemError: boom" and "Traceback" in events[3]["traceback"]
