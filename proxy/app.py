@@ -91,6 +91,25 @@ def wait_for_credentials(
         time.sleep(poll)
 
 
+def listen_error(exc: OSError, what: str, host: str, port: int) -> ConfigError:
+    """A listener that cannot be opened (the address in use, not local, a name that does
+    not resolve) as one line: ``listen 127.0.0.1:8443: Address already in use``."""
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return ConfigError(f"{what} {address}", exc.strerror or str(exc))
+
+
+def open_log(target: str, what: str) -> JsonLines:
+    """A JSON-lines log; a path that cannot be opened is a ConfigError naming it."""
+    try:
+        return JsonLines(target)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        parent = Path(target).parent
+        if not parent.is_dir():
+            reason += f" (the directory {parent} does not exist)"
+        raise ConfigError(target, f"cannot open the {what}: {reason}") from exc
+
+
 def build_runtime(
     config: Config,
     events: JsonLines | None = None,
@@ -118,7 +137,7 @@ def build_runtime(
         credentials,
         policy,
         pools,
-        JsonLines(config.decision_log),
+        open_log(config.decision_log, "decision log"),
         events,
         metrics,
         load_signer(config, str(credentials.own_id) if credentials.own_id else "spiffe-pep"),
@@ -425,6 +444,27 @@ def admin_routes(rt: Runtime) -> dict[bytes, admin.Handler]:
     return routes
 
 
+async def start_admin(
+    nursery: trio.Nursery,
+    address: tuple[str, int],
+    cfg: Config,
+    routes: dict[bytes, admin.Handler],
+) -> int:
+    """The admin listener in ``nursery``; its port. The Host names it answers to:
+    loopback, the address it is reached on, and the configuration's admin_hosts."""
+    try:
+        port: int = await nursery.start(
+            functools.partial(
+                admin.serve_admin, allowed_hosts=admin.LOOPBACK_HOSTS | set(cfg.admin_hosts)
+            ),
+            *address,
+            routes,
+        )
+    except OSError as exc:
+        raise listen_error(exc, "admin", *address) from exc
+    return port
+
+
 async def open_listeners(host: str, port: int, reuse_port: bool) -> list[trio.SocketListener]:
     """TCP listeners; with ``reuse_port`` one SO_REUSEPORT socket, so several worker
     processes can each listen on the same port and the kernel spreads connections."""
@@ -459,7 +499,10 @@ async def serve(
     end. ``task_status`` gets ``{"listen": [(host, port)], "admin": port or None,
     "reloader": PolicyReloader, "credentials": CredentialReloader}``."""
     cfg = rt.config
-    listeners = await open_listeners(cfg.listen_host, cfg.listen_port, reuse_port)
+    try:
+        listeners = await open_listeners(cfg.listen_host, cfg.listen_port, reuse_port)
+    except OSError as exc:
+        raise listen_error(exc, "listen", cfg.listen_host, cfg.listen_port) from exc
     bound = [tuple(lst.socket.getsockname()[:2]) for lst in listeners]
     reloader = PolicyReloader(rt)
     creds_reloader = CredentialReloader(rt)
@@ -467,16 +510,7 @@ async def serve(
         async with trio.open_nursery() as services:
             admin_port = None
             if cfg.admin is not None:
-                # The Host names it answers to: loopback, the address it is reached on,
-                # and the configuration's admin_hosts.
-                admin_port = await services.start(
-                    functools.partial(
-                        admin.serve_admin,
-                        allowed_hosts=admin.LOOPBACK_HOSTS | set(cfg.admin_hosts),
-                    ),
-                    *cfg.admin,
-                    admin_routes(rt),
-                )
+                admin_port = await start_admin(services, cfg.admin, cfg, admin_routes(rt))
             rt.events.event(
                 "listening",
                 version=__version__,

@@ -10,7 +10,7 @@ import functools
 import os
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import trio
@@ -33,12 +33,47 @@ def _fail(exc: ConfigError) -> int:
     return EXIT_CONFIG
 
 
+def _startup_error(exc: BaseException) -> ConfigError | None:
+    """The ConfigError a start-up failure inside the event loop is (an address in use),
+    out of the exception groups trio's nurseries wrap it in; None for anything else."""
+    if isinstance(exc, ConfigError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        match, rest = exc.split(ConfigError)
+        if match is not None and rest is None:
+            return _startup_error(match.exceptions[0])
+    return None
+
+
+def _serve(fn: Callable[..., Awaitable[object]], *args: object) -> int:
+    """``trio.run`` for a server: a ConfigError raised once the loop runs is one line
+    and exit 2, like those raised before it."""
+    try:
+        result = trio.run(fn, *args)
+    except (ConfigError, BaseExceptionGroup) as exc:
+        error = _startup_error(exc)
+        if error is None:
+            raise
+        return _fail(error)
+    return result if isinstance(result, int) else 0
+
+
+def _workers_option(value: str | None) -> int | None:
+    """``--workers``: auto or a whole number of at least 1, as the configuration's key."""
+    if value is None:
+        return None
+    if value == "auto":
+        return AUTO_WORKERS
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError("--workers", f"expected auto or an integer >= 1, got {value!r}")
+    return int(value)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     try:
+        override = _workers_option(args.workers)
         config = read_config(Path(args.config))
-        workers = config.workers
-        if args.workers is not None:
-            workers = AUTO_WORKERS if args.workers == "auto" else int(args.workers)
+        workers = config.workers if override is None else override
         if workers == AUTO_WORKERS:
             workers = cpus.available_cpus()
         if workers > 1:  # the supervisor validates everything, then starts the workers
@@ -50,13 +85,12 @@ def cmd_run(args: argparse.Namespace) -> int:
                 shutil.rmtree(workdir, ignore_errors=True)
                 raise
             python_output_as_events(rt.events)  # from here on, stderr is JSON events only
-            return trio.run(Supervisor(rt, Path(args.config), workers, workdir).run)
+            return _serve(Supervisor(rt, Path(args.config), workers, workdir).run)
         rt = build_runtime(config)
     except ConfigError as exc:
         return _fail(exc)
     python_output_as_events(rt.events)
-    trio.run(run_until_signalled, rt)
-    return 0
+    return _serve(run_until_signalled, rt)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -83,7 +117,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
         errors = [str(e) for e in getattr(exc, "errors", [exc])]
         events.event("worker_start_failed", location=exc.location, error=exc.message, errors=errors)
         return EXIT_CONFIG
-    trio.run(functools.partial(run_until_signalled, rt, worker_of=args.supervisor))
+    try:
+        trio.run(functools.partial(run_until_signalled, rt, worker_of=args.supervisor))
+    except (ConfigError, BaseExceptionGroup) as exc:
+        error = _startup_error(exc)
+        if error is None:
+            raise
+        events.event("worker_start_failed", location=error.location, error=error.message)
+        return EXIT_CONFIG
     return 0
 
 
@@ -256,8 +297,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
-    trio.run(main)
-    return 0
+    return _serve(main)
 
 
 def build_parser() -> argparse.ArgumentParser:

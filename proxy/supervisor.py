@@ -20,7 +20,6 @@ it serves; ``/status`` and ``/readyz`` are built from those reports.
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import os
@@ -45,7 +44,9 @@ from proxy.app import (
     PolicyReloader,
     admin_routes,
     follow_credentials,
+    listen_error,
     read_policy,
+    start_admin,
 )
 from proxy.errors import ConfigError
 from proxy.metrics import CONTENT_TYPE
@@ -104,10 +105,17 @@ class Supervisor:
     def _hold_port(self) -> socket.socket:
         cfg = self.rt.config
         family = socket.AF_INET6 if ":" in cfg.listen_host else socket.AF_INET
-        hold = socket.socket(family, socket.SOCK_STREAM)
-        hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        hold.bind((cfg.listen_host, cfg.listen_port))
+        try:
+            hold = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as exc:
+            raise listen_error(exc, "listen", cfg.listen_host, cfg.listen_port) from exc
+        try:
+            hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            hold.bind((cfg.listen_host, cfg.listen_port))
+        except OSError as exc:
+            hold.close()
+            raise listen_error(exc, "listen", cfg.listen_host, cfg.listen_port) from exc
         return hold
 
     def _assertion_key(self) -> Path | None:
@@ -223,9 +231,18 @@ class Supervisor:
         return routes
 
     async def run(self) -> int:
+        try:
+            hold = self._hold_port()
+            try:
+                await self._supervise(hold.getsockname()[1])
+            finally:
+                hold.close()
+        finally:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        return 0
+
+    async def _supervise(self, port: int) -> None:
         cfg = self.rt.config
-        hold = self._hold_port()
-        port = hold.getsockname()[1]
         metrics_dir = self.workdir / "metrics"
         metrics_dir.mkdir()
         self._first_policy()
@@ -250,60 +267,46 @@ class Supervisor:
         if key is not None:
             cmd += ["--assertion-key", str(key)]
         self.workers = [Worker(i) for i in range(self.count)]
-        try:
-            async with trio.open_nursery() as nursery:
-                for w in self.workers:
-                    nursery.start_soon(self._run_worker, w, cmd, env)
-                admin_port = None
-                if cfg.admin is not None:
-                    admin_port = await nursery.start(
-                        functools.partial(
-                            admin.serve_admin,
-                            allowed_hosts=admin.LOOPBACK_HOSTS | set(cfg.admin_hosts),
-                        ),
-                        *cfg.admin,
-                        self._routes(metrics_dir),
+        async with trio.open_nursery() as nursery:
+            admin_port = None
+            if cfg.admin is not None:  # before any worker: a busy address stops start-up
+                admin_port = await start_admin(nursery, cfg.admin, cfg, self._routes(metrics_dir))
+            for w in self.workers:
+                nursery.start_soon(self._run_worker, w, cmd, env)
+            if cfg.policy_watch:
+                nursery.start_soon(policy.watch, cfg.policy_watch)
+            follow_credentials(nursery, self.rt, credentials)
+            self.rt.events.event(
+                "supervising",
+                version=__version__,
+                workers=self.count,
+                address=f"{cfg.listen_host}:{port}",
+                admin_port=admin_port,
+            )
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+                async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        # Validate (log, count) the policy here first, so the workers find
+                        # the accepted copy when SIGHUP makes them look.
+                        credentials.reload("sighup")
+                        policy.reload("sighup")
+                        self._signal_all(signal.SIGHUP)
+                        continue
+                    if self.stopping:  # a second signal: stop now
+                        self._signal_all(signal.SIGKILL)
+                        break
+                    self.stopping = True
+                    self.rt.drain_requested.set()  # /readyz: 503 draining from now on
+                    self.rt.events.event(
+                        "stopping",
+                        signal=signal.Signals(signum).name,
+                        graceful=True,
+                        shutdown_grace_s=cfg.timeouts.shutdown_grace,
                     )
-                if cfg.policy_watch:
-                    nursery.start_soon(policy.watch, cfg.policy_watch)
-                follow_credentials(nursery, self.rt, credentials)
-                self.rt.events.event(
-                    "supervising",
-                    version=__version__,
-                    workers=self.count,
-                    address=f"{cfg.listen_host}:{port}",
-                    admin_port=admin_port,
-                )
-                with trio.open_signal_receiver(
-                    signal.SIGTERM, signal.SIGINT, signal.SIGHUP
-                ) as signals:
-                    async for signum in signals:
-                        if signum == signal.SIGHUP:
-                            # Validate (log, count) the policy here first, so the workers
-                            # find the accepted copy when SIGHUP makes them look.
-                            credentials.reload("sighup")
-                            policy.reload("sighup")
-                            self._signal_all(signal.SIGHUP)
-                            continue
-                        if self.stopping:  # a second signal: stop now
-                            self._signal_all(signal.SIGKILL)
-                            break
-                        self.stopping = True
-                        self.rt.drain_requested.set()  # /readyz: 503 draining from now on
-                        self.rt.events.event(
-                            "stopping",
-                            signal=signal.Signals(signum).name,
-                            graceful=True,
-                            shutdown_grace_s=cfg.timeouts.shutdown_grace,
-                        )
-                        self._signal_all(signal.SIGTERM)
-                        deadline = cfg.timeouts.shutdown_grace + cfg.timeouts.drain + 5
-                        nursery.start_soon(self._await_workers, nursery, deadline)
-                nursery.cancel_scope.cancel()
-        finally:
-            hold.close()
-            shutil.rmtree(self.workdir, ignore_errors=True)
-        return 0
+                    self._signal_all(signal.SIGTERM)
+                    deadline = cfg.timeouts.shutdown_grace + cfg.timeouts.drain + 5
+                    nursery.start_soon(self._await_workers, nursery, deadline)
+            nursery.cancel_scope.cancel()
 
     async def _await_workers(self, nursery: trio.Nursery, deadline: float) -> None:
         with trio.move_on_after(deadline):

@@ -189,6 +189,8 @@ def load_credentials(files: TlsFiles) -> Credentials:
     assert files.svid is not None and files.key is not None
     chain_pem = _read(files.svid, "SVID")
     key_pem = _read(files.key, "SVID key")
+    if b"-----BEGIN CERTIFICATE-----" not in chain_pem:  # empty, or not written yet
+        raise ConfigError(str(files.svid), f"no certificate in {files.svid}")
     try:
         chain = x509.load_pem_x509_certificates(chain_pem)
     except ValueError as exc:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -262,3 +264,105 @@ def test_python_output_becomes_json_events() -> None:
     assert events[1]["message"] == "agent gone" and events[1]["logger"] == "spiffe"
     assert events[2]["error"] == "ZeroDivisionError: division by zero"
     assert events[3]["error"] == "SystemError: boom" and "Traceback" in events[3]["traceback"]
+
+
+def _busy_port() -> socket.socket:
+    """A port some other program listens on."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    return s
+
+
+STARTUP_ERRORS = {
+    # id: (how the config changes (text, tmp, busy port) -> text, extra args, the one line)
+    "listen_in_use": (
+        lambda c, t, p: re.sub(r"listen: \S+", f"listen: 127.0.0.1:{p}", c),
+        ["--workers", "1"],
+        "spiffe-pep: listen 127.0.0.1:{port}: Address already in use",
+    ),
+    "listen_in_use_with_workers": (
+        lambda c, t, p: re.sub(r"listen: \S+", f"listen: 127.0.0.1:{p}", c),
+        ["--workers", "2"],
+        "spiffe-pep: listen 127.0.0.1:{port}: Address already in use",
+    ),
+    "admin_in_use": (
+        lambda c, t, p: c.replace("admin: 127.0.0.1:0", f"admin: 127.0.0.1:{p}"),
+        ["--workers", "1"],
+        "spiffe-pep: admin 127.0.0.1:{port}: Address already in use",
+    ),
+    "admin_in_use_with_workers": (
+        lambda c, t, p: c.replace("admin: 127.0.0.1:0", f"admin: 127.0.0.1:{p}"),
+        ["--workers", "2"],
+        "spiffe-pep: admin 127.0.0.1:{port}: Address already in use",
+    ),
+    "decision_log_directory_missing": (
+        lambda c, t, p: c.replace(f"{t}/decisions.jsonl", f"{t}/gone/decisions.jsonl"),
+        ["--workers", "1"],
+        "spiffe-pep: {tmp}/gone/decisions.jsonl: cannot open the decision log: No such file or "
+        "directory (the directory {tmp}/gone does not exist)",
+    ),
+    "config_not_utf8": (
+        lambda c, t, p: c.replace("policy: policy.yaml", "policy: caf\xff.yaml"),
+        [],
+        "spiffe-pep: {cfg}:{policy_line}:12: invalid YAML: invalid leading UTF-8 octet (byte 0xff)",
+    ),
+    "workers_abc": (
+        lambda c, t, p: c,
+        ["--workers", "abc"],
+        "spiffe-pep: --workers: expected auto or an integer >= 1, got 'abc'",
+    ),
+    "workers_0": (
+        lambda c, t, p: c,
+        ["--workers", "0"],
+        "spiffe-pep: --workers: expected auto or an integer >= 1, got '0'",
+    ),
+    "workers_negative": (
+        lambda c, t, p: c,
+        ["--workers=-1"],
+        "spiffe-pep: --workers: expected auto or an integer >= 1, got '-1'",
+    ),
+    "bundle_error_names_the_path_once": (
+        lambda c, t, p: c,  # replaced below: the partner bundle by a JSON without keys
+        ["--workers", "1"],
+        'spiffe-pep: {tmp}/bad.json: no authorities found ("keys" must be a list)',
+    ),
+    "empty_certificate": (
+        lambda c, t, p: c,  # replaced below: the SVID by an empty file
+        ["--workers", "1"],
+        "spiffe-pep: no certificate in {tmp}/empty.pem",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(STARTUP_ERRORS), ids=list(STARTUP_ERRORS))
+def test_startup_errors_are_one_line(tmp_path: Path, pki: Pki, case: str) -> None:
+    """An operator's mistake stops start-up with exit 2 and one line naming the file
+    (and line) or the address: never a traceback."""
+    mutate, args, expected = STARTUP_ERRORS[case]
+    cfg = write_config(tmp_path, pki, 9)
+    busy = _busy_port()
+    port = busy.getsockname()[1]
+    text = mutate(cfg.read_text(), str(tmp_path), port)
+    if case == "bundle_error_names_the_path_once":
+        (tmp_path / "bad.json").write_text('{"keys": 5}')
+        text = text.replace(pki.partner_bundle, str(tmp_path / "bad.json"))
+    if case == "empty_certificate":
+        (tmp_path / "empty.pem").write_bytes(b"")
+        text = text.replace(f"{pki.dir}/server.pem", str(tmp_path / "empty.pem"))
+    cfg.write_bytes(text.encode("latin-1") if case == "config_not_utf8" else text.encode())
+    policy_line = next(i for i, t in enumerate(text.splitlines(), 1) if t.startswith("policy:"))
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "proxy", "run", "-c", str(cfg), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            errors="replace",
+        )
+    finally:
+        busy.close()
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [
+        expected.format(port=port, tmp=tmp_path, cfg=cfg, policy_line=policy_line)
+    ]
