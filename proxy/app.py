@@ -11,6 +11,7 @@ import hashlib
 import os
 import signal
 import socket
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import trio
 from proxy import __version__, admin
 from proxy.assertion import AssertionSigner
 from proxy.audit_sink import JsonLines
-from proxy.config import Config, load_config
+from proxy.config import Config, TlsFiles, load_config
 from proxy.errors import ConfigError
 from proxy.forward import PROTOCOL_VIOLATION, UpstreamPool, ViolationHook
 from proxy.metrics import CONTENT_TYPE, Metrics
@@ -41,36 +42,92 @@ def read_config(path: Path) -> Config:
     return load_config(data, str(path), path.parent)
 
 
-def read_policy(config: Config, data: bytes | None = None) -> Policy:
+def read_policy(config: Config, data: bytes | None = None, source: Path | None = None) -> Policy:
+    """The policy of ``config``: from ``data``, else read from ``source`` (a worker's copy
+    of what its supervisor accepted), else from its file; named after its file."""
     path = config.policy_path
     if data is None:
         try:
-            data = path.read_bytes()
+            data = (source or path).read_bytes()
         except OSError as exc:
             raise ConfigError(str(path), f"cannot read the policy: {exc.strerror}") from exc
     folded = {name for name, u in config.upstreams.items() if u.case_insensitive}
     return load_policy(data, str(path), set(config.upstreams), folded)
 
 
-def load_tls(config: Config) -> tuple[Credentials, Any]:
-    """The proxy's credentials, from files or from the Workload API (then also the source)."""
+def load_tls(config: Config, events: JsonLines | None = None) -> tuple[Credentials, Any]:
+    """The proxy's credentials, from files or from the Workload API (then also the source).
+    Either way start-up waits up to ``tls.wait_for_svid`` for a first SVID."""
     if config.tls.workload_api is None:
-        return load_credentials(config.tls), None
+        return wait_for_credentials(config.tls, events), None
     from proxy.workload_api import WorkloadApiSource  # grpc is only loaded when used
 
     source = WorkloadApiSource(config.tls)
     return source.credentials(), source
 
 
+def wait_for_credentials(
+    files: TlsFiles, events: JsonLines | None = None, poll: float = 0.2
+) -> Credentials:
+    """The credentials from their files. Files that are not there yet (spiffe-helper
+    starts beside the proxy and writes them once the agent answers) are waited for, up to
+    ``files.wait_for_svid``, with one ``waiting_for_svid`` event; once they have all
+    appeared, a set that does not load yet (the writer is between two files) is tried
+    again until the same deadline. Files present from the start are loaded at once, so a
+    broken file fails start-up without waiting."""
+    deadline = time.monotonic() + files.wait_for_svid
+    missing = [str(p) for p in files.files if not p.exists()]
+    if not missing or files.wait_for_svid <= 0:
+        return load_credentials(files)
+    if events is not None:
+        events.event("waiting_for_svid", missing=missing, timeout_s=files.wait_for_svid)
+    while True:
+        if all(p.exists() for p in files.files) or time.monotonic() >= deadline:
+            try:
+                return load_credentials(files)
+            except ConfigError as exc:
+                if time.monotonic() >= deadline:
+                    raise ConfigError(
+                        exc.location,
+                        f"{exc.message} (after waiting {files.wait_for_svid:g}s for the "
+                        "SVID files: tls.wait_for_svid)",
+                    ) from exc
+        time.sleep(poll)
+
+
+def listen_error(exc: OSError, what: str, host: str, port: int) -> ConfigError:
+    """A listener that cannot be opened (the address in use, not local, a name that does
+    not resolve) as one line: ``listen 127.0.0.1:8443: Address already in use``."""
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return ConfigError(f"{what} {address}", exc.strerror or str(exc))
+
+
+def open_log(target: str, what: str, fields: dict[str, Any] | None = None) -> JsonLines:
+    """A JSON-lines log; a path that cannot be opened is a ConfigError naming it."""
+    try:
+        return JsonLines(target, fields)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        parent = Path(target).parent
+        if not parent.is_dir():
+            reason += f" (the directory {parent} does not exist)"
+        raise ConfigError(target, f"cannot open the {what}: {reason}") from exc
+
+
 def build_runtime(
-    config: Config, events: JsonLines | None = None, file_config: Config | None = None
+    config: Config,
+    events: JsonLines | None = None,
+    file_config: Config | None = None,
+    *,
+    policy_source: Path | None = None,
+    status_fd: int | None = None,
 ) -> Runtime:
     """Read every file the proxy needs; raise ConfigError naming the first bad one.
     ``file_config``: the configuration as its file says, when ``config`` overrides some
-    of it (a worker's)."""
-    credentials, source = load_tls(config)
-    policy = read_policy(config)
-    events = events or JsonLines(config.event_log)
+    of it (a worker's); ``policy_source`` and ``status_fd``: a worker's (see ``Runtime``)."""
+    events = events or open_log(config.event_log, "event log")
+    credentials, source = load_tls(config, events)
+    policy = read_policy(config, source=policy_source)
     metrics = Metrics()
     metrics.set_policy(policy.sha256)
     metrics.set_credentials(credentials)
@@ -79,12 +136,14 @@ def build_runtime(
         credentials,
         policy,
         upstream_pools(config, {}, protocol_violation_hook(metrics, events)),
-        JsonLines(config.decision_log),
+        open_log(config.decision_log, "decision log"),
         events,
         metrics,
         load_signer(config, str(credentials.own_id) if credentials.own_id else "spiffe-pep"),
         source,
         file_config,
+        policy_source=policy_source,
+        status_fd=status_fd,
     )
 
 
@@ -170,10 +229,14 @@ async def watch_files(
 class CredentialReloader:
     """Swaps in new SVID, key and bundles when their files change or on SIGHUP. New
     handshakes use the new ones; established connections keep theirs. A half-written or
-    mismatched set is rejected, logged and counted, and the old credentials keep serving."""
+    mismatched set is rejected, logged and counted, and the old credentials keep serving.
 
-    def __init__(self, rt: Runtime) -> None:
+    ``quiet``: no events (a supervisor follows the credentials only for its own /status
+    and /readyz; each worker logs its own reloads)."""
+
+    def __init__(self, rt: Runtime, *, quiet: bool = False) -> None:
         self.rt = rt
+        self.quiet = quiet
 
     def reload(self, trigger: str) -> bool:
         rt = self.rt
@@ -184,6 +247,8 @@ class CredentialReloader:
                 creds = load_credentials(rt.config.tls)
         except ConfigError as exc:
             rt.metrics.credential_reloads.labels(result="failed").inc()
+            if self.quiet:
+                return False
             rt.events.event(
                 "credentials_reload_failed",
                 trigger=trigger,
@@ -197,6 +262,8 @@ class CredentialReloader:
         rt.trust_changed()
         rt.metrics.credential_reloads.labels(result="ok").inc()
         rt.metrics.set_credentials(creds)
+        if self.quiet:
+            return True
         rt.events.event(
             "credentials_reloaded",
             trigger=trigger,
@@ -215,10 +282,17 @@ class PolicyReloader:
 
     The file watch polls (mtime, size, inode) and reloads once they have stayed the same
     for one interval, so an editor's half-written save is not even tried.
+
+    Under a supervisor the supervisor alone reads the policy file, validates each edit and
+    logs and counts it once; ``on_accept`` (its hook) gets every accepted file's bytes and
+    hands them to the workers (a copy each worker reads, ``rt.policy_source``), so a
+    worker never sees a bad edit, and one restarted after it serves the last good
+    policy. A worker's reloads are logged (they name the worker) but not counted.
     """
 
-    def __init__(self, rt: Runtime) -> None:
+    def __init__(self, rt: Runtime, on_accept: Callable[[bytes], object] | None = None) -> None:
         self.rt = rt
+        self.on_accept = on_accept
         self._rejected: str | None = None
         self._failing = False  # the last reload failed: a fixed file is then logged
 
@@ -226,7 +300,7 @@ class PolicyReloader:
         rt = self.rt
         path = rt.config.policy_path
         try:
-            data = path.read_bytes()
+            data = (rt.policy_source or path).read_bytes()
         except OSError as exc:
             return self._failed(trigger, str(path), f"cannot read the policy: {exc.strerror}")
         sha = hashlib.sha256(data).hexdigest()
@@ -253,12 +327,23 @@ class PolicyReloader:
             self._rejected = sha
             errors = [str(e) for e in getattr(exc, "errors", [exc])]
             return self._failed(trigger, exc.location, exc.message, sha256=sha, errors=errors)
+        if self.on_accept is not None:
+            try:
+                self.on_accept(data)
+            except OSError as exc:  # the supervisor's directory: full, or gone
+                return self._failed(
+                    trigger,
+                    str(path),
+                    f"cannot hand the policy to the workers: {exc.strerror}",
+                    sha256=sha,
+                )
         old = rt.policy
         rt.policy = policy
         rt.trust_changed()
         rt.policy_loaded_at = dt.datetime.now(dt.UTC)
         self._rejected, self._failing = None, False
-        rt.metrics.policy_reloads.labels(result="ok").inc()
+        if rt.policy_source is None:  # a worker's reloads are its supervisor's to count
+            rt.metrics.policy_reloads.labels(result="ok").inc()
         rt.metrics.set_policy(policy.sha256)
         rt.events.event(
             "policy_reloaded",
@@ -268,11 +353,13 @@ class PolicyReloader:
             policy_sha256=policy.sha256,
             routes=len(policy.routes),
         )
+        rt.report()
         return True
 
     def _failed(self, trigger: str, location: str, message: str, **fields: object) -> bool:
         self._failing = True
-        self.rt.metrics.policy_reloads.labels(result="failed").inc()
+        if self.rt.policy_source is None:
+            self.rt.metrics.policy_reloads.labels(result="failed").inc()
         self.rt.events.event(
             "policy_reload_failed",
             trigger=trigger,
@@ -288,6 +375,32 @@ class PolicyReloader:
             lambda: [self.rt.config.policy_path], interval, lambda: self.reload("watch")
         )
 
+    async def follow_supervisor(self, interval: float = 0.25) -> None:
+        """A worker: reload as soon as the supervisor replaced its copy of the policy (it
+        renames a complete file into place, so no waiting for the writer)."""
+        assert self.rt.policy_source is not None
+        seen = _stat([self.rt.policy_source])
+        while True:
+            await trio.sleep(interval)
+            now = _stat([self.rt.policy_source])
+            if now != seen:
+                seen = now
+                self.reload("supervisor")
+
+
+def follow_credentials(nursery: trio.Nursery, rt: Runtime, reloader: CredentialReloader) -> None:
+    """Reload the credentials when their files change (``tls.watch``) or the Workload
+    API sends an update."""
+    if rt.config.tls.watch:
+        nursery.start_soon(
+            watch_files,
+            lambda: rt.config.tls.files,  # a configuration reload may name other files
+            rt.config.tls.watch,
+            lambda: reloader.reload("watch"),
+        )
+    if rt.x509_source is not None:
+        rt.x509_source.follow(lambda: reloader.reload("workload_api"))
+
 
 # What a running process cannot change (its sockets, processes and start-up choices): an
 # edit of these is logged as needing a restart, and the rest of the edit applies.
@@ -299,7 +412,7 @@ _RESTART_ONLY: dict[str, Callable[[Config], object]] = {
     "assertion_key": lambda c: c.assertion_key,
     "policy_watch": lambda c: c.policy_watch,
     "tls.watch": lambda c: c.tls.watch,
-    "tls.workload_api": lambda c: (c.tls.workload_api, c.tls.workload_api_timeout),
+    "tls.workload_api": lambda c: (c.tls.workload_api, c.tls.wait_for_svid),
 }
 
 
@@ -605,6 +718,27 @@ def admin_routes(rt: Runtime) -> dict[bytes, admin.Handler]:
     return routes
 
 
+async def start_admin(
+    nursery: trio.Nursery,
+    address: tuple[str, int],
+    cfg: Config,
+    routes: dict[bytes, admin.Handler],
+) -> int:
+    """The admin listener in ``nursery``; its port. The Host names it answers to:
+    loopback, the address it is reached on, and the configuration's admin_hosts."""
+    try:
+        port: int = await nursery.start(
+            functools.partial(
+                admin.serve_admin, allowed_hosts=admin.LOOPBACK_HOSTS | set(cfg.admin_hosts)
+            ),
+            *address,
+            routes,
+        )
+    except OSError as exc:
+        raise listen_error(exc, "admin", *address) from exc
+    return port
+
+
 async def open_listeners(host: str, port: int, reuse_port: bool) -> list[trio.SocketListener]:
     """TCP listeners; with ``reuse_port`` one SO_REUSEPORT socket, so several worker
     processes can each listen on the same port and the kernel spreads connections."""
@@ -629,82 +763,84 @@ async def serve(
     reuse_port: bool = False,
     task_status: trio.TaskStatus[dict[str, object]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Listen and serve until cancelled, or until ``rt.drain_requested`` is set: then stop
-    accepting, let requests in flight finish (idle keep-alive connections close at once)
-    for at most ``timeouts.drain``, and return. ``task_status`` gets ``{"listen":
-    [(host, port)], "admin": port or None, "reloader": PolicyReloader, "credentials":
-    CredentialReloader, "config": ConfigReloader}``."""
+    """Listen and serve until cancelled, or until ``rt.drain_requested`` is set: then shut
+    down the way a load balancer needs (Envoy's drain sequence). For
+    ``timeouts.shutdown_grace`` it goes on accepting while ``/readyz`` answers 503
+    ``draining`` and every response carries ``Connection: close``, so the balancer takes
+    the endpoint out before it stops answering; then it stops accepting, lets requests in
+    flight finish (idle keep-alive connections close at once) for at most
+    ``timeouts.drain``, and returns. The admin listener and the reloaders live until the
+    end. ``task_status`` gets ``{"listen": [(host, port)], "admin": port or None,
+    "reloader": PolicyReloader, "credentials": CredentialReloader, "config":
+    ConfigReloader}``."""
     cfg = rt.config
-    listeners = await open_listeners(cfg.listen_host, cfg.listen_port, reuse_port)
+    try:
+        listeners = await open_listeners(cfg.listen_host, cfg.listen_port, reuse_port)
+    except OSError as exc:
+        raise listen_error(exc, "listen", cfg.listen_host, cfg.listen_port) from exc
     bound = [tuple(lst.socket.getsockname()[:2]) for lst in listeners]
     reloader = PolicyReloader(rt)
     config_reloader = ConfigReloader(rt)
+    creds_reloader = CredentialReloader(rt)
     try:
-        async with trio.open_nursery() as connections:
-            async with trio.open_nursery() as accepting:
-                admin_port = None
-                if cfg.admin is not None:
-                    # The Host names it answers to: loopback, the address it is reached
-                    # on, and the configuration's admin_hosts.
-                    admin_port = await accepting.start(
-                        functools.partial(
-                            admin.serve_admin,
-                            allowed_hosts=admin.LOOPBACK_HOSTS | set(cfg.admin_hosts),
-                        ),
-                        *cfg.admin,
-                        admin_routes(rt),
-                    )
-                rt.events.event(
-                    "listening",
-                    version=__version__,
-                    addresses=[f"{h}:{p}" for h, p in bound],
-                    admin=f"{cfg.admin[0]}:{admin_port}" if cfg.admin else None,
-                    spiffe_id=str(rt.credentials.own_id) if rt.credentials.own_id else None,
-                    policy=str(cfg.policy_path),
-                    policy_sha256=rt.policy.sha256,
-                    trust_domains=sorted(str(td) for td in rt.credentials.trust.bundles),
-                )
-                if cfg.policy_watch:
-                    accepting.start_soon(reloader.watch, cfg.policy_watch)
-                creds_reloader = CredentialReloader(rt)
-                if cfg.tls.watch:
-                    accepting.start_soon(
-                        watch_files,
-                        lambda: rt.config.tls.files,
-                        cfg.tls.watch,
-                        lambda: creds_reloader.reload("watch"),
-                    )
-                accepting.start_soon(on_signals, config_reloader, reloader, creds_reloader)
-                if rt.x509_source is not None:
-                    rt.x509_source.follow(lambda: creds_reloader.reload("workload_api"))
-
-                async def handler(stream: trio.SocketStream) -> None:
-                    await _connection(rt, stream)
-
-                accepting.start_soon(
-                    functools.partial(
-                        trio.serve_listeners, handler, listeners, handler_nursery=connections
-                    )
-                )
-                task_status.started(
-                    {
-                        "listen": bound,
-                        "admin": admin_port,
-                        "reloader": reloader,
-                        "credentials": creds_reloader,
-                        "config": config_reloader,
-                    }
-                )
-                await rt.drain_requested.wait()
-                accepting.cancel_scope.cancel()  # stop accepting: the listeners close
-            rt.draining = True
-            for scope in list(rt.idle_scopes):
-                scope.cancel()
+        async with trio.open_nursery() as services:
+            admin_port = None
+            if cfg.admin is not None:
+                admin_port = await start_admin(services, cfg.admin, cfg, admin_routes(rt))
             rt.events.event(
-                "draining", connections=rt.open_connections, deadline_s=cfg.timeouts.drain
+                "listening",
+                version=__version__,
+                addresses=[f"{h}:{p}" for h, p in bound],
+                admin=f"{cfg.admin[0]}:{admin_port}" if cfg.admin else None,
+                spiffe_id=str(rt.credentials.own_id) if rt.credentials.own_id else None,
+                policy=str(cfg.policy_path),
+                policy_sha256=rt.policy.sha256,
+                trust_domains=sorted(str(td) for td in rt.credentials.trust.bundles),
             )
-            connections.cancel_scope.deadline = trio.current_time() + cfg.timeouts.drain
-        rt.events.event("drained", cut_connections=rt.open_connections)
+            if rt.policy_source is not None:  # a worker: its supervisor watches the file
+                services.start_soon(reloader.follow_supervisor)
+            elif cfg.policy_watch:
+                services.start_soon(reloader.watch, cfg.policy_watch)
+            follow_credentials(services, rt, creds_reloader)
+            services.start_soon(on_signals, config_reloader, reloader, creds_reloader)
+
+            async def handler(stream: trio.SocketStream) -> None:
+                await _connection(rt, stream)
+
+            async with trio.open_nursery() as connections:
+                async with trio.open_nursery() as accepting:
+                    accepting.start_soon(
+                        functools.partial(
+                            trio.serve_listeners, handler, listeners, handler_nursery=connections
+                        )
+                    )
+                    task_status.started(
+                        {
+                            "listen": bound,
+                            "admin": admin_port,
+                            "reloader": reloader,
+                            "credentials": creds_reloader,
+                            "config": config_reloader,
+                        }
+                    )
+                    rt.report(serving=True)
+                    await rt.drain_requested.wait()
+                    grace = cfg.timeouts.shutdown_grace
+                    if grace > 0:
+                        rt.events.event(
+                            "shutdown_grace", accepting_for_s=grace, connections=rt.open_connections
+                        )
+                        await trio.sleep(grace)
+                    accepting.cancel_scope.cancel()  # stop accepting: the listeners close
+                rt.draining = True
+                for scope in list(rt.idle_scopes):
+                    scope.cancel()
+                rt.events.event(
+                    "draining", connections=rt.open_connections, deadline_s=cfg.timeouts.drain
+                )
+                connections.cancel_scope.deadline = trio.current_time() + cfg.timeouts.drain
+            rt.events.event("drained", cut_connections=rt.open_connections)
+            services.cancel_scope.cancel()
     finally:
         for pool in rt.pools.values():
             with trio.CancelScope(shield=True):
@@ -740,5 +876,10 @@ async def run_until_signalled(rt: Runtime, *, worker_of: int | None = None) -> N
                     rt.events.event("stopping", signal=name, graceful=False)
                     nursery.cancel_scope.cancel()
                     break
-                rt.events.event("stopping", signal=name, graceful=True)
+                rt.events.event(
+                    "stopping",
+                    signal=name,
+                    graceful=True,
+                    shutdown_grace_s=rt.config.timeouts.shutdown_grace,
+                )
                 rt.drain_requested.set()

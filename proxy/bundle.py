@@ -58,6 +58,8 @@ def parse(trust_domain: TrustDomain, data: bytes, source: str = "<bundle>") -> B
 
 def parse_pem(trust_domain: TrustDomain, data: bytes, source: str = "<bundle>") -> Bundle:
     """A PEM bundle: one or more CA certificates of ``trust_domain``."""
+    if b"-----BEGIN CERTIFICATE-----" not in data:
+        raise BundleError(f"no certificate in {source}")
     try:
         certs = x509.load_pem_x509_certificates(data)
     except ValueError as exc:

@@ -8,20 +8,23 @@ import argparse
 import dataclasses
 import functools
 import os
+import shutil
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from proxy import __version__, canonical, check, devcerts
-from proxy.app import build_runtime, read_config, run_until_signalled
+from proxy import __version__, canonical, check, cpus, devcerts
+from proxy.app import build_runtime, open_log, read_config, run_until_signalled
+from proxy.audit_sink import JsonLines, python_output_as_events
+from proxy.config import AUTO_WORKERS
 from proxy.errors import ConfigError, SpiffeIdError
 from proxy.policy import tools
 from proxy.policy.loader import load_policy
 from proxy.policy.model import Policy
-from proxy.supervisor import Supervisor
+from proxy.supervisor import Supervisor, make_workdir
 
 EXIT_CONFIG = 2
 
@@ -31,27 +34,73 @@ def _fail(exc: ConfigError) -> int:
     return EXIT_CONFIG
 
 
+def _startup_error(exc: BaseException) -> ConfigError | None:
+    """The ConfigError a start-up failure inside the event loop is (an address in use),
+    out of the exception groups trio's nurseries wrap it in; None for anything else."""
+    if isinstance(exc, ConfigError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        match, rest = exc.split(ConfigError)
+        if match is not None and rest is None:
+            return _startup_error(match.exceptions[0])
+    return None
+
+
+def _serve(fn: Callable[..., Awaitable[object]], *args: object) -> int:
+    """``trio.run`` for a server: a ConfigError raised once the loop runs is one line
+    and exit 2, like those raised before it."""
+    try:
+        result = trio.run(fn, *args)
+    except (ConfigError, BaseExceptionGroup) as exc:
+        error = _startup_error(exc)
+        if error is None:
+            raise
+        return _fail(error)
+    return result if isinstance(result, int) else 0
+
+
+def _workers_option(value: str | None) -> int | None:
+    """``--workers``: auto or a whole number of at least 1, as the configuration's key."""
+    if value is None:
+        return None
+    if value == "auto":
+        return AUTO_WORKERS
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError("--workers", f"expected auto or an integer >= 1, got {value!r}")
+    return int(value)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     try:
+        override = _workers_option(args.workers)
         config = read_config(Path(args.config))
-        workers = (
-            config.workers
-            if args.workers is None
-            else (os.cpu_count() or 1 if args.workers == "auto" else int(args.workers))
-        )
+        workers = config.workers if override is None else override
+        if workers == AUTO_WORKERS:
+            workers = cpus.available_cpus()
         if workers > 1:  # the supervisor validates everything, then starts the workers
             config = dataclasses.replace(config, workers=workers)
-            rt = build_runtime(config)
-            return trio.run(Supervisor(rt, Path(args.config), workers).run)
+            workdir = make_workdir(workers)
+            try:
+                rt = build_runtime(config)
+            except ConfigError:
+                shutil.rmtree(workdir, ignore_errors=True)
+                raise
+            python_output_as_events(rt.events)  # from here on, stderr is JSON events only
+            return _serve(Supervisor(rt, Path(args.config), workers, workdir).run)
         rt = build_runtime(config)
     except ConfigError as exc:
         return _fail(exc)
-    trio.run(run_until_signalled, rt)
-    return 0
+    python_output_as_events(rt.events)
+    return _serve(run_until_signalled, rt)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    """One worker under a supervisor: its port, no admin listener, the shared key."""
+    """One worker under a supervisor: its port, no admin listener, the shared key, the
+    policy its supervisor accepted. Everything it writes to stderr is a JSON event naming
+    it (its index and pid), its start-up errors and Python's own output included."""
+    me = {"worker": args.worker_id, "pid": os.getpid()}
+    events = JsonLines("stderr", fields=me)
+    python_output_as_events(events)
     try:
         file_config = read_config(Path(args.config))
         config = dataclasses.replace(
@@ -61,10 +110,27 @@ def cmd_worker(args: argparse.Namespace) -> int:
             workers=1,
             assertion_key=Path(args.assertion_key) if args.assertion_key else None,
         )
-        rt = build_runtime(config, file_config=file_config)
+        if config.event_log != "stderr":  # the configured event log, naming this worker
+            events = open_log(config.event_log, "event log", fields=me)
+        rt = build_runtime(
+            config,
+            events,
+            file_config=file_config,
+            policy_source=Path(args.policy_copy) if args.policy_copy else None,
+            status_fd=args.status_fd,
+        )
     except ConfigError as exc:
-        return _fail(exc)
-    trio.run(functools.partial(run_until_signalled, rt, worker_of=args.supervisor))
+        errors = [str(e) for e in getattr(exc, "errors", [exc])]
+        events.event("worker_start_failed", location=exc.location, error=exc.message, errors=errors)
+        return EXIT_CONFIG
+    try:
+        trio.run(functools.partial(run_until_signalled, rt, worker_of=args.supervisor))
+    except (ConfigError, BaseExceptionGroup) as exc:
+        error = _startup_error(exc)
+        if error is None:
+            raise
+        events.event("worker_start_failed", location=error.location, error=error.message)
+        return EXIT_CONFIG
     return 0
 
 
@@ -203,8 +269,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
-    trio.run(main)
-    return 0
+    return _serve(main)
 
 
 DESCRIPTION = (
@@ -241,8 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-c", "--config", required=True, help="The runtime configuration file (YAML).")
     run.add_argument(
         "--workers",
-        help="How many worker processes share the port: N, or auto for one per CPU. "
-        "Overrides the configuration's 'workers'.",
+        help="How many worker processes share the port: N, or auto for one per CPU the "
+        "process may use (its cgroup's CPU limit included). Overrides the configuration's "
+        "'workers'.",
     )
     checking = _command(
         sub,
@@ -321,6 +387,8 @@ def worker_parser() -> argparse.ArgumentParser:
     worker.add_argument("--supervisor", type=int, required=True)
     worker.add_argument("--worker-id", type=int, default=0)
     worker.add_argument("--assertion-key")
+    worker.add_argument("--policy-copy")
+    worker.add_argument("--status-fd", type=int)
     worker.set_defaults(func=cmd_worker)
     return worker
 

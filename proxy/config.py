@@ -7,7 +7,6 @@ directory of the config file. Every duration has a unit; unknown keys are errors
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +69,9 @@ class Timeouts:
     upstream_connect: float = 5.0
     upstream_response: float = 30.0
     drain: float = 30.0
+    # After SIGTERM: go on accepting (readyz 503 "draining", every response with
+    # Connection: close) this long, so a load balancer stops sending first; then drain.
+    shutdown_grace: float = 0.0
     tunnel_idle: float = 600.0  # an Upgrade tunnel with no byte either way is closed
     client_write: float = 30.0  # a client that takes no byte of a response this long is cut
     max_connection_age: float = 3600.0  # keep-alive: close after the request in progress
@@ -97,12 +99,17 @@ class TlsFiles:
     jwt_bundles: dict[TrustDomain, Path] = field(default_factory=dict)
     watch: float | None = 1.0  # poll interval for rotation; None: SIGHUP only
     workload_api: str | None = None  # unix:///path or tcp://ip:port
-    workload_api_timeout: float = 30.0
+    # How long start-up waits for the SVID: files not written yet (spiffe-helper starts
+    # beside the proxy), or the Workload API's first answer. 0: fail at once.
+    wait_for_svid: float = 30.0
 
     @property
     def files(self) -> list[Path]:
         own = [self.svid, self.key] if self.svid and self.key else []
         return [*own, *self.bundles.values(), *self.jwt_bundles.values()]
+
+
+AUTO_WORKERS = 0  # ``workers: auto``: resolved at start (``proxy.cpus``), not here
 
 
 @dataclass(frozen=True)
@@ -121,7 +128,7 @@ class Config:
     policy_watch: float | None = 1.0
     assertion_key: Path | None = None
     proxy_protocol: bool = False
-    workers: int = 1  # "auto" in YAML: one per CPU
+    workers: int = 1  # AUTO_WORKERS ("auto" in YAML): one per CPU the process may use
     http: HttpRules = field(default_factory=HttpRules)
     admin_hosts: tuple[str, ...] = ()  # Host names the admin listener answers, beside loopback
     event_log: str = "stderr"  # operational events: stdout, stderr or a file path
@@ -334,7 +341,15 @@ def load_config(data: bytes, filename: str, base_dir: Path) -> Config:
     t = r.mapping(
         top["tls"],
         ("tls",),
-        optional=["svid", "key", "bundles", "jwt_bundles", "watch", "workload_api"],
+        optional=[
+            "svid",
+            "key",
+            "bundles",
+            "jwt_bundles",
+            "watch",
+            "workload_api",
+            "wait_for_svid",
+        ],
     )
     workload_api = None
     if "workload_api" in t:
@@ -379,6 +394,7 @@ def load_config(data: bytes, filename: str, base_dir: Path) -> Config:
         if t.get("watch", "1s") in (False, "off")
         else r.duration(t.get("watch", "1s"), ("tls", "watch")),
         workload_api,
+        r.duration(t["wait_for_svid"], ("tls", "wait_for_svid")) if "wait_for_svid" in t else 30.0,
     )
 
     ups_raw = r.mapping(top["upstreams"], ("upstreams",), optional=list(top["upstreams"] or {}))
@@ -459,5 +475,5 @@ def load_config(data: bytes, filename: str, base_dir: Path) -> Config:
 
 def _workers(r: Reader, value: Any) -> int:
     if value == "auto":
-        return os.cpu_count() or 1
+        return AUTO_WORKERS
     return r.integer(value, ("workers",), minimum=1)

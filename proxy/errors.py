@@ -7,6 +7,8 @@ reaches a peer is deliberately vague (see ``server.py``). Each error carries a
 
 from __future__ import annotations
 
+import re
+
 
 class ProxyError(Exception):
     """Base of every error spiffe-pep raises on purpose."""
@@ -44,10 +46,13 @@ class SvidError(ProxyError):
 
 
 class ConfigError(ProxyError):
-    """A configuration or policy file is invalid. ``location`` is ``file:line:column``."""
+    """A configuration or policy file is invalid. ``location`` is ``file:line:column`` (or
+    a file, or an address). The text names it once: a message that already names it (a
+    bundle parser's ``FILE: ...``, ``no certificate in FILE``) is not prefixed again."""
 
     def __init__(self, location: str, message: str) -> None:
-        super().__init__(f"{location}: {message}" if location else message)
+        named = bool(location) and re.search(rf"(^|\s){re.escape(location)}($|[\s:)])", message)
+        super().__init__(f"{location}: {message}" if location and not named else message)
         self.location = location
         self.message = message
 

@@ -122,7 +122,7 @@ async def forward(f: Forward) -> bool:
             response = await _response_head(client, conn)
         ex.upstream_status = ex.status = response.status_code
         back = headers.downstream_response_headers(response.headers, ex.request_id)
-        if client.aged:  # timeouts.max_connection_age: this is the connection's last
+        if client.closing:  # max_connection_age or shutting down: the connection's last
             back.append((b"connection", b"close"))
         await client.send(
             trusted(

@@ -4,8 +4,12 @@ sinks in force. Swapped as a whole on reload, never mutated in place (but for co
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -37,6 +41,11 @@ class Runtime:
     # port, no admin listener): what a reload compares an edited file with. None: the
     # same as ``config``.
     file_config: Config | None = None
+    # A worker under a supervisor reads the policy its supervisor accepted from this file
+    # (named as config.policy_path in every message), and tells it what it serves by
+    # writing JSON lines to status_fd.
+    policy_source: Path | None = None
+    status_fd: int | None = None
     open_connections: int = 0
     handshakes: int = 0  # TLS handshakes in flight
     handshakes_by_source: dict[str, int] = field(default_factory=dict)
@@ -61,6 +70,15 @@ class Runtime:
         self.config = config
         self.rules = config.canonical_rules()
         self.upstream_rules = config.upstream_rules()
+
+    def report(self, **state: Any) -> None:
+        """Tell the supervisor (if any) what this worker serves: a JSON line on
+        ``status_fd``, with the policy in force and ``state`` (``serving``)."""
+        if self.status_fd is None:
+            return
+        line = json.dumps({"policy_sha256": self.policy.sha256, **state}) + "\n"
+        with contextlib.suppress(OSError):  # the supervisor is gone: we exit with it
+            os.write(self.status_fd, line.encode())
 
     def trust_changed(self) -> None:
         """The policy or the credentials were swapped: wake whoever re-evaluates."""

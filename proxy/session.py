@@ -165,10 +165,14 @@ class HttpSession:
             raise ClientGone("client_write_timeout")
 
     @property
-    def aged(self) -> bool:
-        """Past ``timeouts.max_connection_age``: this connection's response carries
-        ``Connection: close`` and it ends after it."""
-        return trio.current_time() - self.opened > self.rt.config.timeouts.max_connection_age
+    def closing(self) -> bool:
+        """Past ``timeouts.max_connection_age``, or shutting down (the grace after
+        SIGTERM): this connection's response carries ``Connection: close`` and it ends
+        after it, so the client's next request goes through the load balancer again."""
+        return (
+            trio.current_time() - self.opened > self.rt.config.timeouts.max_connection_age
+            or self.rt.drain_requested.is_set()
+        )
 
     def _keep_http10_alive(self, response: h11.Response, data: bytes | None) -> bytes | None:
         """HTTP/1.0 keep-alive, which h11 does not do: an HTTP/1.0 client that asked for it
@@ -282,7 +286,7 @@ class HttpSession:
             if reason != "jwt_missing":
                 value += b', error="invalid_token"'
             hdrs.append((b"www-authenticate", value))
-        if close or self.aged:
+        if close or self.closing:
             hdrs.append((b"connection", b"close"))
         response = h11.Response(
             status_code=status, reason=headers.reason_phrase(status), headers=hdrs

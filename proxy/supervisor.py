@@ -5,16 +5,23 @@ SO_REUSEPORT socket, so a restarted worker gets the same port even when it was 0
 the workers (``spiffe-pep _worker``), each listening on the port with SO_REUSEPORT so the
 kernel spreads connections across them, and restarts any that dies (with backoff when one
 keeps dying). It forwards SIGHUP and SIGUSR1 (reopening its own log files too); on
-SIGTERM/SIGINT it asks every worker to drain and waits for them (a second signal kills
-them). It serves the admin listener itself: metrics are aggregated across workers with
-prometheus-client's multiprocess mode (each worker writes to a shared directory), and one
-assertion key is shared so every worker's assertions verify against the one JWKS.
+SIGTERM/SIGINT it asks every worker to drain and waits
+for them (a second signal kills them). It serves the admin listener itself: metrics are
+aggregated across workers with prometheus-client's multiprocess mode (each worker writes
+to a shared directory), and one assertion key is shared so every worker's assertions verify
+against the one JWKS.
+
+The policy is the supervisor's: it watches the file (and reloads it on SIGHUP), validates
+every edit, logs and counts it once, and publishes the accepted file in its directory,
+which the workers read at start and follow. A worker restarted after a bad edit thus
+serves the last good policy. Each worker reports on a pipe when it serves and which policy
+it serves; ``/status`` and ``/readyz`` are built from those reports.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
+import hashlib
 import json
 import os
 import shutil
@@ -33,7 +40,17 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from proxy import __version__, admin
-from proxy.app import admin_routes, reopen_logs
+from proxy.app import (
+    CredentialReloader,
+    PolicyReloader,
+    admin_routes,
+    follow_credentials,
+    listen_error,
+    read_policy,
+    reopen_logs,
+    start_admin,
+)
+from proxy.errors import ConfigError
 from proxy.metrics import CONTENT_TYPE
 from proxy.runtime import Runtime
 
@@ -44,6 +61,12 @@ class Worker:
     process: trio.Process | None = None
     started: float = 0.0
     restarts: int = 0
+    serving: bool = False  # it said it listens (on its status pipe)
+    policy_sha256: str | None = None  # the policy it said it serves
+
+    @property
+    def alive(self) -> bool:
+        return bool(self.process and self.process.returncode is None)
 
 
 @dataclass
@@ -51,17 +74,50 @@ class Supervisor:
     rt: Runtime  # the supervisor's own view of config, credentials and policy
     config_path: Path
     count: int
-    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="spiffe-pep-")))
+    workdir: Path
     workers: list[Worker] = field(default_factory=list)
     stopping: bool = False
+
+    @property
+    def policy_copy(self) -> Path:
+        """The policy file the workers read: the last one this supervisor accepted."""
+        return self.workdir / "policy.yaml"
+
+    def _publish_policy(self, data: bytes) -> None:
+        """Hand an accepted policy to the workers: a complete file renamed into place, so
+        a worker reading it (at start, or following it) never sees half of one."""
+        tmp = self.workdir / ".policy.yaml.tmp"
+        tmp.write_bytes(data)
+        os.replace(tmp, self.policy_copy)
+
+    def _first_policy(self) -> None:
+        """The policy the workers start with: the file as validated at start (read again,
+        and validated again if it changed since)."""
+        cfg = self.rt.config
+        try:
+            data = cfg.policy_path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(
+                str(cfg.policy_path), f"cannot read the policy: {exc.strerror}"
+            ) from exc
+        if hashlib.sha256(data).hexdigest() != self.rt.policy.sha256:
+            self.rt.policy = read_policy(cfg, data)
+        self._publish_policy(data)
 
     def _hold_port(self) -> socket.socket:
         cfg = self.rt.config
         family = socket.AF_INET6 if ":" in cfg.listen_host else socket.AF_INET
-        hold = socket.socket(family, socket.SOCK_STREAM)
-        hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        hold.bind((cfg.listen_host, cfg.listen_port))
+        try:
+            hold = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as exc:
+            raise listen_error(exc, "listen", cfg.listen_host, cfg.listen_port) from exc
+        try:
+            hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            hold.bind((cfg.listen_host, cfg.listen_port))
+        except OSError as exc:
+            hold.close()
+            raise listen_error(exc, "listen", cfg.listen_host, cfg.listen_port) from exc
         return hold
 
     def _assertion_key(self) -> Path | None:
@@ -79,19 +135,30 @@ class Supervisor:
         backoff = 0.5
         while not self.stopping:
             worker.started = time.monotonic()
-            proc = await trio.lowlevel.open_process(
-                [*cmd, "--worker-id", str(worker.index)],
-                env=env,
-                stdin=subprocess.DEVNULL,
-                # A forwarded SIGHUP or SIGUSR1 must not kill a worker still starting up
-                # (their default action): ignored dispositions survive exec, and the
-                # worker's own handler takes over once it serves (it opened the files
-                # fresh anyway).
-                preexec_fn=_ignore_reload_signals,
-            )
+            status_r, status_w = os.pipe()  # the worker tells what it serves, a JSON line each
+            try:
+                proc = await trio.lowlevel.open_process(
+                    [*cmd, "--worker-id", str(worker.index), "--status-fd", str(status_w)],
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    pass_fds=(status_w,),
+                    # A forwarded SIGHUP or SIGUSR1 must not kill a worker still starting
+                    # up (their default action): ignored dispositions survive exec, and the
+                    # worker's own handler takes over once it serves (it opened the files
+                    # fresh anyway).
+                    preexec_fn=_ignore_reload_signals,
+                )
+            except BaseException:
+                os.close(status_r)
+                raise
+            finally:
+                os.close(status_w)
             worker.process = proc
             self.rt.events.event("worker_started", worker=worker.index, pid=proc.pid)
-            code = await proc.wait()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._read_status, worker, status_r)
+                code = await proc.wait()
+            worker.serving, worker.policy_sha256 = False, None
             mark_process_dead(proc.pid, env["PROMETHEUS_MULTIPROC_DIR"])  # type: ignore[no-untyped-call]
             if self.stopping:
                 return
@@ -102,6 +169,20 @@ class Supervisor:
                 "worker_exited", worker=worker.index, pid=proc.pid, code=code, restart_in_s=backoff
             )
             await trio.sleep(backoff)
+
+    async def _read_status(self, worker: Worker, fd: int) -> None:
+        """A worker's status lines until it exits: ``serving``, the policy it serves."""
+        pending = b""
+        async with trio.lowlevel.FdStream(fd) as stream:
+            while data := await stream.receive_some(4096):
+                *lines, pending = (pending + data).split(b"\n")
+                for line in lines:
+                    try:
+                        state = json.loads(line)
+                    except ValueError:
+                        continue
+                    worker.serving = worker.serving or bool(state.get("serving"))
+                    worker.policy_sha256 = state.get("policy_sha256", worker.policy_sha256)
 
     def _signal_all(self, signum: int) -> None:
         for w in self.workers:
@@ -115,6 +196,8 @@ class Supervisor:
         def metrics() -> tuple[int, bytes, bytes]:
             registry = CollectorRegistry()
             MultiProcessCollector(registry, path=str(metrics_dir))  # type: ignore[no-untyped-call]
+            # Policy reloads are the supervisor's to count (once per edit, not per worker).
+            registry.register(self.rt.metrics.policy_reloads)
             return 200, CONTENT_TYPE.encode(), bytes(generate_latest(registry))
 
         def status() -> tuple[int, object]:
@@ -124,7 +207,9 @@ class Supervisor:
                 {
                     "index": w.index,
                     "pid": w.process.pid if w.process else None,
-                    "alive": bool(w.process and w.process.returncode is None),
+                    "alive": w.alive,
+                    "serving": w.alive and w.serving,
+                    "policy_sha256": w.policy_sha256 if w.alive else None,
                     "restarts": w.restarts,
                 }
                 for w in self.workers
@@ -133,9 +218,12 @@ class Supervisor:
 
         def readyz() -> tuple[int, object]:
             code, doc = base_ready()
-            alive = sum(bool(w.process and w.process.returncode is None) for w in self.workers)
-            if code == 200 and alive < self.count:
-                return 503, {"status": "not ready", "problems": [f"{alive}/{self.count} workers"]}
+            serving = sum(w.alive and w.serving for w in self.workers)
+            if code == 200 and serving < self.count:
+                return 503, {
+                    "status": "not ready",
+                    "problems": [f"{serving}/{self.count} workers serving"],
+                }
             return code, doc
 
         base_status = _json_fn(routes[b"/status"])
@@ -146,11 +234,23 @@ class Supervisor:
         return routes
 
     async def run(self) -> int:
+        try:
+            hold = self._hold_port()
+            try:
+                await self._supervise(hold.getsockname()[1])
+            finally:
+                hold.close()
+        finally:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        return 0
+
+    async def _supervise(self, port: int) -> None:
         cfg = self.rt.config
-        hold = self._hold_port()
-        port = hold.getsockname()[1]
         metrics_dir = self.workdir / "metrics"
         metrics_dir.mkdir()
+        self._first_policy()
+        policy = PolicyReloader(self.rt, on_accept=self._publish_policy)
+        credentials = CredentialReloader(self.rt, quiet=True)  # for /status and /readyz
         env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
         cmd = [
             sys.executable,
@@ -163,54 +263,60 @@ class Supervisor:
             str(port),
             "--supervisor",
             str(os.getpid()),
+            "--policy-copy",
+            str(self.policy_copy),
         ]
         key = self._assertion_key()
         if key is not None:
             cmd += ["--assertion-key", str(key)]
         self.workers = [Worker(i) for i in range(self.count)]
-        try:
-            async with trio.open_nursery() as nursery:
-                for w in self.workers:
-                    nursery.start_soon(self._run_worker, w, cmd, env)
-                admin_port = None
-                if cfg.admin is not None:
-                    admin_port = await nursery.start(
-                        functools.partial(
-                            admin.serve_admin,
-                            allowed_hosts=admin.LOOPBACK_HOSTS | set(cfg.admin_hosts),
-                        ),
-                        *cfg.admin,
-                        self._routes(metrics_dir),
+        async with trio.open_nursery() as nursery:
+            admin_port = None
+            if cfg.admin is not None:  # before any worker: a busy address stops start-up
+                admin_port = await start_admin(nursery, cfg.admin, cfg, self._routes(metrics_dir))
+            for w in self.workers:
+                nursery.start_soon(self._run_worker, w, cmd, env)
+            if cfg.policy_watch:
+                nursery.start_soon(policy.watch, cfg.policy_watch)
+            follow_credentials(nursery, self.rt, credentials)
+            self.rt.events.event(
+                "supervising",
+                version=__version__,
+                workers=self.count,
+                address=f"{cfg.listen_host}:{port}",
+                admin_port=admin_port,
+            )
+            with trio.open_signal_receiver(
+                signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1
+            ) as signals:
+                async for signum in signals:
+                    if signum == signal.SIGUSR1:
+                        reopen_logs(self.rt, "sigusr1")
+                        self._signal_all(signum)
+                        continue
+                    if signum == signal.SIGHUP:
+                        reopen_logs(self.rt, "sighup")
+                        # Validate (log, count) the policy here first, so the workers find
+                        # the accepted copy when SIGHUP makes them look.
+                        credentials.reload("sighup")
+                        policy.reload("sighup")
+                        self._signal_all(signal.SIGHUP)
+                        continue
+                    if self.stopping:  # a second signal: stop now
+                        self._signal_all(signal.SIGKILL)
+                        break
+                    self.stopping = True
+                    self.rt.drain_requested.set()  # /readyz: 503 draining from now on
+                    self.rt.events.event(
+                        "stopping",
+                        signal=signal.Signals(signum).name,
+                        graceful=True,
+                        shutdown_grace_s=cfg.timeouts.shutdown_grace,
                     )
-                self.rt.events.event(
-                    "supervising",
-                    version=__version__,
-                    workers=self.count,
-                    address=f"{cfg.listen_host}:{port}",
-                    admin_port=admin_port,
-                )
-                with trio.open_signal_receiver(
-                    signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1
-                ) as signals:
-                    async for signum in signals:
-                        if signum in (signal.SIGHUP, signal.SIGUSR1):
-                            reopen_logs(self.rt, signal.Signals(signum).name.lower())
-                            self._signal_all(signum)
-                            continue
-                        if self.stopping:  # a second signal: stop now
-                            self._signal_all(signal.SIGKILL)
-                            break
-                        self.stopping = True
-                        self.rt.events.event(
-                            "stopping", signal=signal.Signals(signum).name, graceful=True
-                        )
-                        self._signal_all(signal.SIGTERM)
-                        nursery.start_soon(self._await_workers, nursery, cfg.timeouts.drain + 5)
-                nursery.cancel_scope.cancel()
-        finally:
-            hold.close()
-            shutil.rmtree(self.workdir, ignore_errors=True)
-        return 0
+                    self._signal_all(signal.SIGTERM)
+                    deadline = cfg.timeouts.shutdown_grace + cfg.timeouts.drain + 5
+                    nursery.start_soon(self._await_workers, nursery, deadline)
+            nursery.cancel_scope.cancel()
 
     async def _await_workers(self, nursery: trio.Nursery, deadline: float) -> None:
         with trio.move_on_after(deadline):
@@ -220,6 +326,22 @@ class Supervisor:
         self._signal_all(signal.SIGKILL)
         self.rt.events.event("stopped", workers=self.count)
         nursery.cancel_scope.cancel()
+
+
+def make_workdir(workers: int) -> Path:
+    """The supervisor's private directory (metrics shared by the workers, the assertion
+    key), under ``$TMPDIR`` or ``/tmp``. Not writable there (a read-only root file system
+    without a volume on ``/tmp``): a ConfigError naming the directory."""
+    parent = Path(os.environ.get("TMPDIR") or "/tmp")
+    try:
+        return Path(tempfile.mkdtemp(prefix="spiffe-pep-", dir=parent))
+    except OSError as exc:
+        raise ConfigError(
+            str(parent),
+            f"not writable ({exc.strerror}): {workers} workers share their metrics through "
+            "a directory there; mount a writable volume there (an emptyDir in Kubernetes), "
+            "set TMPDIR to one, or run with workers: 1",
+        ) from exc
 
 
 def _ignore_reload_signals() -> None:

@@ -260,6 +260,8 @@ def jwt_authorities_of(
 
 def _read_chain(path: Path) -> list[x509.Certificate]:
     data = _read(path, "SVID")
+    if not data.strip():  # empty, or not written yet
+        raise ConfigError(str(path), f"no certificate in {path}")
     if b"-----BEGIN CERTIFICATE-----" not in data:
         raise ConfigError(str(path), "not a certificate: no PEM CERTIFICATE block in the file")
     try:

@@ -31,7 +31,7 @@ class WorkloadApiSource:
         self.address = files.workload_api
         try:
             self._source = X509Source(
-                socket_path=files.workload_api, timeout_in_seconds=files.workload_api_timeout
+                socket_path=files.workload_api, timeout_in_seconds=files.wait_for_svid
             )
         except Exception as exc:  # py-spiffe raises its own error types for each cause
             raise ConfigError(self.address, f"no X.509-SVID from the Workload API: {exc}") from exc

@@ -64,8 +64,16 @@ def load(
         mark = exc.problem_mark or exc.context_mark
         where = f"{filename}:{mark.line + 1}:{mark.column + 1}" if mark else filename
         raise cls(where, f"invalid YAML: {exc.problem or exc.context}") from exc
+    except yaml.reader.ReaderError as exc:  # not text: binary, not UTF-8, control characters
+        before = text[: exc.position]
+        newline = "\n" if isinstance(before, str) else b"\n"
+        line = before.count(newline) + 1  # type: ignore[arg-type]
+        column = exc.position - before.rfind(newline)  # type: ignore[arg-type]
+        char = exc.character
+        what = f"byte 0x{char:02x}" if isinstance(char, int) else f"character {char!r}"
+        raise cls(f"{filename}:{line}:{column}", f"invalid YAML: {exc.reason} ({what})") from exc
     except yaml.YAMLError as exc:
-        raise cls(filename, f"invalid YAML: {exc}") from exc
+        raise cls(filename, f"invalid YAML: {' '.join(str(exc).split())}") from exc
 
 
 def _convert(node: yaml.Node, path: Path, source: Source, constructor: yaml.SafeLoader) -> Any:

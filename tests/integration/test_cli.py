@@ -3,8 +3,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -209,7 +213,11 @@ def test_mismatched_key_stops_startup(tmp_path: Path, pki: Pki) -> None:
 
 def test_missing_bundle_file_stops_startup(tmp_path: Path, pki: Pki) -> None:
     cfg = write_config(tmp_path, pki, 9)
-    cfg.write_text(cfg.read_text().replace(pki.partner_bundle, str(tmp_path / "nope.json")))
+    cfg.write_text(
+        cfg.read_text()
+        .replace(pki.partner_bundle, str(tmp_path / "nope.json"))
+        .replace("tls:\n", "tls:\n  wait_for_svid: 0s\n")  # no waiting for spiffe-helper
+    )
     done = spiffe_pep("run", "-c", str(cfg))
     assert (
         done.returncode == 2 and "nope.json: cannot read the bundle of partner.org" in done.stderr
@@ -337,3 +345,173 @@ def test_help_is_whole_sentences_and_hides_the_internal_worker_command() -> None
     assert all("_worker" not in out for out in outputs)
     assert "Run the proxy with a runtime configuration." in outputs[0]
     assert "_worker" not in spiffe_pep("nope").stderr
+
+
+def test_svid_files_not_written_are_waited_for_then_fail_in_one_line(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """spiffe-helper never wrote the SVID: start-up waits tls.wait_for_svid (bounded),
+    logs that it waits, then stops with one line naming the file."""
+    import time
+
+    cfg = write_config(tmp_path, pki, 9)
+    missing = tmp_path / "spiffe" / "svid.pem"
+    cfg.write_text(
+        cfg.read_text()
+        .replace(f"{pki.dir}/server.pem", str(missing))
+        .replace("tls:\n", "tls:\n  wait_for_svid: 1500ms\n")
+    )
+    started = time.monotonic()
+    done = spiffe_pep("run", "-c", str(cfg), "--workers", "1")
+    assert done.returncode == 2
+    assert time.monotonic() - started >= 1.5
+    waiting, error = done.stderr.splitlines()
+    assert '"event":"waiting_for_svid"' in waiting and str(missing) in waiting
+    assert error == (
+        f"spiffe-pep: {missing}: cannot read the SVID: No such file or directory "
+        "(after waiting 1.5s for the SVID files: tls.wait_for_svid)"
+    )
+
+
+def test_unwritable_tmpdir_for_workers_is_one_line_naming_it(tmp_path: Path, pki: Pki) -> None:
+    """Where no mount namespace can make / read-only (test_kubernetes_example.py does):
+    the same error path with a TMPDIR the supervisor cannot create its directory in."""
+    cfg = write_config(tmp_path, pki, 9)
+    gone = tmp_path / "no-such-dir"
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy", "run", "-c", str(cfg), "--workers", "2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "TMPDIR": str(gone)},
+    )
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        f"spiffe-pep: {gone}: not writable (No such file or directory): 2 workers share "
+        "their metrics through a directory there; mount a writable volume there (an emptyDir "
+        "in Kubernetes), set TMPDIR to one, or run with workers: 1"
+    ]
+
+
+def test_python_output_becomes_json_events() -> None:
+    """What Python would print as text (a warning, a library's log record, a crash in a
+    thread, an uncaught exception) reaches stderr as JSON events naming the worker."""
+    code = textwrap.dedent("""\
+        import logging, threading, warnings
+        from proxy.audit_sink import JsonLines, python_output_as_events
+        python_output_as_events(JsonLines("stderr", fields={"worker": 3, "pid": 42}))
+        warnings.warn("careful", RuntimeWarning)
+        logging.getLogger("spiffe").error("agent gone")
+        t = threading.Thread(target=lambda: 1 / 0); t.start(); t.join()
+        raise SystemError("boom")
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    events = [json.loads(line) for line in done.stderr.splitlines()]
+    assert [e["event"] for e in events] == ["warning", "log", "crashed", "crashed"]
+    assert all(e["worker"] == 3 and e["pid"] == 42 for e in events)
+    assert events[1]["message"] == "agent gone" and events[1]["logger"] == "spiffe"
+    assert events[2]["error"] == "ZeroDivisionError: division by zero"
+    assert events[3]["error"] == "SystemError: boom" and "Traceback" in events[3]["traceback"]
+
+
+def _busy_port() -> socket.socket:
+    """A port some other program listens on."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    return s
+
+
+STARTUP_ERRORS = {
+    # id: (how the config changes (text, tmp, busy port) -> text, extra args, the one line)
+    "listen_in_use": (
+        lambda c, t, p: re.sub(r"listen: \S+", f"listen: 127.0.0.1:{p}", c),
+        ["--workers", "1"],
+        "spiffe-pep: listen 127.0.0.1:{port}: Address already in use",
+    ),
+    "listen_in_use_with_workers": (
+        lambda c, t, p: re.sub(r"listen: \S+", f"listen: 127.0.0.1:{p}", c),
+        ["--workers", "2"],
+        "spiffe-pep: listen 127.0.0.1:{port}: Address already in use",
+    ),
+    "admin_in_use": (
+        lambda c, t, p: c.replace("admin: 127.0.0.1:0", f"admin: 127.0.0.1:{p}"),
+        ["--workers", "1"],
+        "spiffe-pep: admin 127.0.0.1:{port}: Address already in use",
+    ),
+    "admin_in_use_with_workers": (
+        lambda c, t, p: c.replace("admin: 127.0.0.1:0", f"admin: 127.0.0.1:{p}"),
+        ["--workers", "2"],
+        "spiffe-pep: admin 127.0.0.1:{port}: Address already in use",
+    ),
+    "decision_log_directory_missing": (
+        lambda c, t, p: c.replace(f"{t}/decisions.jsonl", f"{t}/gone/decisions.jsonl"),
+        ["--workers", "1"],
+        "spiffe-pep: {tmp}/gone/decisions.jsonl: cannot open the decision log: No such file or "
+        "directory (the directory {tmp}/gone does not exist)",
+    ),
+    "config_not_utf8": (
+        lambda c, t, p: c.replace("policy: policy.yaml", "policy: caf\xff.yaml"),
+        [],
+        "spiffe-pep: {cfg}:{policy_line}:12: invalid YAML: invalid leading UTF-8 octet (byte 0xff)",
+    ),
+    "workers_abc": (
+        lambda c, t, p: c,
+        ["--workers", "abc"],
+        "spiffe-pep: --workers: expected auto or an integer >= 1, got 'abc'",
+    ),
+    "workers_0": (
+        lambda c, t, p: c,
+        ["--workers", "0"],
+        "spiffe-pep: --workers: expected auto or an integer >= 1, got '0'",
+    ),
+    "workers_negative": (
+        lambda c, t, p: c,
+        ["--workers=-1"],
+        "spiffe-pep: --workers: expected auto or an integer >= 1, got '-1'",
+    ),
+    "bundle_error_names_the_path_once": (
+        lambda c, t, p: c,  # replaced below: the partner bundle by a JSON without keys
+        ["--workers", "1"],
+        'spiffe-pep: {tmp}/bad.json: no authorities found ("keys" must be a list)',
+    ),
+    "empty_certificate": (
+        lambda c, t, p: c,  # replaced below: the SVID by an empty file
+        ["--workers", "1"],
+        "spiffe-pep: no certificate in {tmp}/empty.pem",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(STARTUP_ERRORS), ids=list(STARTUP_ERRORS))
+def test_startup_errors_are_one_line(tmp_path: Path, pki: Pki, case: str) -> None:
+    """An operator's mistake stops start-up with exit 2 and one line naming the file
+    (and line) or the address: never a traceback."""
+    mutate, args, expected = STARTUP_ERRORS[case]
+    cfg = write_config(tmp_path, pki, 9)
+    busy = _busy_port()
+    port = busy.getsockname()[1]
+    text = mutate(cfg.read_text(), str(tmp_path), port)
+    if case == "bundle_error_names_the_path_once":
+        (tmp_path / "bad.json").write_text('{"keys": 5}')
+        text = text.replace(pki.partner_bundle, str(tmp_path / "bad.json"))
+    if case == "empty_certificate":
+        (tmp_path / "empty.pem").write_bytes(b"")
+        text = text.replace(f"{pki.dir}/server.pem", str(tmp_path / "empty.pem"))
+    cfg.write_bytes(text.encode("latin-1") if case == "config_not_utf8" else text.encode())
+    policy_line = next(i for i, t in enumerate(text.splitlines(), 1) if t.startswith("policy:"))
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "proxy", "run", "-c", str(cfg), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            errors="replace",
+        )
+    finally:
+        busy.close()
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [
+        expected.format(port=port, tmp=tmp_path, cfg=cfg, policy_line=policy_line)
+    ]

@@ -9,7 +9,9 @@ import ssl
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 import trio
 
@@ -240,3 +242,90 @@ async def test_request_cut_by_a_second_sigterm_is_logged_as_such(
     (line,) = _jsonl(tmp_path / "decisions.jsonl")
     assert line["path"] == "/sleep/20" and line["decision"] == "allow"
     assert line["reason"] == "proxy_stopped" and line["status"] == 503, line
+
+
+async def _http(url: str) -> tuple[int, dict[str, Any], dict[str, str]]:
+    async with httpx.AsyncClient() as c:
+        r = await c.get(url)
+        return r.status_code, r.json(), dict(r.headers)
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=["one_process", "supervisor_and_workers"])
+async def test_sigterm_keeps_accepting_for_the_grace_then_drains(
+    nursery: trio.Nursery, tmp_path: Path, pki: Pki, workers: int
+) -> None:
+    """Behind a Service: after SIGTERM new connections are still served (with
+    Connection: close) for timeouts.shutdown_grace while /readyz says 503 draining, so the
+    endpoint is removed before the proxy stops answering; then it stops accepting, and the
+    request in flight finishes; /readyz says draining all along."""
+    upstream = await nursery.start(demo_upstream.serve, "127.0.0.1", 0)
+    port, admin = free_port(), free_port()
+    cfg = write_config(
+        tmp_path,
+        pki,
+        upstream,
+        listen=f"127.0.0.1:{port}",
+        timeouts="timeouts: {drain: 10s, shutdown_grace: 1500ms}\n",
+    )
+    cfg.write_text(cfg.read_text().replace("admin: 127.0.0.1:0", f"admin: 127.0.0.1:{admin}"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "run", "-c", str(cfg), "--workers", str(workers)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    base = ["curl", "-sS", *pki.client_args(), "-D", "-", "-w", "\n%{http_code}"]
+    readyz = f"http://127.0.0.1:{admin}/readyz"
+    try:
+        with trio.fail_after(30):
+            while True:
+                assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+                try:
+                    ready = (await _http(readyz))[0] == 200
+                except httpx.HTTPError:
+                    ready = False
+                r = await trio.run_process(
+                    [*base, f"https://localhost:{port}/x"], capture_stdout=True, check=False
+                )
+                if ready and r.stdout.endswith(b"\n200"):
+                    break
+                await trio.sleep(0.1)
+        results: list[bytes] = []
+
+        async def slow() -> None:
+            r = await trio.run_process(
+                [*base, f"https://localhost:{port}/sleep/4"], capture_stdout=True, check=False
+            )
+            results.append(r.stdout)
+
+        async with trio.open_nursery() as n:
+            n.start_soon(slow)
+            await trio.sleep(0.5)
+            proc.send_signal(signal.SIGTERM)
+            await trio.sleep(0.3)
+            # Within the grace: a new connection is served, told to close; not ready.
+            r = await trio.run_process(
+                [*base, f"https://localhost:{port}/during-grace"], capture_stdout=True, check=False
+            )
+            assert r.stdout.endswith(b"\n200"), r.stdout
+            assert b"\nconnection: close\r\n" in r.stdout.lower()
+            status, doc, _ = await _http(readyz)
+            assert (status, doc["problems"]) == (503, ["draining"])
+            assert (await _http(f"http://127.0.0.1:{admin}/healthz"))[0] == 200
+            # After the grace: no longer accepting; still draining the slow request.
+            await trio.sleep(1.7)
+            with pytest.raises(OSError):
+                s2 = await trio.open_tcp_stream("127.0.0.1", port)
+                await s2.aclose()
+            status, doc, _ = await _http(readyz)
+            assert (status, doc["problems"]) == (503, ["draining"])
+            assert not results  # the slow request is still in flight
+        assert results and results[0].endswith(b"\n200"), results
+        code = await trio.to_thread.run_sync(proc.wait, 20)
+        assert code == 0
+        stderr = proc.stderr.read().decode() if proc.stderr else ""
+        for event in ("stopping", "shutdown_grace", "draining", "drained"):
+            assert f'"event":"{event}"' in stderr, stderr
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -16,7 +16,7 @@ import trio
 
 from proxy import demo_upstream
 from tests.conftest import Pki
-from tests.integration.harness import POLICY, free_port, tls_client, write_config
+from tests.integration.harness import POLICY, free_port, tls_client, wait_until, write_config
 
 
 async def _status(admin: int) -> dict[str, Any]:
@@ -113,3 +113,121 @@ async def test_workers_share_port_restart_reload_and_drain(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+SUPERVISOR_EVENTS = {
+    "supervising",
+    "policy_reloaded",
+    "policy_reload_failed",
+    "stopping",
+    "stopped",
+}
+
+
+def _check_event_stream(err: str) -> list[dict[str, Any]]:
+    """Every line is a JSON event; every line a worker wrote names it (index and pid, as
+    the supervisor's worker_started line does); the rest are the supervisor's own."""
+    events = [json.loads(line) for line in err.splitlines()]  # no plain-text line
+    started = {e["pid"]: e["worker"] for e in events if e["event"] == "worker_started"}
+    for e in events:
+        if e["event"] in ("worker_started", "worker_exited"):
+            continue
+        if "worker" in e:
+            assert started.get(e["pid"]) == e["worker"], e
+        else:
+            assert e["event"] in SUPERVISOR_EVENTS, e
+    return events
+
+
+async def test_workers_agree_on_the_last_good_policy(
+    nursery: trio.Nursery, tmp_path: Path, pki: Pki
+) -> None:
+    """A bad policy edit is refused once (one event, one count), not once per worker; a
+    worker restarted after it serves the last good policy instead of exiting in a loop;
+    /status shows the policy the workers serve, before and after a good edit; the
+    supervisor's stderr holds JSON events only, each worker's naming it."""
+    upstream = await nursery.start(demo_upstream.serve, "127.0.0.1", 0)
+    port, admin = free_port(), free_port()
+    cfg = write_config(tmp_path, pki, upstream, listen=f"127.0.0.1:{port}", policy_watch="200ms")
+    cfg.write_text(cfg.read_text().replace("admin: 127.0.0.1:0", f"admin: 127.0.0.1:{admin}"))
+    err_path = tmp_path / "supervisor.err"
+    with err_path.open("wb") as err_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "run", "-c", str(cfg), "--workers", "2"],
+            stdout=subprocess.DEVNULL,
+            stderr=err_file,
+        )
+
+    async def ready() -> dict[str, Any]:
+        """Until /readyz is 200 (every worker serving); then /status."""
+        with trio.fail_after(30):
+            while True:
+                assert proc.poll() is None, err_path.read_text()
+                try:
+                    async with httpx.AsyncClient() as c:
+                        if (await c.get(f"http://127.0.0.1:{admin}/readyz")).status_code == 200:
+                            return await _status(admin)
+                except httpx.HTTPError:
+                    pass
+                await trio.sleep(0.1)
+
+    def failed_lines() -> list[dict[str, Any]]:
+        return [
+            json.loads(line)
+            for line in err_path.read_text().splitlines()
+            if '"event":"policy_reload_failed"' in line
+        ]
+
+    try:
+        status = await ready()
+        good = status["policy"]["sha256"]
+        assert [w["policy_sha256"] for w in status["workers"]] == [good, good]
+
+        # A bad edit: refused, logged and counted once.
+        (tmp_path / "policy.yaml").write_text("routes: [\n")
+        await wait_until(lambda: failed_lines(), timeout=10)
+        await trio.sleep(1)  # time for any worker to (wrongly) log it too
+        (line,) = failed_lines()
+        assert "worker" not in line and line["kept_sha256"] == good
+        async with httpx.AsyncClient() as c:
+            metrics = (await c.get(f"http://127.0.0.1:{admin}/metrics")).text
+        assert 'spiffe_pep_policy_reloads_total{result="failed"} 1.0' in metrics
+
+        # A worker dies while the file is bad: its replacement serves the last good one.
+        victim = status["workers"][0]["pid"]
+        os.kill(victim, signal.SIGKILL)
+        with trio.fail_after(30):
+            while True:
+                status = await ready()
+                if victim not in {w["pid"] for w in status["workers"]}:
+                    break
+                await trio.sleep(0.1)
+        assert [w["policy_sha256"] for w in status["workers"]] == [good, good]
+        assert status["policy"]["sha256"] == good
+        assert {await _get(pki, port, f"/g{i}") for i in range(8)} == {200}
+
+        # A good edit reaches every worker, and /status says so.
+        denied = POLICY.replace('allow: ["spiffe://example.org/ns/prod/*"]\n', "allow: []\n")
+        (tmp_path / "policy.yaml").write_text(denied)
+        with trio.fail_after(15):
+            while True:
+                status = await _status(admin)
+                shas = {w["policy_sha256"] for w in status["workers"]}
+                if status["policy"]["sha256"] != good and shas == {status["policy"]["sha256"]}:
+                    break
+                await trio.sleep(0.1)
+        assert {await _get(pki, port, f"/d{i}") for i in range(8)} == {403}
+        async with httpx.AsyncClient() as c:
+            metrics = (await c.get(f"http://127.0.0.1:{admin}/metrics")).text
+        assert 'spiffe_pep_policy_reloads_total{result="ok"} 1.0' in metrics
+        assert len(failed_lines()) == 1
+
+        proc.send_signal(signal.SIGTERM)
+        assert await trio.to_thread.run_sync(proc.wait, 30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    events = _check_event_stream(err_path.read_text())
+    assert sum(e["event"] == "worker_started" for e in events) == 3
+    assert not [e for e in events if e["event"] == "worker_start_failed"]

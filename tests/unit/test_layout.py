@@ -72,6 +72,7 @@ SHELL = {
     "check",
     "governance/engine",
     "governance/commands",
+    "cpus",
 }
 
 
