@@ -6,6 +6,7 @@ import datetime as dt
 import json
 import os
 import sys
+from collections.abc import Callable
 from typing import Any, TextIO
 
 
@@ -19,6 +20,9 @@ class JsonLines:
     several worker processes never interleave."""
 
     _encode = json.JSONEncoder(separators=(",", ":")).encode
+    # Called with each operational event (``event``) after it is written: the admin
+    # page's memory of reloads and drift alerts (``Recent.event``).
+    tap: Callable[[dict[str, Any]], None] | None = None
 
     def __init__(self, target: str) -> None:
         self.target = target
@@ -54,7 +58,10 @@ class JsonLines:
     def event(self, event: str, **fields: Any) -> None:
         """An operational event (start-up, handshake failures, errors) with a timestamp."""
         now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        self.write({"time": now, "event": event, **fields})
+        record = {"time": now, "event": event, **fields}
+        self.write(record)
+        if self.tap is not None:
+            self.tap(record)
 
     def close(self) -> None:
         if self._owned:
