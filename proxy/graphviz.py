@@ -32,13 +32,13 @@ def available() -> bool:
 
 def render_svg(dot: str, timeout: float = TIMEOUT) -> str:
     """``dot -Tsvg`` of ``dot``; raise GraphvizError if it cannot be run or fails."""
+    exe = shutil.which("dot")
+    if exe is None:
+        raise GraphvizError(MISSING)
     key = hashlib.sha256(dot.encode()).hexdigest()
     cached = _CACHE.get(key)
     if cached is not None:
         return cached
-    exe = shutil.which("dot")
-    if exe is None:
-        raise GraphvizError(MISSING)
     try:
         proc = subprocess.run(
             [exe, "-Tsvg"], input=dot.encode(), capture_output=True, timeout=timeout, check=False

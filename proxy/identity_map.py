@@ -243,6 +243,9 @@ def to_dot(graph: Graph, link: Callable[[Node], str | None] | None = None) -> st
         f'  node [fontname="{FONT}", fontsize=10, height=0.3];',
         f'  edge [fontname="{FONT}", fontsize=9, arrowsize=0.6];',
     ]
+    if graph.omitted:
+        more = f"{graph.omitted} more identities seen in traffic are not drawn"
+        out.append(f"  label={quote(more)}; labelloc=b; fontsize=10;")
 
     def node_line(n: Node, indent: str) -> str:
         url = link(n) if link else None

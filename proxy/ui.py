@@ -21,7 +21,7 @@ import datetime as dt
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -183,6 +183,34 @@ def read_tail(path: str | Path, max_bytes: int) -> list[dict[str, Any]]:
         if isinstance(doc, dict):
             out.append(doc)
     return out
+
+
+class JsonLinesReader:
+    """The JSON objects of whole JSON-lines files, one at a time (a log can be large);
+    ``skipped`` counts the lines that were not JSON objects."""
+
+    def __init__(self, paths: Iterable[str | Path]) -> None:
+        self.paths = list(paths)
+        self.skipped = 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for path in self.paths:
+            with open(path, "rb") as f:
+                for line in f:
+                    if not line.strip():
+                        continue
+                    try:
+                        doc = json.loads(line)
+                    except ValueError:
+                        doc = None
+                    if isinstance(doc, dict):
+                        yield doc
+                    else:
+                        self.skipped += 1
+
+
+def read_jsonl(paths: Iterable[str | Path]) -> JsonLinesReader:
+    return JsonLinesReader(paths)
 
 
 class WorkersView:

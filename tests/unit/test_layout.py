@@ -31,6 +31,9 @@ CORE = [
     "assertion",
     "policy/matcher",
     "policy/tools",
+    "recent",
+    "identity_map",
+    "ui_page",
 ]
 FORBIDDEN = {
     "trio",
@@ -61,6 +64,8 @@ SHELL = {
     "supervisor",
     "workload_api",
     "check",
+    "ui",
+    "graphviz",
 }
 
 
