@@ -23,7 +23,9 @@ from proxy.svid import PeerSvid
 
 DECISIONS = 1000  # decisions kept
 EVENTS = 100  # reload events kept, and drift alerts
-CREDENTIALS = 1000  # client credentials kept (the oldest first seen is forgotten first)
+# Client credentials kept, the oldest first seen forgotten first: as many as the peer
+# cache keeps verified chains (proxy.peer), so a fleet that fits there is announced once.
+CREDENTIALS = 4096
 
 # What a decision line contributes, in the order of ``Decision``'s fields.
 FIELDS = (

@@ -54,7 +54,10 @@ class Filters:
     @classmethod
     def from_query(cls, query: bytes | str) -> Filters:
         text = query.decode("ascii", "replace") if isinstance(query, bytes) else query
-        q = parse_qs(text, keep_blank_values=False, max_num_fields=20)
+        try:
+            q = parse_qs(text, keep_blank_values=False, max_num_fields=20)
+        except ValueError:  # more fields than any form of the page sends
+            q = {}
 
         def one(name: str) -> str:
             return q.get(name, [""])[0].strip()[:300]

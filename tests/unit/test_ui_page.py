@@ -69,6 +69,7 @@ FILTERS = [
     ("reason", "reason=allowed", decision(), True),
     ("reason_other", "reason=identity_not_allowed", decision(), False),
     ("all_three", "identity=web&route=orders&reason=allowed", decision(), True),
+    ("too_many_fields_ignored", "&".join(["route=x"] * 50), decision(), True),
 ]
 
 
