@@ -326,8 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--format",
         choices=("text", "svg", "dot"),
         default="text",
-        help="text (default); svg: the identity map of the admin page, laid out by "
-        "Graphviz's dot; dot: the same graph as DOT text.",
+        help="The output: text (the default), svg (the identity map of the admin page, laid "
+        "out by Graphviz's dot) or dot (the same graph as DOT text).",
     )
     reach.add_argument(
         "--log",
