@@ -19,7 +19,8 @@ import trio
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from proxy import graphviz
+from proxy import app, graphviz, ui
+from proxy.audit_sink import JsonLines
 from proxy.devcerts import issue_svid
 from tests.conftest import CLIENT_ID, DENIED_ID, PARTNER_ID, Pki
 from tests.integration.browser import chromium, full_page_screenshot, require_chromium
@@ -252,3 +253,17 @@ async def test_ui_of_workers_reads_their_logs(
     finally:
         proc.send_signal(signal.SIGTERM)
         await trio.to_thread.run_sync(proc.wait)
+
+
+async def test_workers_view_says_what_it_cannot_show(tmp_path: Path, pki: Pki) -> None:
+    """Under a supervisor, logs on stdout/stderr cannot be read back, and a policy file
+    that does not load leaves the last version that did: the page says so."""
+    cfg = write_config(tmp_path, pki, free_port())
+    cfg.write_text(cfg.read_text().replace(f"{tmp_path}/decisions.jsonl", "stdout"))
+    rt = app.build_runtime(app.read_config(cfg), events=JsonLines(str(tmp_path / "ev.jsonl")))
+    (tmp_path / "policy.yaml").write_text("routes: [")
+    inputs = ui.WorkersView(rt, 2, list, app.read_policy).gather()
+    notes = " ".join(inputs.notes)
+    assert "decision_log is stdout" in notes and "event_log is stderr" in notes
+    assert "does not load" in inputs.policy_info.note and inputs.policy is rt.policy
+    assert not inputs.recent.decisions
