@@ -7,6 +7,11 @@ COPY proxy ./proxy
 RUN pip install --no-cache-dir --prefix=/install .
 
 FROM python:3.11-slim
+# Graphviz's dot draws the identity map of the admin page (/ui); without it the page
+# shows the map as a table.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends graphviz \
+    && rm -rf /var/lib/apt/lists/*
 COPY --from=build /install /usr/local
 RUN useradd --system --uid 10001 --no-create-home spiffe-pep
 COPY config/spiffe-pep.yaml config/policy.yaml /etc/spiffe-pep/

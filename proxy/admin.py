@@ -1,4 +1,5 @@
-"""The admin listener (plain HTTP, loopback by default): ``/metrics`` and ``/healthz``.
+"""The admin listener (plain HTTP, loopback by default): ``/metrics``, ``/healthz``,
+``/status``, the admin page ``/ui``.
 
 Kept apart from the mTLS listener so that scraping and probing never need an SVID and
 never go through the policy.
@@ -19,7 +20,8 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 
 import h11
 import trio
@@ -27,6 +29,18 @@ import trio
 from proxy.headers import reason_phrase
 
 Handler = Callable[[], tuple[int, bytes, bytes]]  # status, content type, body
+Response = tuple[int, bytes, bytes, list[tuple[bytes, bytes]]]  # ... and more headers
+
+
+@dataclass(frozen=True)
+class Page:
+    """A route answered by a coroutine that reads the query string (the bytes after
+    ``?``) and may add headers: the HTML page."""
+
+    render: Callable[[bytes], Awaitable[Response]]
+
+
+Route = Handler | Page
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 ALLOWED_METHODS = (b"GET", b"HEAD")
@@ -77,7 +91,7 @@ def _answer(status: int, error: str) -> tuple[int, bytes, bytes]:
 
 
 async def _serve_one(
-    stream: trio.SocketStream, routes: dict[bytes, Handler], allowed_hosts: frozenset[str]
+    stream: trio.SocketStream, routes: dict[bytes, Route], allowed_hosts: frozenset[str]
 ) -> None:
     conn = h11.Connection(h11.SERVER)
     local_address = str(stream.socket.getsockname()[0])
@@ -94,7 +108,8 @@ async def _serve_one(
                 continue
             if not isinstance(event, h11.Request):
                 break
-            handler = routes.get(event.target.split(b"?")[0])
+            path, _, query = event.target.partition(b"?")
+            handler = routes.get(path)
             hosts = [v for n, v in event.headers if n == b"host"]
             extra: list[tuple[bytes, bytes]] = []
             if len(hosts) != 1 or not host_allowed(hosts[0], allowed_hosts, local_address):
@@ -105,6 +120,12 @@ async def _serve_one(
                 extra.append((b"allow", b", ".join(ALLOWED_METHODS)))
             elif handler is None:
                 status, ctype, body = _answer(404, "not_found")
+            elif isinstance(handler, Page):
+                try:
+                    status, ctype, body, more = await handler.render(query)
+                    extra += more
+                except Exception as exc:  # a page's bug must not take the listener down
+                    status, ctype, body = _answer(500, f"internal_error: {type(exc).__name__}")
             else:
                 status, ctype, body = handler()
             while True:  # read (and ignore) any request body before answering
@@ -147,7 +168,7 @@ def json_handler(fn: Callable[[], tuple[int, object]]) -> Handler:
 async def serve_admin(
     host: str,
     port: int,
-    routes: dict[bytes, Handler],
+    routes: dict[bytes, Route],
     *,
     allowed_hosts: Iterable[str] = LOOPBACK_HOSTS,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,

@@ -20,7 +20,7 @@ from typing import Any
 
 import trio
 
-from proxy import __version__, admin
+from proxy import __version__, admin, ui
 from proxy.assertion import AssertionSigner
 from proxy.audit_sink import JsonLines
 from proxy.config import Config, TlsFiles, load_config
@@ -553,6 +553,7 @@ class ConfigReloader:
         if staged.events is not None:
             old_sinks.append(rt.events)
             rt.events = staged.events
+            rt.events.tap = rt.recent.event
         rt.set_config(config)
         rt.pools = upstream_pools(config, old_pools, protocol_violation_hook(rt.metrics, rt.events))
         if staged.credentials is not None:
@@ -657,7 +658,7 @@ def _iso(t: dt.datetime) -> str:
     return t.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def admin_routes(rt: Runtime) -> dict[bytes, admin.Handler]:
+def admin_routes(rt: Runtime) -> dict[bytes, admin.Route]:
     def metrics() -> tuple[int, bytes, bytes]:
         return 200, CONTENT_TYPE.encode(), rt.metrics.exposition()
 
@@ -706,11 +707,12 @@ def admin_routes(rt: Runtime) -> dict[bytes, admin.Handler]:
             "draining": rt.draining,
         }
 
-    routes = {
+    routes: dict[bytes, admin.Route] = {
         b"/metrics": metrics,
         b"/healthz": admin.json_handler(healthz),
         b"/readyz": admin.json_handler(readyz),
         b"/status": admin.json_handler(status),
+        b"/ui": ui.local_page(rt),
     }
     signer = rt.signer
     if signer is not None:
@@ -722,7 +724,7 @@ async def start_admin(
     nursery: trio.Nursery,
     address: tuple[str, int],
     cfg: Config,
-    routes: dict[bytes, admin.Handler],
+    routes: dict[bytes, admin.Route],
 ) -> int:
     """The admin listener in ``nursery``; its port. The Host names it answers to:
     loopback, the address it is reached on, and the configuration's admin_hosts."""

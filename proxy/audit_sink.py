@@ -10,6 +10,7 @@ import sys
 import threading
 import traceback
 import warnings
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any, TextIO
 
@@ -24,6 +25,9 @@ class JsonLines:
     several worker processes never interleave."""
 
     _encode = json.JSONEncoder(separators=(",", ":")).encode
+    # Called with each operational event (``event``) after it is written: the admin
+    # page's memory of reloads and drift alerts (``Recent.event``).
+    tap: Callable[[dict[str, Any]], None] | None = None
 
     def __init__(self, target: str, fields: dict[str, Any] | None = None) -> None:
         """``fields`` go on every event line (a worker's name)."""
@@ -61,7 +65,10 @@ class JsonLines:
     def event(self, event: str, **fields: Any) -> None:
         """An operational event (start-up, handshake failures, errors) with a timestamp."""
         now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        self.write({"time": now, "event": event, **self.fields, **fields})
+        record = {"time": now, "event": event, **self.fields, **fields}
+        self.write(record)
+        if self.tap is not None:
+            self.tap(record)
 
     def close(self) -> None:
         if self._owned:

@@ -16,7 +16,7 @@ from typing import Any
 
 import trio
 
-from proxy import __version__, canonical, check, cpus, devcerts
+from proxy import __version__, canonical, check, cpus, devcerts, graphviz, identity_map, ui
 from proxy.app import build_runtime, open_log, read_config, run_until_signalled
 from proxy.audit_sink import JsonLines, python_output_as_events
 from proxy.config import AUTO_WORKERS
@@ -222,12 +222,38 @@ def cmd_test(args: argparse.Namespace) -> int:
 
 
 def cmd_reach(args: argparse.Namespace) -> int:
+    if args.log and args.format == "text":
+        print(
+            "spiffe-pep: --log draws traffic on the map: use --format svg or dot", file=sys.stderr
+        )
+        return EXIT_CONFIG
     try:
         policy = _load_policy_file(Path(args.policy), args.config)
     except ConfigError as exc:
         return _errors(exc)
-    for line in tools.reach(policy):
-        print(line)
+    if args.format == "text":
+        for line in tools.reach(policy):
+            print(line)
+        return 0
+    records = ui.read_jsonl(args.log)
+    try:
+        graph = identity_map.build(policy, identity_map.traffic_of(records) if args.log else None)
+    except OSError as exc:
+        print(f"spiffe-pep: {exc.filename}: cannot read: {exc.strerror}", file=sys.stderr)
+        return EXIT_CONFIG
+    if records.skipped:
+        print(f"spiffe-pep: skipped {records.skipped} lines that are not JSON", file=sys.stderr)
+    dot = identity_map.to_dot(graph)
+    if args.format == "dot":
+        sys.stdout.write(dot)
+        return 0
+    try:
+        sys.stdout.write(graphviz.render_svg(dot))
+    except graphviz.GraphvizError as exc:
+        print(
+            f"spiffe-pep: {exc}; --format dot prints the graph for dot elsewhere", file=sys.stderr
+        )
+        return EXIT_CONFIG
     return 0
 
 
@@ -362,6 +388,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reach.add_argument("policy", help="The policy file.")
     reach.add_argument("--config", help="The runtime configuration, to check upstream names.")
+    reach.add_argument(
+        "--format",
+        choices=("text", "svg", "dot"),
+        default="text",
+        help="The output: text (the default), svg (the identity map of the admin page, laid "
+        "out by Graphviz's dot) or dot (the same graph as DOT text).",
+    )
+    reach.add_argument(
+        "--log",
+        action="append",
+        default=[],
+        metavar="LOG",
+        help="A decision log (JSON lines): its requests draw the used and denied edges, "
+        "and grants no request used are dashed. May be given more than once.",
+    )
     dev = _command(
         sub,
         "dev",

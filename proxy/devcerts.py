@@ -134,12 +134,14 @@ def issue_svid(
     lifetime: dt.timedelta = dt.timedelta(days=30),
     key: PrivateKey | None = None,
     signature_hash: str = "sha256",
+    subject: x509.Name | None = None,
 ) -> Issued:
     """An X.509-SVID for ``uris`` (normally exactly one SPIFFE ID) signed by ``issuer``.
 
     ``key_usage=True`` gives the standard digitalSignature KU, ``None`` omits the
     extension, or pass an explicit ``x509.KeyUsage`` to break the rules on purpose.
     ``key`` and ``signature_hash`` (default: a new P-256 key, SHA-256) make weak ones.
+    ``subject``: the subject name (default ``O=SPIRE``, as SPIRE issues them).
     """
     key = key or ec.generate_private_key(ec.SECP256R1())
     now = _now()
@@ -149,7 +151,9 @@ def issue_svid(
     not_before = not_before or now - dt.timedelta(minutes=5)
     builder = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "SPIRE")]))
+        .subject_name(
+            subject or x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "SPIRE")])
+        )
         .issuer_name(issuer.cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())

@@ -21,6 +21,7 @@ from proxy.config import Config
 from proxy.forward import UpstreamPool
 from proxy.metrics import Metrics
 from proxy.policy.model import Policy
+from proxy.recent import CREDENTIAL_EVENT, Credential, Recent
 from proxy.tls import Credentials
 
 
@@ -46,6 +47,8 @@ class Runtime:
     # writing JSON lines to status_fd.
     policy_source: Path | None = None
     status_fd: int | None = None
+    # The recent past the admin page shows: decisions, credentials seen, reloads.
+    recent: Recent = field(default_factory=Recent)
     open_connections: int = 0
     handshakes: int = 0  # TLS handshakes in flight
     handshakes_by_source: dict[str, int] = field(default_factory=dict)
@@ -63,6 +66,20 @@ class Runtime:
 
     def __post_init__(self) -> None:
         self.set_config(self.config)
+        self.events.tap = self.recent.event
+        self.recent.announce = self._credential_seen
+
+    def _credential_seen(self, c: Credential) -> None:
+        """A client certificate not seen before (by this process, lately): logged, so
+        the supervisor's admin page learns its subject too."""
+        self.events.event(
+            CREDENTIAL_EVENT,
+            spiffe_id=c.spiffe_id,
+            leaf_sha256=c.sha256,
+            subject=c.subject,
+            issuer=c.issuer,
+            not_after=c.not_after,
+        )
 
     def set_config(self, config: Config) -> None:
         """Swap in ``config`` and what is derived from it (the request rules). The caller

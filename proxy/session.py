@@ -360,6 +360,7 @@ class HttpSession:
         record = audit.build_record(ex, self.peer, policy_sha256, started, elapsed)
         record.update(extra)
         self.rt.decisions.write(record)
+        self.rt.recent.add(record, self.peer)
         self.rt.metrics.count_request(
             record["route"] or "", ex.outcome, ex.reason, record["mode"], elapsed
         )

@@ -39,7 +39,7 @@ import trio
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
-from proxy import __version__, admin
+from proxy import __version__, admin, ui
 from proxy.app import (
     CredentialReloader,
     PolicyReloader,
@@ -190,15 +190,18 @@ class Supervisor:
                 with contextlib.suppress(ProcessLookupError):
                     w.process.send_signal(signum)
 
-    def _routes(self, metrics_dir: Path) -> dict[bytes, admin.Handler]:
+    def _routes(self, metrics_dir: Path) -> dict[bytes, admin.Route]:
         routes = admin_routes(self.rt)
 
-        def metrics() -> tuple[int, bytes, bytes]:
+        def registry() -> CollectorRegistry:
             registry = CollectorRegistry()
             MultiProcessCollector(registry, path=str(metrics_dir))  # type: ignore[no-untyped-call]
             # Policy reloads are the supervisor's to count (once per edit, not per worker).
             registry.register(self.rt.metrics.policy_reloads)
-            return 200, CONTENT_TYPE.encode(), bytes(generate_latest(registry))
+            return registry
+
+        def metrics() -> tuple[int, bytes, bytes]:
+            return 200, CONTENT_TYPE.encode(), bytes(generate_latest(registry()))
 
         def status() -> tuple[int, object]:
             code, doc = base_status()
@@ -231,6 +234,9 @@ class Supervisor:
         routes[b"/metrics"] = metrics
         routes[b"/status"] = admin.json_handler(status)
         routes[b"/readyz"] = admin.json_handler(readyz)
+        # /ui from the workers' log files (the supervisor serves no requests itself).
+        view = ui.WorkersView(self.rt, self.count, lambda: ui.samples(registry()), read_policy)
+        routes[b"/ui"] = view.page()
         return routes
 
     async def run(self) -> int:
@@ -349,7 +355,9 @@ def _ignore_reload_signals() -> None:
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
-def _json_fn(handler: admin.Handler) -> Callable[[], tuple[int, object]]:
+def _json_fn(handler: admin.Route) -> Callable[[], tuple[int, object]]:
+    assert not isinstance(handler, admin.Page)
+
     def call() -> tuple[int, object]:
         status, _, body = handler()
         return status, json.loads(body)

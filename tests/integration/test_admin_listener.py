@@ -39,7 +39,7 @@ def status_of(response: bytes) -> int:
     return int(response.split(b" ", 2)[1])
 
 
-@pytest.mark.parametrize("path", ["/status", "/metrics", "/healthz", "/readyz"])
+@pytest.mark.parametrize("path", ["/status", "/metrics", "/healthz", "/readyz", "/ui"])
 @pytest.mark.parametrize("host", ["evil.example:{port}", "evil.example", "localhost.evil.example"])
 async def test_dns_rebinding_host_gets_nothing(proxy: Proxy, path: str, host: str) -> None:
     r = await admin_request(proxy, "GET", path, host.format(port=proxy.admin_port))

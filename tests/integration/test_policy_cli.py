@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -188,3 +193,76 @@ def test_check_reports_a_test_the_proxy_would_refuse_before_the_policy(tmp_path:
     )  # fmt: skip
     assert "decision: refuse (400, before the policy)" in done.stdout
     assert "path_parameters_refused" in done.stdout
+
+
+def _decision_log(path: Path) -> None:
+    """A decision log as the proxy writes it (the fields the map reads), one line
+    carrying markup where an identity should be (a log is data, not code)."""
+    lines = [
+        ("spiffe://example.org/ns/prod/sa/web", "invoices-read", "allow", "allowed"),
+        ("spiffe://example.org/ns/prod/sa/web", "invoices-read", "allow", "allowed"),
+        ("spiffe://example.org/ns/prod/sa/batch", "invoices-read", "deny", "identity_denied"),
+        ("spiffe://example.org/ns/dev/sa/x", None, "deny", "no_matching_route"),
+        ('spiffe://example.org/"><script>alert(1)</script>', None, "deny", "no_matching_route"),
+    ]
+    path.write_text(
+        "".join(
+            json.dumps(
+                {"event": "request", "spiffe_id": s, "route": r, "decision": d, "reason": why}
+            )
+            + "\n"
+            for s, r, d, why in lines
+        )
+        + "not json\n"
+    )
+
+
+def test_reach_format_dot_needs_no_graphviz(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    done = spiffe_pep("reach", str(policy), "--format", "dot")
+    assert done.returncode == 0 and done.stdout.startswith("digraph identity_map {")
+    assert 'id="pattern:spiffe://example.org/ns/prod/*"' in done.stdout
+    assert 'class="granted"' in done.stdout and "unused" not in done.stdout  # no log: unknown
+
+
+def test_reach_format_svg_with_logs(tmp_path: Path) -> None:
+    if shutil.which("dot") is None:
+        pytest.skip("Graphviz's dot is not installed (.ci/run installs graphviz)")
+    policy, log = tmp_path / "policy.yaml", tmp_path / "decisions.jsonl"
+    policy.write_text(POLICY)
+    _decision_log(log)
+    done = spiffe_pep("reach", str(policy), "--format", "svg", "--log", str(log))
+    assert done.returncode == 0, done.stderr
+    assert "skipped 1 lines that are not JSON" in done.stderr
+    svg = done.stdout
+    assert svg.lstrip().startswith("<?xml") and "<svg" in svg
+    assert svg.count('class="node route"') == 4  # three routes and "(no route)"
+    assert 'class="edge used"' in svg and 'class="edge denied"' in svg
+    unused = svg.split('class="edge granted unused"', 1)[1].split("</g>", 1)[0]
+    assert "stroke-dasharray" in unused  # granted, no request used it: dashed
+    assert "<script" not in svg and "&lt;script&gt;alert(1)&lt;/script&gt;" in svg
+
+
+def test_reach_svg_without_graphviz_says_so(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy", "reach", str(policy), "--format", "svg"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env={**os.environ, "PATH": str(tmp_path)},  # no dot on it
+    )
+    assert done.returncode == 2 and done.stdout == ""
+    assert "Graphviz's dot is not installed" in done.stderr and "--format dot" in done.stderr
+
+
+def test_reach_log_needs_a_map_format(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    done = spiffe_pep("reach", str(policy), "--log", str(tmp_path / "x.jsonl"))
+    assert done.returncode == 2 and "--format svg" in done.stderr
+    done = spiffe_pep("reach", str(policy), "--format", "svg", "--log", str(tmp_path / "nope"))
+    assert done.returncode == 2 and "cannot read" in done.stderr

@@ -39,6 +39,9 @@ CORE = [
     "governance/suggest",
     "governance/replay",
     "governance/report",
+    "recent",
+    "identity_map",
+    "ui_page",
 ]
 FORBIDDEN = {
     "trio",
@@ -73,6 +76,8 @@ SHELL = {
     "governance/engine",
     "governance/commands",
     "cpus",
+    "ui",
+    "graphviz",
 }
 
 
