@@ -19,7 +19,7 @@ from typing import Any
 
 import trio
 
-from proxy import __version__, admin
+from proxy import __version__, admin, filewatch
 from proxy.assertion import AssertionSigner
 from proxy.audit_sink import JsonLines
 from proxy.config import Config, load_config
@@ -137,34 +137,8 @@ def load_signer(config: Config, issuer: str) -> AssertionSigner | None:
     return None
 
 
-def _stat(paths: list[Path]) -> tuple[tuple[int, int, int] | None, ...]:
-    out: list[tuple[int, int, int] | None] = []
-    for path in paths:
-        try:
-            st = os.stat(path)
-            out.append((st.st_mtime_ns, st.st_size, st.st_ino))
-        except OSError:
-            out.append(None)
-    return tuple(out)
-
-
-async def watch_files(
-    paths: Callable[[], list[Path]], interval: float, on_change: Callable[[], object]
-) -> None:
-    """Call ``on_change`` once the files' (mtime, size, inode) changed and then held still
-    for one interval, so a writer's half-done update (spiffe-helper truncates and rewrites
-    the SVID, then the key, then the bundle, in place) is not even tried. ``paths`` is
-    asked on every poll: a configuration reload may name other files."""
-    seen = _stat(paths())
-    pending = False
-    while True:
-        await trio.sleep(interval)
-        now = _stat(paths())
-        if now != seen:
-            seen, pending = now, True
-        elif pending:
-            pending = False
-            on_change()
+def _polling(rt: Runtime, files: str, reason: str) -> None:
+    rt.events.event("file_watch_polling", files=files, reason=reason)
 
 
 class CredentialReloader:
@@ -213,8 +187,10 @@ class PolicyReloader:
     reads ``rt.policy`` once and keeps that policy to its end. A bad edit is rejected,
     logged with file:line:column and counted; the last good policy keeps serving.
 
-    The file watch polls (mtime, size, inode) and reloads once they have stayed the same
-    for one interval, so an editor's half-written save is not even tried.
+    The file watch (``filewatch.watch``: kernel notifications, else polling) reloads
+    once the file has held still for ``policy_watch``, so an editor's half-written save
+    is not even tried; one that still fails to parse is rejected and tried again on the
+    next change.
     """
 
     def __init__(self, rt: Runtime) -> None:
@@ -283,9 +259,12 @@ class PolicyReloader:
         )
         return False
 
-    async def watch(self, interval: float) -> None:
-        await watch_files(
-            lambda: [self.rt.config.policy_path], interval, lambda: self.reload("watch")
+    async def watch(self, quiet: float) -> None:
+        await filewatch.watch(
+            lambda: [self.rt.config.policy_path],
+            quiet,
+            lambda: self.reload("watch"),
+            functools.partial(_polling, self.rt, "policy"),
         )
 
 
@@ -669,10 +648,11 @@ async def serve(
                 creds_reloader = CredentialReloader(rt)
                 if cfg.tls.watch:
                     accepting.start_soon(
-                        watch_files,
+                        filewatch.watch,
                         lambda: rt.config.tls.files,
                         cfg.tls.watch,
                         lambda: creds_reloader.reload("watch"),
+                        functools.partial(_polling, rt, "tls"),
                     )
                 accepting.start_soon(on_signals, config_reloader, reloader, creds_reloader)
                 if rt.x509_source is not None:

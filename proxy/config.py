@@ -95,7 +95,7 @@ class TlsFiles:
     key: Path | None
     bundles: dict[TrustDomain, Path]
     jwt_bundles: dict[TrustDomain, Path] = field(default_factory=dict)
-    watch: float | None = 1.0  # poll interval for rotation; None: SIGHUP only
+    watch: float | None = 1.0  # reload once the files held still this long; None: SIGHUP only
     workload_api: str | None = None  # unix:///path or tcp://ip:port
     workload_api_timeout: float = 30.0
 
@@ -118,7 +118,7 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     source: str = "<config>"
     admin: tuple[str, int] | None = ("127.0.0.1", 9901)
-    policy_watch: float | None = 1.0
+    policy_watch: float | None = 0.05  # reload once the policy held still this long
     assertion_key: Path | None = None
     proxy_protocol: bool = False
     workers: int = 1  # "auto" in YAML: one per CPU
@@ -427,7 +427,7 @@ def load_config(data: bytes, filename: str, base_dir: Path) -> Config:
                 admin = parse_address(r.string(top["admin"], ("admin",)))
             except ValueError as exc:
                 raise r.fail(("admin",), f"{exc} (or off)") from None
-    policy_watch: float | None = 1.0
+    policy_watch: float | None = Config.policy_watch
     if "policy_watch" in top:
         value = top["policy_watch"]
         policy_watch = None if value in (False, "off") else r.duration(value, ("policy_watch",))
