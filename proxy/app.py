@@ -74,7 +74,7 @@ def build_runtime(
     metrics = Metrics()
     metrics.set_policy(policy.sha256)
     metrics.set_credentials(credentials)
-    return Runtime(
+    rt = Runtime(
         config,
         credentials,
         policy,
@@ -86,6 +86,8 @@ def build_runtime(
         source,
         file_config,
     )
+    rt.drift.activate(policy, starting=True)  # what was learned, before the first request
+    return rt
 
 
 def upstream_pools(
@@ -279,6 +281,7 @@ _RESTART_ONLY: dict[str, Callable[[Config], object]] = {
     "policy_watch": lambda c: c.policy_watch,
     "tls.watch": lambda c: c.tls.watch,
     "tls.workload_api": lambda c: (c.tls.workload_api, c.tls.workload_api_timeout),
+    "drift_store": lambda c: c.drift_store,
 }
 
 
@@ -299,6 +302,7 @@ def _live_part(new: Config, running: Config) -> Config:
         assertion_key=running.assertion_key,
         policy_watch=running.policy_watch,
         tls=tls,
+        drift_store=running.drift_store,
     )
 
 
@@ -655,6 +659,7 @@ async def serve(
                         functools.partial(_polling, rt, "tls"),
                     )
                 accepting.start_soon(on_signals, config_reloader, reloader, creds_reloader)
+                accepting.start_soon(rt.drift.run, lambda: rt.changed, lambda: rt.policy)
                 if rt.x509_source is not None:
                     rt.x509_source.follow(lambda: creds_reloader.reload("workload_api"))
 
@@ -686,6 +691,8 @@ async def serve(
             connections.cancel_scope.deadline = trio.current_time() + cfg.timeouts.drain
         rt.events.event("drained", cut_connections=rt.open_connections)
     finally:
+        rt.drift.flush()  # what was learned and not yet written
+        rt.drift.close()
         for pool in rt.pools.values():
             with trio.CancelScope(shield=True):
                 await pool.aclose()

@@ -125,6 +125,9 @@ class Config:
     http: HttpRules = field(default_factory=HttpRules)
     admin_hosts: tuple[str, ...] = ()  # Host names the admin listener answers, beside loopback
     event_log: str = "stderr"  # operational events: stdout, stderr or a file path
+    # What subject-drift detection learned (SQLite, shared by workers). None: kept in
+    # each process's memory only.
+    drift_store: Path | None = None
 
     def canonical_rules(self) -> canonical.Rules:
         """How this proxy canonicalises requests (``proxy.canonical``)."""
@@ -319,6 +322,7 @@ def load_config(data: bytes, filename: str, base_dir: Path) -> Config:
             "workers",
             "http",
             "admin_hosts",
+            "drift_store",
         ],
     )
 
@@ -432,6 +436,7 @@ def load_config(data: bytes, filename: str, base_dir: Path) -> Config:
         value = top["policy_watch"]
         policy_watch = None if value in (False, "off") else r.duration(value, ("policy_watch",))
 
+    decision_log = log("decision_log", "stdout")
     return Config(
         host,
         port,
@@ -439,7 +444,7 @@ def load_config(data: bytes, filename: str, base_dir: Path) -> Config:
         upstreams,
         path(top["policy"], ("policy",)),
         identity,
-        log("decision_log", "stdout"),
+        decision_log,
         timeouts,
         limits,
         filename,
@@ -454,7 +459,21 @@ def load_config(data: bytes, filename: str, base_dir: Path) -> Config:
             for h in r.string_list(top.get("admin_hosts", []), ("admin_hosts",), allow_empty=True)
         ),
         event_log=log("event_log", "stderr"),
+        drift_store=_drift_store(top, decision_log, path),
     )
+
+
+def _drift_store(top: dict[str, Any], decision_log: str, path: Any) -> Path | None:
+    """``drift_store``: a path, or ``memory``; by default ``drift.sqlite`` beside the
+    decision log when that is a file, else memory."""
+    if "drift_store" not in top:
+        if decision_log in ("stdout", "stderr"):
+            return None
+        return Path(decision_log).parent / "drift.sqlite"
+    value = top["drift_store"]
+    if value in (False, "off", "memory"):
+        return None
+    return Path(path(value, ("drift_store",)))
 
 
 def _workers(r: Reader, value: Any) -> int:

@@ -14,6 +14,7 @@ from proxy import canonical
 from proxy.assertion import AssertionSigner
 from proxy.audit_sink import JsonLines
 from proxy.config import Config
+from proxy.drift_store import DriftLearner
 from proxy.forward import UpstreamPool
 from proxy.metrics import Metrics
 from proxy.policy.model import Policy
@@ -51,9 +52,14 @@ class Runtime:
     changed: trio.Event = field(default_factory=trio.Event)
     rules: canonical.Rules = field(init=False)
     upstream_rules: dict[str, canonical.UpstreamRules] = field(init=False)
+    # What subject-drift detection learned (``proxy.drift_store``).
+    drift: DriftLearner = field(init=False)
 
     def __post_init__(self) -> None:
         self.set_config(self.config)
+        self.drift = DriftLearner(
+            self.config.drift_store, self.metrics, lambda name, **f: self.events.event(name, **f)
+        )
 
     def set_config(self, config: Config) -> None:
         """Swap in ``config`` and what is derived from it (the request rules). The caller

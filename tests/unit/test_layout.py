@@ -31,6 +31,7 @@ CORE = [
     "assertion",
     "policy/matcher",
     "policy/tools",
+    "drift",
 ]
 FORBIDDEN = {
     "trio",
@@ -61,6 +62,8 @@ SHELL = {
     "supervisor",
     "workload_api",
     "check",
+    "filewatch",
+    "drift_store",
 }
 
 
