@@ -16,7 +16,16 @@ import trio
 from proxy import demo_upstream
 from proxy.devcerts import issue_ca, issue_svid
 from tests.conftest import Pki
-from tests.integration.harness import POLICY, Proxy, serve, tls_client, wait_until, write_config
+from tests.integration.harness import (
+    POLICY,
+    Proxy,
+    curl,
+    serve,
+    start,
+    tls_client,
+    wait_until,
+    write_config,
+)
 
 ID = "spiffe://example.org/ns/prod/sa/drifter"
 
@@ -199,3 +208,30 @@ async def test_what_was_learned_survives_a_restart_in_the_shared_store(
     assert await get(b, "newcomer", "127.0.0.2") == 200
     await trio.sleep(2.5)  # c reads back what b wrote
     assert await get(c, "newcomer", "127.0.0.3") == 403
+
+
+async def test_origin_behind_a_new_trusted_hop(
+    nursery: trio.Nursery, tmp_path: Path, pki: Pki
+) -> None:
+    # An origin is learned by the hop it comes through (its address is not ours to see).
+    pki.svid("hop2", ["spiffe://example.org/ns/prod/sa/hop2"])
+    proxy = await start(
+        nursery,
+        tmp_path,
+        pki,
+        policy=_policy("mode: deny, learn: 0s"),
+        identity_headers='xfcc: append_forward\ntrusted_forwarders: ["spiffe://example.org/ns/prod/*"]',
+    )
+    origin = "spiffe://example.org/ns/prod/sa/origin"
+    xfcc = f"X-Forwarded-Client-Cert: Hash={'cd' * 32};URI={origin}"
+    for _ in range(2):  # per request: the same origin via the same hop is known
+        assert (await curl(proxy, "/x", "-H", xfcc)).status == 200
+    assert (await curl(proxy, "/x", "-H", xfcc, cert="hop2")).status == 403
+    line = await _last_decision(proxy, 3)
+    assert line["reason"] == "identity_drift_new_network"
+    assert line["drift"] == ["new_network"]
+    (event,) = _drift_events(proxy)
+    assert event["subject"] == "origin" and event["spiffe_id"] == origin
+    evidence = event["evidence"]
+    assert isinstance(evidence, dict)
+    assert evidence["network"] == "via spiffe://example.org/ns/prod/sa/hop2"
