@@ -11,6 +11,7 @@ import socket
 import sqlite3
 from pathlib import Path
 
+import pytest
 import trio
 
 from proxy import demo_upstream
@@ -235,3 +236,13 @@ async def test_origin_behind_a_new_trusted_hop(
     evidence = event["evidence"]
     assert isinstance(evidence, dict)
     assert evidence["network"] == "via spiffe://example.org/ns/prod/sa/hop2"
+
+
+def test_a_drift_store_that_cannot_be_opened_stops_startup(tmp_path: Path, pki: Pki) -> None:
+    from proxy import app
+    from proxy.errors import ConfigError
+
+    extra = "drift_store: /nonexistent/d.sqlite\n"
+    cfg = write_config(tmp_path, pki, 9, policy=_policy("mode: alert"), extra=extra)
+    with pytest.raises(ConfigError, match="cannot open the drift store"):
+        app.build_runtime(app.read_config(cfg))

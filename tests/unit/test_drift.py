@@ -239,3 +239,32 @@ def test_prefixes_only_at_the_top() -> None:
     doc = "routes:\n  - {name: r, upstream: app, allow: [], drift: {ipv4_prefix: 16}}\n"
     with pytest.raises(PolicyError, match="unknown key 'ipv4_prefix'"):
         load_policy(doc.encode(), "policy.yaml")
+
+
+STORES = [
+    # name, config lines, expected drift_store (relative to /etc/pep)
+    ("beside_a_file_decision_log", "decision_log: /var/log/pep/decisions.jsonl\n",
+     "/var/log/pep/drift.sqlite"),
+    ("memory_with_stdout", "decision_log: stdout\n", None),
+    ("explicit_path", "drift_store: state/drift.sqlite\n", "/etc/pep/state/drift.sqlite"),
+    ("explicit_memory", "decision_log: /var/log/d.jsonl\ndrift_store: memory\n", None),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("lines", "expected"), [r[1:] for r in STORES], ids=[r[0] for r in STORES])
+def test_drift_store_setting(lines: str, expected: str | None) -> None:
+    from pathlib import Path
+
+    from proxy.config import load_config
+
+    doc = (
+        textwrap.dedent("""\
+        listen: 127.0.0.1:8443
+        tls: {svid: s.pem, key: k.pem, bundles: {example.org: b.pem}}
+        upstreams: {app: {url: "http://127.0.0.1:8080"}}
+        policy: policy.yaml
+        """)
+        + lines
+    )
+    config = load_config(doc.encode(), "pep.yaml", Path("/etc/pep"))
+    assert config.drift_store == (Path(expected) if expected else None)
