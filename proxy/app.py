@@ -20,7 +20,7 @@ from typing import Any
 
 import trio
 
-from proxy import __version__, admin, ui
+from proxy import __version__, admin, filewatch, ui
 from proxy.assertion import AssertionSigner
 from proxy.audit_sink import JsonLines
 from proxy.config import Config, TlsFiles, load_config
@@ -131,7 +131,7 @@ def build_runtime(
     metrics = Metrics()
     metrics.set_policy(policy.sha256)
     metrics.set_credentials(credentials)
-    return Runtime(
+    rt = Runtime(
         config,
         credentials,
         policy,
@@ -145,6 +145,8 @@ def build_runtime(
         policy_source=policy_source,
         status_fd=status_fd,
     )
+    rt.drift.activate(policy, starting=True)  # what was learned, before the first request
+    return rt
 
 
 def upstream_pools(
@@ -196,34 +198,8 @@ def load_signer(config: Config, issuer: str) -> AssertionSigner | None:
     return None
 
 
-def _stat(paths: list[Path]) -> tuple[tuple[int, int, int] | None, ...]:
-    out: list[tuple[int, int, int] | None] = []
-    for path in paths:
-        try:
-            st = os.stat(path)
-            out.append((st.st_mtime_ns, st.st_size, st.st_ino))
-        except OSError:
-            out.append(None)
-    return tuple(out)
-
-
-async def watch_files(
-    paths: Callable[[], list[Path]], interval: float, on_change: Callable[[], object]
-) -> None:
-    """Call ``on_change`` once the files' (mtime, size, inode) changed and then held still
-    for one interval, so a writer's half-done update (spiffe-helper truncates and rewrites
-    the SVID, then the key, then the bundle, in place) is not even tried. ``paths`` is
-    asked on every poll: a configuration reload may name other files."""
-    seen = _stat(paths())
-    pending = False
-    while True:
-        await trio.sleep(interval)
-        now = _stat(paths())
-        if now != seen:
-            seen, pending = now, True
-        elif pending:
-            pending = False
-            on_change()
+def _polling(rt: Runtime, files: str, reason: str) -> None:
+    rt.events.event("file_watch_polling", files=files, reason=reason)
 
 
 class CredentialReloader:
@@ -280,8 +256,10 @@ class PolicyReloader:
     reads ``rt.policy`` once and keeps that policy to its end. A bad edit is rejected,
     logged with file:line:column and counted; the last good policy keeps serving.
 
-    The file watch polls (mtime, size, inode) and reloads once they have stayed the same
-    for one interval, so an editor's half-written save is not even tried.
+    The file watch (``filewatch.watch``: kernel notifications, else polling) reloads
+    once the file has held still for ``policy_watch``, so an editor's half-written save
+    is not even tried; one that still fails to parse is rejected and tried again on the
+    next change.
 
     Under a supervisor the supervisor alone reads the policy file, validates each edit and
     logs and counts it once; ``on_accept`` (its hook) gets every accepted file's bytes and
@@ -370,22 +348,26 @@ class PolicyReloader:
         )
         return False
 
-    async def watch(self, interval: float) -> None:
-        await watch_files(
-            lambda: [self.rt.config.policy_path], interval, lambda: self.reload("watch")
+    async def watch(self, quiet: float) -> None:
+        await filewatch.watch(
+            lambda: [self.rt.config.policy_path],
+            quiet,
+            lambda: self.reload("watch"),
+            functools.partial(_polling, self.rt, "policy"),
         )
 
-    async def follow_supervisor(self, interval: float = 0.25) -> None:
+    async def follow_supervisor(self) -> None:
         """A worker: reload as soon as the supervisor replaced its copy of the policy (it
-        renames a complete file into place, so no waiting for the writer)."""
-        assert self.rt.policy_source is not None
-        seen = _stat([self.rt.policy_source])
-        while True:
-            await trio.sleep(interval)
-            now = _stat([self.rt.policy_source])
-            if now != seen:
-                seen = now
-                self.reload("supervisor")
+        renames a complete file into place, so hardly any waiting for a writer): kernel
+        notifications, so a revocation reaches every worker within milliseconds."""
+        source = self.rt.policy_source
+        assert source is not None
+        await filewatch.watch(
+            lambda: [source],
+            0.005,
+            lambda: self.reload("supervisor"),
+            functools.partial(_polling, self.rt, "policy copy"),
+        )
 
 
 def follow_credentials(nursery: trio.Nursery, rt: Runtime, reloader: CredentialReloader) -> None:
@@ -393,10 +375,11 @@ def follow_credentials(nursery: trio.Nursery, rt: Runtime, reloader: CredentialR
     API sends an update."""
     if rt.config.tls.watch:
         nursery.start_soon(
-            watch_files,
+            filewatch.watch,
             lambda: rt.config.tls.files,  # a configuration reload may name other files
             rt.config.tls.watch,
             lambda: reloader.reload("watch"),
+            functools.partial(_polling, rt, "tls"),
         )
     if rt.x509_source is not None:
         rt.x509_source.follow(lambda: reloader.reload("workload_api"))
@@ -413,6 +396,7 @@ _RESTART_ONLY: dict[str, Callable[[Config], object]] = {
     "policy_watch": lambda c: c.policy_watch,
     "tls.watch": lambda c: c.tls.watch,
     "tls.workload_api": lambda c: (c.tls.workload_api, c.tls.wait_for_svid),
+    "drift_store": lambda c: c.drift_store,
 }
 
 
@@ -433,6 +417,7 @@ def _live_part(new: Config, running: Config) -> Config:
         assertion_key=running.assertion_key,
         policy_watch=running.policy_watch,
         tls=tls,
+        drift_store=running.drift_store,
     )
 
 
@@ -804,6 +789,7 @@ async def serve(
             elif cfg.policy_watch:
                 services.start_soon(reloader.watch, cfg.policy_watch)
             follow_credentials(services, rt, creds_reloader)
+            services.start_soon(rt.drift.run, lambda: rt.changed, lambda: rt.policy)
             services.start_soon(on_signals, config_reloader, reloader, creds_reloader)
 
             async def handler(stream: trio.SocketStream) -> None:
@@ -844,6 +830,8 @@ async def serve(
             rt.events.event("drained", cut_connections=rt.open_connections)
             services.cancel_scope.cancel()
     finally:
+        rt.drift.flush()  # what was learned and not yet written
+        rt.drift.close()
         for pool in rt.pools.values():
             with trio.CancelScope(shield=True):
                 await pool.aclose()

@@ -35,6 +35,7 @@ class Exchange:
     upstream_status: int | None = None
     bytes_in: int = 0
     bytes_out: int = 0
+    drift: tuple[str, ...] = ()  # kinds of subject drift seen (``proxy.drift``)
 
 
 _PID = os.getpid()
@@ -87,4 +88,5 @@ def build_record(
         "bytes_in": ex.bytes_in,
         "bytes_out": ex.bytes_out,
         "duration_ms": round(duration_s * 1000, 3),
+        "drift": list(ex.drift) if ex.drift else None,
     }

@@ -111,6 +111,10 @@ def check_config(path: Path, files: bool = True) -> Report:
             problem = _log_file(config, key, target)
             if problem:
                 report.errors.append(problem)
+        if policy is not None and policy.drift_configs and config.drift_store is not None:
+            problem = _log_file(config, "drift_store", str(config.drift_store))
+            if problem:
+                report.errors.append(problem)
     else:
         report.skipped.append(
             "the files the configuration names (SVID, key, bundles, assertion key, log "

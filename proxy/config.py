@@ -97,7 +97,7 @@ class TlsFiles:
     key: Path | None
     bundles: dict[TrustDomain, Path]
     jwt_bundles: dict[TrustDomain, Path] = field(default_factory=dict)
-    watch: float | None = 1.0  # poll interval for rotation; None: SIGHUP only
+    watch: float | None = 1.0  # reload once the files held still this long; None: SIGHUP only
     workload_api: str | None = None  # unix:///path or tcp://ip:port
     # How long start-up waits for the SVID: files not written yet (spiffe-helper starts
     # beside the proxy), or the Workload API's first answer. 0: fail at once.
@@ -125,13 +125,16 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     source: str = "<config>"
     admin: tuple[str, int] | None = ("127.0.0.1", 9901)
-    policy_watch: float | None = 1.0
+    policy_watch: float | None = 0.05  # reload once the policy held still this long
     assertion_key: Path | None = None
     proxy_protocol: bool = False
     workers: int = 1  # AUTO_WORKERS ("auto" in YAML): one per CPU the process may use
     http: HttpRules = field(default_factory=HttpRules)
     admin_hosts: tuple[str, ...] = ()  # Host names the admin listener answers, beside loopback
     event_log: str = "stderr"  # operational events: stdout, stderr or a file path
+    # What subject-drift detection learned (SQLite, shared by workers). None: kept in
+    # each process's memory only.
+    drift_store: Path | None = None
 
     def canonical_rules(self) -> canonical.Rules:
         """How this proxy canonicalises requests (``proxy.canonical``)."""
@@ -326,6 +329,7 @@ def load_config(data: bytes, filename: str, base_dir: Path) -> Config:
             "workers",
             "http",
             "admin_hosts",
+            "drift_store",
         ],
     )
 
@@ -443,11 +447,12 @@ def load_config(data: bytes, filename: str, base_dir: Path) -> Config:
                 admin = parse_address(r.string(top["admin"], ("admin",)))
             except ValueError as exc:
                 raise r.fail(("admin",), f"{exc} (or off)") from None
-    policy_watch: float | None = 1.0
+    policy_watch: float | None = Config.policy_watch
     if "policy_watch" in top:
         value = top["policy_watch"]
         policy_watch = None if value in (False, "off") else r.duration(value, ("policy_watch",))
 
+    decision_log = log("decision_log", "stdout")
     return Config(
         host,
         port,
@@ -455,7 +460,7 @@ def load_config(data: bytes, filename: str, base_dir: Path) -> Config:
         upstreams,
         path(top["policy"], ("policy",)),
         identity,
-        log("decision_log", "stdout"),
+        decision_log,
         timeouts,
         limits,
         filename,
@@ -470,7 +475,21 @@ def load_config(data: bytes, filename: str, base_dir: Path) -> Config:
             for h in r.string_list(top.get("admin_hosts", []), ("admin_hosts",), allow_empty=True)
         ),
         event_log=log("event_log", "stderr"),
+        drift_store=_drift_store(top, decision_log, path),
     )
+
+
+def _drift_store(top: dict[str, Any], decision_log: str, path: Any) -> Path | None:
+    """``drift_store``: a path, or ``memory``; by default ``drift.sqlite`` beside the
+    decision log when that is a file, else memory."""
+    if "drift_store" not in top:
+        if decision_log in ("stdout", "stderr"):
+            return None
+        return Path(decision_log).parent / "drift.sqlite"
+    value = top["drift_store"]
+    if value in (False, "off", "memory"):
+        return None
+    return Path(path(value, ("drift_store",)))
 
 
 def _workers(r: Reader, value: Any) -> int:

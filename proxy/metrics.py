@@ -130,6 +130,20 @@ class Metrics:
             registry=r,
         )
 
+        self.identity_drift = Counter(
+            "spiffe_pep_identity_drift",
+            "Subject drift (an identity from a new network, with two live credentials, "
+            "from a new CA, or with a far longer credential lifetime), by kind and mode "
+            "(alert or deny); once per connection, identity and kind.",
+            ["kind", "mode"],
+            registry=r,
+        )
+        self.drift_dropped = Counter(
+            "spiffe_pep_drift_facts_dropped",
+            "Learned facts not written to the drift store because its queue was full.",
+            registry=r,
+        )
+
     def count_request(
         self, route: str, decision: str, reason: str, mode: str, seconds: float
     ) -> None:

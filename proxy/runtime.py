@@ -18,6 +18,7 @@ from proxy import canonical
 from proxy.assertion import AssertionSigner
 from proxy.audit_sink import JsonLines
 from proxy.config import Config
+from proxy.drift_store import DriftLearner
 from proxy.forward import UpstreamPool
 from proxy.metrics import Metrics
 from proxy.policy.model import Policy
@@ -63,11 +64,17 @@ class Runtime:
     changed: trio.Event = field(default_factory=trio.Event)
     rules: canonical.Rules = field(init=False)
     upstream_rules: dict[str, canonical.UpstreamRules] = field(init=False)
+    # What subject-drift detection learned (``proxy.drift_store``).
+    drift: DriftLearner = field(init=False)
 
     def __post_init__(self) -> None:
         self.set_config(self.config)
         self.events.tap = self.recent.event
         self.recent.announce = self._credential_seen
+
+        self.drift = DriftLearner(
+            self.config.drift_store, self.metrics, lambda name, **f: self.events.event(name, **f)
+        )
 
     def _credential_seen(self, c: Credential) -> None:
         """A client certificate not seen before (by this process, lately): logged, so

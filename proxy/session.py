@@ -22,12 +22,13 @@ import traceback
 import h11
 import trio
 
-from proxy import audit, canonical, exchange, headers, http1, svid
+from proxy import audit, canonical, drift, exchange, headers, http1, svid
 from proxy.canonical import CanonicalRequest, Refusal
 from proxy.decide import Verdict, decide
+from proxy.drift_store import ConnectionDrift
 from proxy.errors import ClientGone, HttpError, SvidError, UpstreamError
 from proxy.peer import Presented, reverify
-from proxy.policy.evaluate import ALLOWED
+from proxy.policy.evaluate import ALLOWED, Decision
 from proxy.policy.model import Policy
 from proxy.rewrite import Origin, OriginRefused, PeerHeaders
 from proxy.runtime import Runtime
@@ -113,6 +114,7 @@ class HttpSession:
         # Set when a response was cut short (the upstream broke mid-body): the connection
         # then ends without close_notify, so no client mistakes it for a complete one.
         self.truncated = False
+        self._drift: ConnectionDrift | None = None  # judged at the first request
 
     # --- client I/O -------------------------------------------------------------------
 
@@ -438,6 +440,45 @@ class HttpSession:
             self._cache[key] = verdict
         return verdict
 
+    def judge_drift(
+        self, policy: Policy, decision: Decision, hop: Origin, ex: audit.Exchange
+    ) -> Decision:
+        """Subject drift under the route's ``drift:`` setting (the policy's when no route
+        matched): the peer judged once per connection, an origin behind a trusted hop
+        once per origin. Named on the decision line; with ``mode: deny`` an allowed
+        request is refused as ``identity_drift_<kind>``."""
+        route = decision.route
+        config = route.drift if route is not None else policy.drift
+        if config is None:
+            return decision
+        if self._drift is None:
+            self._drift = ConnectionDrift(self.rt.drift, self.peer, self.peer_ip, policy)
+        origin = None
+        if hop.spiffe_id is not None:
+            origin = (str(hop.spiffe_id), str(self.peer.spiffe_id), hop.sha256)
+        found = self._drift.judge(
+            policy,
+            config,
+            origin,
+            peer_addr=self.peer_addr,
+            request_id=ex.request_id,
+            route=decision.route_name,
+        )
+        if not found:
+            return decision
+        ex.drift = tuple(dict.fromkeys(f.kind for f in found))
+        if config.mode != drift.DENY or not decision.allowed:
+            return decision
+        kind = found[0].kind
+        return Decision(
+            False,
+            drift.REASON_PREFIX + kind,
+            route,
+            f"drift.{kind} ({config.location})",
+            decision.audit,
+            decision.jwt,
+        )
+
     def canonical(self, req: h11.Request, hdrs: headers.Headers) -> CanonicalRequest:
         """Stage 1: the canonical request, or an ``HttpError`` carrying the refusal."""
         result = canonical.build(req.method, req.target, hdrs, self.rt.rules, req.http_version)
@@ -480,7 +521,10 @@ class HttpSession:
             token = _bearer_token(request.headers, policy.jwt_header)
             ex.jwt_presented = token is not None
             verdict = self.verdict(request, hop, policy, started, token)
-            ex.decision = decision = verdict.decision
+            decision = verdict.decision
+            if policy.drift_configs:
+                decision = self.judge_drift(policy, decision, hop, ex)
+            ex.decision = decision
             ex.outcome = audit.ALLOW if decision.allowed else audit.DENY
             ex.reason = decision.reason
             if verdict.refusal is not None:

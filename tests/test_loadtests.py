@@ -234,3 +234,21 @@ def test_decision_log_generator_is_deterministic_and_feeds_the_governance_comman
     assert done.returncode == 1 and ("route_never_hit", "legacy-export") in kinds
     done = pep("inventory", *logs, "--format", "json")
     assert done.returncode == 0 and len(json.loads(done.stdout)["identities"]) > 100
+
+
+def test_revocation_benchmark_runs(tmp_path: Path) -> None:
+    """Two revocations per kind of connection against --workers 2 (50 in the real run)."""
+    out = tmp_path / "revocation.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "loadtests.revocation", "--revocations", "2", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(out.read_text())
+    assert result["workers"] == 2 and result["reload_failures"] == 0
+    for kind in ("new", "keepalive", "tunnel"):
+        k = result["kinds"][kind]
+        assert k["timeouts"] == 0 and k["all"]["n"] == 2
+        assert 0 < k["all"]["p50_ms"] <= k["all"]["max_ms"]
+        assert k["by_id"]["n"] == k["by_cert_sha256"]["n"] == 1
+    assert "p99 ms" in done.stdout

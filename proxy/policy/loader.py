@@ -12,6 +12,7 @@ import re
 from collections.abc import Collection
 from typing import Any
 
+from proxy import drift
 from proxy.errors import ConfigError, PolicyError, SpiffeIdError
 from proxy.policy.model import AUDIT, ENFORCE, Policy, PolicyTest, Route, RouteMatch
 from proxy.policy.patterns import HostPattern, PathMatch, read_patterns
@@ -32,6 +33,7 @@ ROUTE_KEYS = [
     "keep_token",
     "mode",
     "max_cert_lifetime",
+    "drift",
 ]
 
 
@@ -62,13 +64,13 @@ def load_policy(
         doc,
         (),
         required=["routes"],
-        optional=["revoked", "max_cert_lifetime", "mode", "jwt", "tests"],
+        optional=["revoked", "max_cert_lifetime", "mode", "jwt", "tests", "drift"],
     )
     errors: list[ConfigError] = []
 
-    def collect(fn: Any, *args: Any) -> Any:
+    def collect(fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args)
+            return fn(*args, **kwargs)
         except PolicyError as exc:
             errors.append(exc)
             return None
@@ -84,13 +86,20 @@ def load_policy(
         frozenset(),
     )
     jwt_header, leeway = collect(_jwt, r, top.get("jwt")) or ("authorization", 60.0)
+    policy_drift = None
+    prefixes = drift.Prefixes()
+    if "drift" in top:
+        policy_drift = collect(drift.read_config, r, top["drift"], ("drift",), None, top=True)
+        prefixes = collect(drift.read_prefixes, r, top["drift"], ("drift",)) or prefixes
 
     if not isinstance(top["routes"], list):
         raise r.fail(("routes",), "expected a list of routes")
     routes: list[Route] = []
     names: dict[str, Route] = {}
     for i, raw in enumerate(top["routes"]):
-        route = collect(_route, r, raw, ("routes", i), upstreams, mode, case_insensitive)
+        route = collect(
+            _route, r, raw, ("routes", i), upstreams, mode, case_insensitive, policy_drift
+        )
         if route is None:
             continue
         twin = _case_twin(route, routes)
@@ -142,6 +151,8 @@ def load_policy(
         jwt_header,
         leeway,
         tuple(tests),
+        policy_drift,
+        prefixes,
     )
 
 
@@ -219,6 +230,7 @@ def _route(
     upstreams: Collection[str] | None,
     default_mode: str,
     case_insensitive: Collection[str] = (),
+    policy_drift: drift.DriftConfig | None = None,
 ) -> Route:
     m = r.mapping(raw, path, required=["name", "upstream", "allow"], optional=ROUTE_KEYS)
     name = r.string(m["name"], (*path, "name"))
@@ -264,6 +276,9 @@ def _route(
         r.source.at(path),
         origin,
         upstream in case_insensitive,
+        drift.read_config(r, m["drift"], (*path, "drift"), policy_drift)
+        if "drift" in m
+        else policy_drift,
     )
 
 

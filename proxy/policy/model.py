@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from proxy.drift import DENY, DriftConfig, Prefixes
 from proxy.policy.matcher import IdentityMatcher, RouteIndex
 from proxy.policy.patterns import HostPattern, IdentityPattern, PathMatch
 
@@ -68,6 +69,8 @@ class Route:
     anyway. ``max_cert_lifetime`` (seconds) refuses longer-lived client certificates.
     ``origin``, when set, must match the origin identity: the caller a trusted forwarder
     names as the first element of its XFCC (``allow`` then applies to the forwarder).
+    ``drift``: the subject-drift setting for requests of this route (the policy's unless
+    the route sets its own; None: not judged).
     """
 
     name: str
@@ -83,6 +86,7 @@ class Route:
     location: str = ""
     origin: tuple[IdentityPattern, ...] = ()
     fold_case: bool = False  # its upstream ignores case: match the case-folded path
+    drift: DriftConfig | None = None
     allow_matcher: IdentityMatcher = field(init=False, repr=False, compare=False)
     deny_matcher: IdentityMatcher = field(init=False, repr=False, compare=False)
     origin_matcher: IdentityMatcher = field(init=False, repr=False, compare=False)
@@ -124,9 +128,19 @@ class Policy:
     jwt_header: str = "authorization"
     jwt_leeway: float = 60.0
     tests: tuple[PolicyTest, ...] = ()
+    drift: DriftConfig | None = None  # the policy-wide ``drift:`` (routes carry their own)
+    drift_prefixes: Prefixes = field(default_factory=Prefixes)
     index: RouteIndex = field(init=False, repr=False, compare=False)
+    # Every distinct drift setting in force (the policy's and the routes'), and those
+    # that refuse: learning skips what one of those refuses.
+    drift_configs: tuple[DriftConfig, ...] = field(init=False, repr=False, compare=False)
+    drift_deny: tuple[DriftConfig, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        configs = {id(c): c for c in (self.drift, *(r.drift for r in self.routes)) if c}
+        object.__setattr__(self, "drift_configs", tuple(configs.values()))
+        deny = tuple(c for c in self.drift_configs if c.mode == DENY)
+        object.__setattr__(self, "drift_deny", deny)
         paths = [
             (r.match.path.kind, r.match.path.value) if r.match.path and not r.fold_case else None
             for r in self.routes

@@ -42,6 +42,7 @@ CORE = [
     "recent",
     "identity_map",
     "ui_page",
+    "drift",
 ]
 FORBIDDEN = {
     "trio",
@@ -78,6 +79,8 @@ SHELL = {
     "cpus",
     "ui",
     "graphviz",
+    "filewatch",
+    "drift_store",
 }
 
 

@@ -1,0 +1,107 @@
+"""The policy file is watched with kernel notifications: an edit is in force within a
+fraction of a second, a half-written file is never tried while it keeps changing, one
+that fails to parse is tried again on the next change, an atomic rename is seen, and
+polling still works where inotify is not available."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import trio
+
+from proxy import filewatch
+from tests.conftest import CLIENT_ID, Pki
+from tests.integration.harness import POLICY, Proxy, start, wait_until
+
+
+def _events(proxy: Proxy, name: str) -> list[dict[str, object]]:
+    return [e for e in proxy.events() if e["event"] == name]
+
+
+REVOKED = f'revoked: {{ids: ["{CLIENT_ID}"]}}\n' + POLICY
+
+
+async def test_policy_edit_is_in_force_well_within_a_second(
+    nursery: trio.Nursery, tmp_path: Path, pki: Pki
+) -> None:
+    proxy = await start(nursery, tmp_path, pki, policy_watch="50ms")
+    await trio.sleep(0.2)  # the watch is up
+    old = proxy.rt.policy
+    for i in range(3):
+        written = time.monotonic()
+        (tmp_path / "policy.yaml").write_text(REVOKED + f"# edit {i}\n")
+        await wait_until(lambda: proxy.rt.policy is not old, timeout=2, interval=0.005)  # noqa: B023
+        assert time.monotonic() - written < 1.0
+        old = proxy.rt.policy
+    assert CLIENT_ID in proxy.rt.policy.revoked_ids
+    assert not _events(proxy, "file_watch_polling")
+
+
+async def test_a_file_still_being_written_is_not_tried(
+    nursery: trio.Nursery, tmp_path: Path, pki: Pki
+) -> None:
+    proxy = await start(nursery, tmp_path, pki, policy_watch="300ms")
+    await trio.sleep(0.2)
+    path = tmp_path / "policy.yaml"
+    with path.open("w") as f:  # in place, in two parts, as a slow writer does
+        f.write(REVOKED[:40])  # not a valid policy
+        f.flush()
+        await trio.sleep(0.1)
+        f.write(REVOKED[40:])
+    await wait_until(lambda: _events(proxy, "policy_reloaded"))
+    assert not _events(proxy, "policy_reload_failed")
+    assert CLIENT_ID in proxy.rt.policy.revoked_ids
+
+
+async def test_a_bad_file_is_tried_again_on_the_next_change(
+    nursery: trio.Nursery, tmp_path: Path, pki: Pki
+) -> None:
+    proxy = await start(nursery, tmp_path, pki, policy_watch="50ms")
+    await trio.sleep(0.2)
+    path = tmp_path / "policy.yaml"
+    path.write_text(REVOKED[:40])
+    await wait_until(lambda: _events(proxy, "policy_reload_failed"))
+    assert proxy.rt.policy.revoked_ids == frozenset()  # never swapped in
+    path.write_text(REVOKED)
+    await wait_until(lambda: _events(proxy, "policy_reloaded"))
+    assert CLIENT_ID in proxy.rt.policy.revoked_ids
+
+
+async def test_an_atomic_rename_is_seen(nursery: trio.Nursery, tmp_path: Path, pki: Pki) -> None:
+    proxy = await start(nursery, tmp_path, pki, policy_watch="50ms")
+    await trio.sleep(0.2)
+    tmp = tmp_path / ".policy.yaml.tmp"
+    tmp.write_text(REVOKED)
+    os.replace(tmp, tmp_path / "policy.yaml")
+    await wait_until(lambda: CLIENT_ID in proxy.rt.policy.revoked_ids, timeout=3)
+
+
+async def test_polling_where_there_are_no_kernel_notifications(tmp_path: Path) -> None:
+    path = tmp_path / "watched"
+    path.write_text("one")
+    calls: list[float] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            lambda: filewatch.watch(
+                lambda: [path], 0.05, lambda: calls.append(time.monotonic()), kernel=False
+            )
+        )
+        await trio.sleep(0.1)
+        path.write_text("two, longer")
+        await wait_until(lambda: calls)
+        await trio.sleep(0.3)
+        assert len(calls) == 1  # once per change
+        nursery.cancel_scope.cancel()
+
+
+async def test_kernel_watch_stops_promptly_when_cancelled(tmp_path: Path) -> None:
+    path = tmp_path / "watched"
+    path.write_text("one")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(filewatch.watch, lambda: [path], 0.05, lambda: None)
+        await trio.sleep(0.2)
+        started = time.monotonic()
+        nursery.cancel_scope.cancel()
+    assert time.monotonic() - started < 0.5
