@@ -76,7 +76,7 @@ class Supervisor:
     count: int
     workdir: Path
     workers: list[Worker] = field(default_factory=list)
-    stopping: bool = False
+    stopping: int = 0  # 1: draining, 2: a second signal came
 
     @property
     def policy_copy(self) -> Path:
@@ -308,10 +308,18 @@ class Supervisor:
                         policy.reload("sighup")
                         self._signal_all(signal.SIGHUP)
                         continue
-                    if self.stopping:  # a second signal: stop now
+                    if self.stopping == 1:
+                        # A second signal: every worker gets a second one too and stops at
+                        # once, logging the requests it cuts (proxy_stopped); one that
+                        # hangs is killed after two seconds, or at a third signal.
+                        self.stopping = 2
+                        self._signal_all(signal.SIGTERM)
+                        nursery.start_soon(self._await_workers, nursery, 2.0)
+                        continue
+                    if self.stopping:
                         self._signal_all(signal.SIGKILL)
                         break
-                    self.stopping = True
+                    self.stopping = 1
                     self.rt.drain_requested.set()  # /readyz: 503 draining from now on
                     self.rt.events.event(
                         "stopping",

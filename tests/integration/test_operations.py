@@ -207,8 +207,9 @@ async def test_log_files_are_reopened_after_logrotate(
     assert code == 0, proc.stderr.read().decode() if proc.stderr else ""
 
 
+@pytest.mark.parametrize("workers", [1, 2], ids=["one_process", "supervisor_and_workers"])
 async def test_request_cut_by_a_second_sigterm_is_logged_as_such(
-    nursery: trio.Nursery, tmp_path: Path, pki: Pki
+    nursery: trio.Nursery, tmp_path: Path, pki: Pki, workers: int
 ) -> None:
     upstream = await nursery.start(demo_upstream.serve, "127.0.0.1", 0)
     port = free_port()
@@ -216,12 +217,13 @@ async def test_request_cut_by_a_second_sigterm_is_logged_as_such(
         tmp_path, pki, upstream, listen=f"127.0.0.1:{port}", timeouts="timeouts: {drain: 30s}\n"
     )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "run", "-c", str(cfg), "--workers", "1"],
+        [sys.executable, "-m", "proxy", "run", "-c", str(cfg), "--workers", str(workers)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
     try:
         await wait_listening(port, proc)
+        await trio.sleep(0.5 * workers)  # every worker listening
         slow = await trio.lowlevel.open_process(
             ["curl", "-sS", *pki.client_args(), f"https://localhost:{port}/sleep/20"],
             stdout=subprocess.DEVNULL,
