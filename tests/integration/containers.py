@@ -39,6 +39,14 @@ def unavailable() -> str | None:
     return None
 
 
+def _software() -> list[Path]:
+    """The checkout and the Python installation(s) the tests run from, outermost first
+    (a directory inside another one listed is left out)."""
+    paths = {Path(__file__).resolve().parents[2], Path(sys.prefix), Path(sys.base_prefix)}
+    paths = {p.resolve() for p in paths}
+    return sorted(p for p in paths if not any(q != p and q in p.parents for q in paths))
+
+
 def cpu_max(quantity: str) -> str:
     """A Kubernetes CPU quantity ("2", "1500m") as the cgroup v2 ``cpu.max`` the kubelet
     writes for it (period 100 ms)."""
@@ -85,6 +93,17 @@ class Container:
             lines += [f"mkdir -p {target}", f"mount --bind {q(str(source))} {target}"]
             if ro:
                 lines.append(f"mount -o remount,bind,ro {target}")
+        # The software under test (the checkout, its venv, the Python it runs on), read
+        # only, at the same paths: wherever the checkout lives (under /tmp, which a volume
+        # of the pod hides, or on a file system the root overlay does not include), the
+        # image's code is there, as it would be in an image.
+        for path in _software():
+            target = q(f"{root}{path}")
+            lines += [
+                f"mkdir -p {target}",
+                f"mount --bind {q(str(path))} {target}",
+                f"mount -o remount,bind,ro {target}",
+            ]
         if self.read_only_root:
             lines.append(f"mount -o remount,ro {q(str(root))}")
         lines.append("ip link set lo up")
