@@ -224,8 +224,8 @@ async def test_kubernetes_example_runs_as_written(tmp_path: Path, pki: Pki) -> N
             while True:
                 _, text = await _run(proc.pid, "curl", "-sS", f"http://127.0.0.1:{admin}/status")
                 status = json.loads(text)
-                if all(w["alive"] for w in status["workers"]):
-                    break
+                if all(w["alive"] and w["serving"] for w in status["workers"]):
+                    break  # /readyz waits for every worker to serve, not just to exist
                 await trio.sleep(0.3)
         assert len(status["workers"]) == min(int(float(limit)), len(os.sched_getaffinity(0)))
         readyz = ["curl", "-sS", "-w", "\n%{http_code}", f"http://127.0.0.1:{admin}/readyz"]

@@ -241,7 +241,9 @@ class ProxyProcess:
         path = self.dir / "decisions.jsonl"
         while True:
             if path.exists():
-                for line in path.read_text().splitlines():
+                for line in path.read_text().splitlines(keepends=True):
+                    if not line.endswith("\n"):
+                        break  # the line being written: read it whole next time
                     record = json.loads(line)
                     if record.get("request_id") == request_id:
                         return dict(record)
