@@ -47,7 +47,7 @@ async def test_workers_share_port_restart_reload_and_drain(
                 try:
                     status = await _status(admin)
                     if (
-                        all(w["alive"] for w in status["workers"])
+                        all(w["alive"] and w["serving"] for w in status["workers"])
                         and await _get(pki, port, "/x") == 200
                     ):
                         break
