@@ -60,6 +60,8 @@ SHELL = {
     "tls_stream",
     "forward",
     "server",
+    "loading",
+    "reload",
     "session",
     "exchange",
     "runtime",
