@@ -332,7 +332,9 @@ async def _guard(f: Forward, last: list[float], cancel: trio.CancelScope) -> Non
             await changed.wait()
         reason = client.still_trusted()
         if reason is None:
-            verdict = client.verdict(f.request, f.hop, rt.policy, dt.datetime.now(dt.UTC))
+            policy = rt.policy
+            token = headers.bearer_token(f.request.headers, policy.jwt_header)
+            verdict = client.verdict(f.request, f.hop, policy, dt.datetime.now(dt.UTC), token)
             if not verdict.forward:
                 reason = verdict.refusal.reason if verdict.refusal else verdict.decision.reason
         if reason is None and trio.current_time() >= last[0] + idle:

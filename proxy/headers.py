@@ -51,7 +51,6 @@ _REQUEST_ID_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuv
 MAX_REQUEST_ID = 128
 # Set by the proxy itself: any copy from the client is dropped.
 _PROXY_SET = frozenset({XFCC, b"x-forwarded-for", b"x-forwarded-proto", REQUEST_ID, b"expect"})
-_PROXY_SET = frozenset({XFCC, b"x-forwarded-for", b"x-forwarded-proto", REQUEST_ID, b"expect"})
 
 
 def connection_tokens(headers: Headers) -> set[bytes]:
@@ -143,3 +142,17 @@ def downstream_response_headers(headers: Headers, request_id: str) -> HeaderList
     out = strip_hop_by_hop(headers, frozenset({REQUEST_ID}))
     out.append((REQUEST_ID, request_id.encode("ascii")))
     return out
+
+
+def bearer_token(hdrs: Headers, name: str) -> str | None:
+    """The token from ``Authorization: Bearer <t>``, or the value of a custom header
+    (where a ``Bearer`` prefix is optional)."""
+    raw = name.encode("ascii")
+    for n, v in hdrs:
+        if n == raw:
+            value = v.decode("ascii", "replace").strip()
+            scheme, _, rest = value.partition(" ")
+            if scheme.lower() == "bearer":
+                return rest.strip() or None
+            return None if raw == b"authorization" else value or None
+    return None

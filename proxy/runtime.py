@@ -71,7 +71,6 @@ class Runtime:
         self.set_config(self.config)
         self.events.tap = self.recent.event
         self.recent.announce = self._credential_seen
-
         self.drift = DriftLearner(
             self.config.drift_store, self.metrics, lambda name, **f: self.events.event(name, **f)
         )

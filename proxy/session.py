@@ -40,20 +40,6 @@ _VERDICT_CACHE = 32  # verdicts remembered per connection
 STOPPED = "proxy_stopped"  # a request cut because the proxy stopped before it was done
 
 
-def _bearer_token(hdrs: headers.Headers, name: str) -> str | None:
-    """The token from ``Authorization: Bearer <t>``, or the value of a custom header
-    (where a ``Bearer`` prefix is optional)."""
-    raw = name.encode("ascii")
-    for n, v in hdrs:
-        if n == raw:
-            value = v.decode("ascii", "replace").strip()
-            scheme, _, rest = value.partition(" ")
-            if scheme.lower() == "bearer":
-                return rest.strip() or None
-            return None if raw == b"authorization" else value or None
-    return None
-
-
 def _json_body(error: str, reason: str, request_id: str) -> bytes:
     return json.dumps({"error": error, "reason": reason, "request_id": request_id}).encode()
 
@@ -396,7 +382,7 @@ class HttpSession:
         hop: Origin,
         policy: Policy,
         now: dt.datetime,
-        token: str | None = None,
+        token: str | None,
     ) -> Verdict:
         """Stage 2: the policy's verdict on the canonical request, for this peer.
 
@@ -404,8 +390,6 @@ class HttpSession:
         object, trust store, peer and canonical request, ``decide`` gives the same
         verdict until the peer's certificate expires (the only clock it reads then), so
         a keep-alive client repeating a request skips the evaluation."""
-        if token is None:
-            token = _bearer_token(request.headers, policy.jwt_header)
         cacheable = token is None and now <= self.peer.not_after
         if cacheable:
             was = self._cached_for
@@ -518,7 +502,7 @@ class HttpSession:
             origin = hop.spiffe_id
             ex.origin = str(origin) if origin else None
             ex.origin_sha256 = hop.sha256
-            token = _bearer_token(request.headers, policy.jwt_header)
+            token = headers.bearer_token(request.headers, policy.jwt_header)
             ex.jwt_presented = token is not None
             verdict = self.verdict(request, hop, policy, started, token)
             decision = verdict.decision

@@ -65,7 +65,7 @@ class Credentials:
     jwt_authorities: dict[TrustDomain, dict[str, bundle_mod.PublicKey]]
     client_context: SSL.Context  # for mTLS to upstreams, presenting the same SVID
     loaded_at: dt.datetime = dataclasses.field(default_factory=lambda: dt.datetime.now(dt.UTC))
-    # Verified peer SVIDs by the exact DER chain presented (see server._verified_peer). It
+    # Verified peer SVIDs by the exact DER chain presented (see peer.verify_presented). It
     # lives and dies with these credentials, so a bundle change empties it.
     peer_cache: dict[tuple[bytes, ...], tuple[Any, float, tuple[bytes, ...]]] = dataclasses.field(
         default_factory=dict, compare=False, repr=False
