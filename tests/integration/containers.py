@@ -104,6 +104,8 @@ class Container:
                 f"mount --bind {q(str(path))} {target}",
                 f"mount -o remount,bind,ro {target}",
             ]
+            # Reachable by the container's uid (mktemp -d makes its directory 0700).
+            lines += [f"chmod o+x {q(f'{root}{parent}')}" for parent in path.parents[:-1]]
         if self.read_only_root:
             lines.append(f"mount -o remount,ro {q(str(root))}")
         lines.append("ip link set lo up")
