@@ -1,17 +1,18 @@
 """Watching the files the proxy reloads (the policy, the SVID, key and bundles).
 
-A change is seen through kernel notifications (inotify, by watchfiles' watcher, whose
-blocking wait anyio runs in a thread under trio), within ``STEP_MS`` or two of the write.
-A writer may still be writing then (an editor's save, spiffe-helper rewriting the SVID,
-the key and the bundle one after the other, in place), so the reload waits until the
-files have held still (same mtime, ctime, size and inode) for ``quiet`` seconds. A
-half-written file that fails to parse is not swapped in by the reloader; the rest of the
-write is a new event, which tries again.
+A change is seen through kernel notifications (``proxy.inotify``: the descriptor sits
+in trio's own event loop, no thread) as soon as the write lands. A writer may still be
+writing then (an editor's save, spiffe-helper rewriting the SVID, the key and the bundle
+one after the other, in place), so the reload waits until the files have held still
+(same mtime, ctime, size and inode) for ``quiet`` seconds. A half-written file that
+fails to parse is not swapped in by the reloader; the rest of the write is a new event,
+which tries again.
 
-What is watched is each file's directory, not the file: an atomic save renames another
-file over it (a new inode, which a watch on the old one would never report) and a
-Kubernetes ConfigMap swaps a ``..data`` symlink beside it. Only events for the files and
-for ``..``-prefixed names pass, so a busy log file in the same directory wakes nothing.
+Each file is watched for writes, and its directory for names appearing and going only:
+an atomic save renames another file over it (a new inode, whose watch is then added)
+and a Kubernetes ConfigMap swaps a ``..data`` symlink beside it. Only the files' names
+and ``..``-prefixed names pass, and a busy log file in the same directory makes the
+kernel report nothing at all (the directory is not watched for writes).
 
 Without inotify (no instance left, a filesystem without it) the watch falls back to
 polling: a change is reloaded once it has held still for one ``quiet`` interval.
@@ -23,13 +24,14 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-import anyio
 import trio
-import watchfiles
 
-STEP_MS = 20  # how often the watch thread looks at what the kernel reported
+from proxy import inotify
+
+# Set (not "0") to poll instead: a network filesystem, whose remote writes inotify does
+# not see. The second name is the one watchfiles read, kept for existing deployments.
+FORCE_POLLING = ("SPIFFE_PEP_FORCE_POLLING", "WATCHFILES_FORCE_POLLING")
 RECHECK_MS = 1000  # with no event, wake this often: the paths may have changed (SIGHUP)
-DEBOUNCE_MS = 200  # at most this long gathering a burst of events before waking
 
 Paths = Callable[[], list[Path]]
 Signature = tuple[tuple[int, int, int, int] | None, ...]
@@ -86,6 +88,11 @@ async def watch(
     held still for ``quiet`` seconds; forever. Kernel notifications when ``kernel`` and
     available, else polling (``on_polling`` is told why)."""
     applied = signature(paths())
+    forced = next((v for v in FORCE_POLLING if os.environ.get(v, "") not in ("", "0")), None)
+    if kernel and forced is not None:
+        kernel = False
+        if on_polling is not None:
+            on_polling(f"{forced} is set")
     if kernel:
         try:
             while True:
@@ -119,56 +126,55 @@ async def _notified(
     files = paths()
     directories = _directories(files)
     names = {os.path.abspath(p) for p in files}
-    watched = {d for d, _ in directories}
-
-    def ours(_change: watchfiles.Change, path: str) -> bool:
-        directory, name = os.path.split(path)
-        return path in names or (directory in watched and name.startswith(".."))
-
-    failure: BaseException | None = None
-    async with trio.open_nursery() as nursery:
-        stop = anyio.Event()
-
-        async def stop_when_cancelled() -> None:
-            # The watch thread cannot be cancelled: it looks at this event every step.
+    try:
+        watcher = inotify.Inotify()
+    except OSError as exc:
+        raise _Unavailable(f"{type(exc).__name__}: {exc}") from exc
+    try:
+        dirs: dict[int, str] = {}
+        for directory, _ in directories:
             try:
-                await trio.sleep_forever()
-            finally:
-                stop.set()
+                dirs[watcher.add(directory, inotify.DIRECTORY)] = directory
+            except inotify.Unavailable as exc:
+                raise _Unavailable(str(exc)) from exc
+            except OSError:
+                pass  # not there (yet): polled by the signature every RECHECK_MS
 
-        nursery.start_soon(stop_when_cancelled)
-        changes = watchfiles.awatch(
-            *sorted(watched),
-            watch_filter=ours,
-            debounce=DEBOUNCE_MS,
-            step=STEP_MS,
-            rust_timeout=RECHECK_MS,
-            yield_on_timeout=True,
-            recursive=False,
-            stop_event=stop,
-        )
-        try:
-            while True:
+        def watch_files() -> None:
+            # Again after every event: an atomic save or a ConfigMap swap puts a new
+            # inode behind the name, and a watch follows the inode.
+            for name in names:
                 try:
-                    batch = await changes.__anext__()
-                except StopAsyncIteration:  # stopped: only when cancelled
-                    await trio.lowlevel.checkpoint()
-                    break
-                except (OSError, RuntimeError) as exc:  # no inotify, or the watch broke
-                    failure = exc
-                    break
-                now = paths()
-                if _directories(now) != directories:
-                    break
-                # No event (a timeout): a change notified nowhere still counts.
-                if batch or signature(now) != applied:
-                    seen = await settle(paths, quiet)
-                    if seen != applied:
-                        applied = seen
-                        on_change()
-        finally:
-            await changes.aclose()
-        nursery.cancel_scope.cancel()
-    if failure is not None:
-        raise _Unavailable(f"{type(failure).__name__}: {failure}")
-    return applied
+                    watcher.add(name, inotify.FILE)
+                except inotify.Unavailable as exc:
+                    raise _Unavailable(str(exc)) from exc
+                except OSError:
+                    pass  # not there: its directory reports it appearing
+
+        def ours(event: inotify.Event) -> bool:
+            directory = dirs.get(event.wd)
+            if directory is None:
+                return True  # a watched file, or the queue overflowed
+            if not event.name:
+                return True  # the directory itself was removed or moved
+            return os.path.join(directory, event.name) in names or event.name.startswith("..")
+
+        watch_files()
+        while True:
+            with trio.move_on_after(RECHECK_MS / 1000):
+                await trio.lowlevel.wait_readable(watcher.fd)
+            batch = [e for e in watcher.read() if ours(e)]
+            now = paths()
+            if _directories(now) != directories:
+                return applied
+            # No event (a timeout): a change notified nowhere still counts.
+            if batch or signature(now) != applied:
+                seen = await settle(paths, quiet)
+                watch_files()
+                watcher.read()  # what the settling saw already
+                if seen != applied:
+                    applied = seen
+                    on_change()
+    finally:
+        trio.lowlevel.notify_closing(watcher.fd)
+        watcher.close()

@@ -9,9 +9,10 @@ import os
 import time
 from pathlib import Path
 
+import pytest
 import trio
 
-from proxy import filewatch
+from proxy import filewatch, inotify
 from tests.conftest import CLIENT_ID, Pki
 from tests.integration.harness import POLICY, Proxy, start, wait_until
 
@@ -105,3 +106,49 @@ async def test_kernel_watch_stops_promptly_when_cancelled(tmp_path: Path) -> Non
         started = time.monotonic()
         nursery.cancel_scope.cancel()
     assert time.monotonic() - started < 0.5
+
+
+def test_a_busy_file_beside_the_watched_one_is_not_reported(tmp_path: Path) -> None:
+    """The decision log often sits beside the policy: its writes must not wake the
+    watch (the kernel reports nothing), while the policy's own write and an atomic
+    rename over it are reported."""
+    policy, log = tmp_path / "policy.yaml", tmp_path / "decisions.jsonl"
+    policy.write_text("one")
+    log.write_text("")  # created before: its creation is a name appearing
+    watcher = inotify.Inotify()
+    try:
+        d = watcher.add(str(tmp_path), inotify.DIRECTORY)
+        f = watcher.add(str(policy), inotify.FILE)
+        with log.open("a") as out:
+            for i in range(200):
+                out.write(f"line {i}\n")
+                out.flush()
+        assert watcher.read() == []
+        policy.write_text("two")
+        assert {e.wd for e in watcher.read()} == {f}
+        tmp = tmp_path / ".policy.yaml.tmp"
+        tmp.write_text("three")
+        os.replace(tmp, policy)
+        events = watcher.read()
+        assert inotify.Event(d, inotify.IN_MOVED_TO, "policy.yaml") in events
+    finally:
+        watcher.close()
+
+
+async def test_polling_can_be_forced_for_network_filesystems(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SPIFFE_PEP_FORCE_POLLING", "1")
+    path = tmp_path / "watched"
+    path.write_text("one")
+    why: list[str] = []
+    calls: list[float] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            filewatch.watch, lambda: [path], 0.05, lambda: calls.append(1.0), why.append
+        )
+        await trio.sleep(0.1)
+        path.write_text("two, longer")
+        await wait_until(lambda: calls)
+        nursery.cancel_scope.cancel()
+    assert why == ["SPIFFE_PEP_FORCE_POLLING is set"]

@@ -82,6 +82,7 @@ SHELL = {
     "ui",
     "graphviz",
     "filewatch",
+    "inotify",
     "drift_store",
 }
 
