@@ -57,7 +57,11 @@ class JsonLines:
         os.close(old)
 
     def write(self, record: dict[str, Any]) -> None:
-        data = (self._encode(record) + "\n").encode()
+        self.write_line(self._encode(record))
+
+    def write_line(self, line: str) -> None:
+        """One line of JSON, already encoded (ASCII)."""
+        data = (line + "\n").encode()
         while data:
             written = os.write(self._fd, data)
             data = data[written:]

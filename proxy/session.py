@@ -101,6 +101,7 @@ class HttpSession:
         # then ends without close_notify, so no client mistakes it for a complete one.
         self.truncated = False
         self._drift: ConnectionDrift | None = None  # judged at the first request
+        self._line: audit.LineFormat | None = None  # the decision lines' peer part
 
     # --- client I/O -------------------------------------------------------------------
 
@@ -345,13 +346,22 @@ class HttpSession:
                 ex.status = 499
             else:
                 ex.status = 503 if ex.reason == STOPPED else 500
-        record = audit.build_record(ex, self.peer, policy_sha256, started, elapsed)
-        record.update(extra)
-        self.rt.decisions.write(record)
-        self.rt.recent.add(record, self.peer)
-        self.rt.metrics.count_request(
-            record["route"] or "", ex.outcome, ex.reason, record["mode"], elapsed
-        )
+        line = self._line
+        if line is None or line.peer is not self.peer:  # first request, or re-verified
+            line = self._line = audit.LineFormat(self.peer, self.peer_addr)
+        when = audit.iso(started)
+        self.rt.decisions.write_line(line.encode(ex, policy_sha256, when, elapsed, extra))
+        d = ex.decision
+        route = d.route_name if d else None
+        mode = "audit" if d and d.audit else "enforce"
+        peer = self.peer
+        self.rt.recent.add(
+            (when, audit.PID, line.spiffe_id, self.peer_addr, ex.method, ex.host, ex.path,
+             route, ex.outcome, mode, ex.reason, ex.status,
+             peer.fingerprint if peer else None, line.not_after),
+            peer,
+        )  # fmt: skip
+        self.rt.metrics.count_request(route or "", ex.outcome, ex.reason, mode, elapsed)
 
     def still_trusted(self) -> str | None:
         """None while the peer verifies against the trust store in force (checked again

@@ -247,11 +247,11 @@ def test_recent_is_bounded_and_learns_a_credential_once() -> None:
     r = Recent()
     r.announce = announced.append
     for _ in range(recent.DECISIONS + 5):
-        r.add(record(), peer)
+        r.add(recent.row_of(record()), peer)
     assert len(r.decisions) == recent.DECISIONS
     assert [c.subject for c in announced] == ["CN=" + EVIL]  # as in the certificate
     copy = r.copy()
-    r.add(record(path="/later"), peer)
+    r.add(recent.row_of(record(path="/later")), peer)
     assert len(copy.recent_decisions()) == recent.DECISIONS and copy.credentials
 
 

@@ -1,0 +1,98 @@
+"""The decision line as ``LineFormat`` writes it is, byte for byte, the JSON of
+``build_record`` (the schema the README documents), for every kind of value a field
+can hold."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+
+import pytest
+
+from proxy import audit
+from proxy.devcerts import issue_ca, issue_svid
+from proxy.jwtsvid import JwtSvid
+from proxy.policy import load_policy
+from proxy.policy.evaluate import Decision
+from proxy.spiffe_id import SpiffeId
+from proxy.svid import PeerSvid, fingerprint
+
+POLICY = load_policy(
+    b"routes:\n"
+    b"  - {name: api-v1, match: {path_prefix: /}, upstream: app,"
+    b" allow: ['spiffe://example.org/*'], mode: audit}\n"
+)
+ROUTE = POLICY.routes[0]
+STARTED = dt.datetime(2026, 11, 24, 5, 6, 7, 890123, tzinfo=dt.UTC)
+
+
+def _peer() -> PeerSvid:
+    leaf = issue_svid(issue_ca("example.org"), ["spiffe://example.org/ns/a/sa/x"]).cert
+    return PeerSvid(
+        SpiffeId.parse("spiffe://example.org/ns/a/sa/x"),
+        leaf,
+        fingerprint(leaf),
+        leaf.not_valid_before_utc,
+        leaf.not_valid_after_utc,
+        'CN=issuer "x",O=\u00e9\\n',
+    )
+
+
+PEER = _peer()
+JWT = JwtSvid(
+    SpiffeId.parse("spiffe://example.org/jwt"),
+    ("aud-1", 'aud "2"'),
+    STARTED,
+    "kid\u2028",
+    "ES256",
+)
+BASE = audit.Exchange(request_id="rid-1", peer_addr="127.0.0.1:5555")
+
+CASES = {
+    "refused_before_policy": BASE,
+    "allowed": dataclasses.replace(
+        BASE,
+        method="GET",
+        host="api.internal",
+        path="/v1/\u00e9?\"'<script>",
+        decision=Decision(True, "allowed", ROUTE, "allow[0]"),
+        outcome=audit.ALLOW,
+        reason="allowed",
+        status=200,
+        upstream="app",
+        upstream_status=200,
+        bytes_in=12,
+        bytes_out=345678,
+    ),
+    "jwt_and_origin_and_drift": dataclasses.replace(
+        BASE,
+        method="POST",
+        decision=Decision(False, "jwt_audience", ROUTE, None, True, JWT),
+        outcome=audit.DENY,
+        reason="jwt_audience",
+        status=401,
+        origin="spiffe://other.org/front",
+        origin_sha256="ff" * 32,
+        jwt_presented=True,
+        drift=("new_network", "new_issuer"),
+    ),
+    "no_decision_but_status": dataclasses.replace(BASE, status=499, reason="client_gone"),
+}
+
+
+@pytest.mark.parametrize("peer", [PEER, None], ids=["peer", "no_peer"])
+@pytest.mark.parametrize("duration", [0.0, 0.0004567, 1.5, 12345.6789])
+@pytest.mark.parametrize("extra", [None, {"detail": 'bad "chunk"\n'}], ids=["plain", "extra"])
+@pytest.mark.parametrize("case", CASES)
+def test_line_is_the_records_json(
+    case: str, peer: PeerSvid | None, duration: float, extra: dict[str, str] | None
+) -> None:
+    ex = CASES[case]
+    record = audit.build_record(ex, peer, "sha-\u00e9", STARTED, duration)
+    record.update(extra or {})
+    expected = json.dumps(record, separators=(",", ":"))
+    line = audit.LineFormat(peer, ex.peer_addr)
+    assert line.encode(ex, "sha-\u00e9", audit.iso(STARTED), duration, extra) == expected
+    # the per-connection cache of the route part answers the same the second time
+    assert line.encode(ex, "sha-\u00e9", audit.iso(STARTED), duration, extra) == expected
