@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +48,20 @@ def iso(t: dt.datetime) -> str:
     if t.utcoffset():
         t = t.astimezone(dt.UTC)
     return t.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+
+
+_second: list[object] = [None, ""]  # the last second formatted, and its text
+
+
+def iso_wall(t: float) -> str:
+    """``iso`` of a ``time.time()`` value, the date and time formatted once per second."""
+    sec, frac = divmod(t, 1.0)
+    us = round(frac * 1e6)
+    if us >= 1_000_000:
+        sec, us = sec + 1, us - 1_000_000
+    if _second[0] != sec:
+        _second[0], _second[1] = sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+    return f"{_second[1]}.{us:06d}Z"
 
 
 def build_record(

@@ -15,7 +15,6 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Sequence, Set
-from dataclasses import dataclass
 from http import HTTPStatus
 
 Headers = Sequence[tuple[bytes, bytes]]
@@ -97,49 +96,25 @@ def is_chunked(headers: Headers) -> bool:
     return any(n == b"transfer-encoding" for n, _ in headers)
 
 
-@dataclass(frozen=True, slots=True)
-class Identity:
-    """What the proxy asserts to the upstream about the caller, ready to send."""
-
-    peer_ip: str
-    request_id: str
-    spiffe_id: str  # the plain identity header: the origin via a trusted hop, else the peer
-    id_header: bytes
-    xfcc: str | None  # None: send no XFCC
-    forwarded_for: str  # X-Forwarded-For value
-    extra: tuple[tuple[bytes, bytes], ...] = ()  # RFC 9440 headers, a signed assertion
+# Never forwarded from the client: hop-by-hop headers and those the proxy sets itself.
+NOT_FORWARDED = HOP_BY_HOP | _PROXY_SET
 
 
-def upstream_request_headers(
-    headers: Headers,
-    ident: Identity,
-    strip: frozenset[bytes] = frozenset(),
-    tokens: Set[bytes] | None = None,
-    chunked: bool | None = None,
-) -> HeaderList:
-    """The headers to send upstream for an allowed request. ``strip``: more to drop
-    whatever the client sent (identity headers of every kind, a consumed JWT-SVID);
-    ``tokens`` and ``chunked``: what the caller already knows of the headers."""
-    out = strip_hop_by_hop(headers, _PROXY_SET | {ident.id_header} | strip, tokens)
-    if is_chunked(headers) if chunked is None else chunked:
-        out.append((b"transfer-encoding", b"chunked"))
-    out += [
-        (b"x-forwarded-for", ident.forwarded_for.encode("ascii")),
-        (b"x-forwarded-proto", b"https"),
-        (REQUEST_ID, ident.request_id.encode("ascii")),
-    ]
-    if ident.xfcc is not None:
-        out.append((XFCC, ident.xfcc.encode("latin-1")))
-    out.append((ident.id_header, ident.spiffe_id.encode("ascii")))
-    out += ident.extra
-    return out
+_DOWNSTREAM_DROP = HOP_BY_HOP | {REQUEST_ID}
 
 
 def downstream_response_headers(headers: Headers, request_id: str) -> HeaderList:
-    """Upstream response headers for the client: hop-by-hop removed, request id echoed."""
+    """Upstream response headers for the client: hop-by-hop removed (and what the
+    upstream's ``Connection`` names), request id echoed."""
     # Framing is h11's job on the way out: chunked for HTTP/1.1 clients when there is no
     # Content-Length, close-delimited for HTTP/1.0 ones.
-    out = strip_hop_by_hop(headers, frozenset({REQUEST_ID}))
+    drop = _DOWNSTREAM_DROP
+    for name, value in headers:
+        if name == b"connection":
+            named = {t.strip().lower() for t in value.split(b",")} - drop
+            if named - {b""}:
+                drop = drop | (named - NEVER_STRIPPED_BY_CONNECTION)
+    out = [(n, v) for n, v in headers if n not in drop]
     out.append((REQUEST_ID, request_id.encode("ascii")))
     return out
 

@@ -42,8 +42,32 @@ class PeerHeaders:
         # Whether this peer's XFCC counts is decided once, from its verified SPIFFE ID.
         self.trusted_forwarder = any(p.matches(peer.spiffe_id) for p in ident.trusted_forwarders)
         self.id_header = ident.spiffe_id_header.lower().encode("ascii")
+        self.spiffe_id = str(peer.spiffe_id)
         self._own_text: str | None = None
         self._client_cert: tuple[tuple[bytes, bytes], ...] | None = None
+        # Per connection, computed once: the XFCC sent when the request brought none that
+        # counts, and what is dropped from the client's headers (per ``strip``).
+        self._plain_xfcc: tuple[bytes | None] | None = None
+        self._drop: dict[frozenset[bytes], frozenset[bytes]] = {}
+
+    def xfcc_value(self, inbound: str | None) -> bytes | None:
+        """The XFCC header value sent upstream (None: none), given the request's own."""
+        if inbound is not None and self.trusted_forwarder:
+            mode = self.config.identity.xfcc
+            value = xfcc.outbound(mode, inbound, True, self.own_text())
+            return None if value is None else value.encode("latin-1")
+        if self._plain_xfcc is None:
+            value = xfcc.outbound(self.config.identity.xfcc, None, False, self.own_text())
+            self._plain_xfcc = (None if value is None else value.encode("latin-1"),)
+        return self._plain_xfcc[0]
+
+    def dropped(self, strip: frozenset[bytes]) -> frozenset[bytes]:
+        """The client's headers never forwarded: hop-by-hop ones, those the proxy sets
+        itself, this config's SPIFFE ID header, and ``strip``."""
+        drop = self._drop.get(strip)
+        if drop is None:
+            drop = self._drop[strip] = headers.NOT_FORWARDED | {self.id_header} | strip
+        return drop
 
     def own_element(self) -> xfcc.Element:
         """This hop's XFCC element for this peer."""
@@ -140,12 +164,32 @@ def upstream_head(
     signer: AssertionSigner | None,
     strip: frozenset[bytes] = frozenset(),
 ) -> headers.HeaderList:
-    """The header list sent upstream for an allowed request. ``strip``: more to drop
-    (a consumed JWT-SVID)."""
-    caller = str(fwd.origin or peer.peer.spiffe_id)
-    extra: list[tuple[bytes, bytes]] = []
+    """The header list sent upstream for an allowed request: the client's headers
+    without the hop-by-hop ones (and those its ``Connection`` names), those the proxy
+    sets and ``strip`` (a consumed JWT-SVID); then the proxy's own."""
+    caller = str(fwd.origin) if fwd.origin else peer.spiffe_id
+    drop = peer.dropped(strip)
+    named = request.connection
+    if named and not named <= drop:
+        drop = drop | (named - headers.NEVER_STRIPPED_BY_CONNECTION)
+    out = [(n, v) for n, v in request.headers if n not in drop]
+    if request.chunked:
+        out.append((b"transfer-encoding", b"chunked"))
+    forwarded_for = fwd.peer_ip
+    if peer.trusted_forwarder and request.forwarded_for:
+        # A trusted hop's X-Forwarded-For is extended, not reset.
+        forwarded_for = f"{request.forwarded_for.decode('latin-1')}, {fwd.peer_ip}"
+    out += [
+        (b"x-forwarded-for", forwarded_for.encode("ascii")),
+        (b"x-forwarded-proto", b"https"),
+        (headers.REQUEST_ID, fwd.request_id.encode("ascii")),
+    ]
+    outbound = peer.xfcc_value(fwd.inbound_xfcc)
+    if outbound is not None:
+        out.append((headers.XFCC, outbound))
+    out.append((peer.id_header, caller.encode("ascii")))
     if upstream.client_cert_headers:
-        extra += peer.client_cert_headers()
+        out += peer.client_cert_headers()
     if upstream.assertion_header and signer is not None:
         token = signer.sign(
             subject=caller,
@@ -158,25 +202,7 @@ def upstream_head(
             method=request.method,
             path=request.target.decode("ascii"),
         )
-        extra.append((upstream.assertion_header.lower().encode("ascii"), token.encode()))
-    forwarded_for = fwd.peer_ip
-    if peer.trusted_forwarder and request.forwarded_for:
-        # A trusted hop's X-Forwarded-For is extended, not reset.
-        forwarded_for = f"{request.forwarded_for.decode('latin-1')}, {fwd.peer_ip}"
-    ident = headers.Identity(
-        peer_ip=fwd.peer_ip,
-        request_id=fwd.request_id,
-        spiffe_id=caller,
-        id_header=peer.id_header,
-        xfcc=xfcc.outbound(
-            peer.config.identity.xfcc, fwd.inbound_xfcc, peer.trusted_forwarder, peer.own_text()
-        ),
-        forwarded_for=forwarded_for,
-        extra=tuple(extra),
-    )
-    out = headers.upstream_request_headers(
-        request.headers, ident, strip, request.connection, request.chunked
-    )
+        out.append((upstream.assertion_header.lower().encode("ascii"), token.encode()))
     if request.port is None and not request.host and not any(n == b"host" for n, _ in out):
         # HTTP/1.0 without Host: the upstream speaks HTTP/1.1 and needs one.
         out.insert(0, (b"host", f"{upstream.host}:{upstream.port}".encode("ascii")))

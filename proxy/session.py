@@ -77,6 +77,7 @@ class HttpSession:
         self.rt = rt
         self.tls = tls
         self.peer = peer
+        self._not_after = peer.not_after.timestamp()
         # What the peer presented and the credentials it was verified under: after a
         # rotation or bundle change the chain is verified again before the next request.
         self.chain = chain
@@ -107,11 +108,12 @@ class HttpSession:
 
     async def _receive(self, deadline: float, scope: trio.CancelScope | None = None) -> None:
         """Read from the client into h11; ``TooSlowError`` past ``deadline``. ``scope``,
-        when given, is the (plain) cancel scope to wait in: a drain may cancel it."""
+        when given, is the (plain) cancel scope to wait in, with that deadline: a drain
+        may cancel it."""
         data = None
+        cs = scope or trio.CancelScope(deadline=deadline)
         try:
-            with scope or trio.CancelScope() as cs:
-                cs.deadline = deadline
+            with cs:
                 data = await self.tls.receive_some()
         except (TLSError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise ClientGone(str(exc)) from exc
@@ -207,7 +209,7 @@ class HttpSession:
                 if started:
                     await self._receive(deadline)
                 else:
-                    idle = trio.CancelScope()
+                    idle = trio.CancelScope(deadline=deadline)
                     self.rt.idle_scopes.add(idle)
                     try:
                         await self._receive(deadline, idle)
@@ -328,7 +330,7 @@ class HttpSession:
             reason=reason,
             status=status,
         )
-        started, t0 = dt.datetime.now(dt.UTC), time.perf_counter()
+        started, t0 = time.time(), time.perf_counter()
         try:
             await self.reply_error(status, reason, ex.request_id, close=True)
         finally:
@@ -336,8 +338,10 @@ class HttpSession:
             self._log(ex, started, t0, self.rt.policy.sha256, **extra)
 
     def _log(
-        self, ex: audit.Exchange, started: dt.datetime, t0: float, policy_sha256: str, **extra: str
+        self, ex: audit.Exchange, started: float, t0: float, policy_sha256: str, **extra: str
     ) -> None:
+        """The decision line of a request that started at ``started`` (``time.time()``,
+        and ``t0``, ``time.perf_counter()``)."""
         elapsed = time.perf_counter() - t0
         if ex.status == 0:
             # Nothing was answered: the client left (nginx's 499), the proxy stopped, or
@@ -349,7 +353,7 @@ class HttpSession:
         line = self._line
         if line is None or line.peer is not self.peer:  # first request, or re-verified
             line = self._line = audit.LineFormat(self.peer, self.peer_addr)
-        when = audit.iso(started)
+        when = audit.iso_wall(started)
         self.rt.decisions.write_line(line.encode(ex, policy_sha256, when, elapsed, extra))
         d = ex.decision
         route = d.route_name if d else None
@@ -384,6 +388,7 @@ class HttpSession:
             self.rt.metrics.handshake_failures.labels(reason="peer_no_longer_trusted").inc()
             return "peer_no_longer_trusted"
         self.creds, self.peer = creds, peer
+        self._not_after = peer.not_after.timestamp()
         return None
 
     def verdict(
@@ -391,16 +396,17 @@ class HttpSession:
         request: CanonicalRequest,
         hop: Origin,
         policy: Policy,
-        now: dt.datetime,
+        now: float,
         token: str | None,
     ) -> Verdict:
-        """Stage 2: the policy's verdict on the canonical request, for this peer.
+        """Stage 2: the policy's verdict on the canonical request, for this peer, at
+        ``now`` (``time.time()``).
 
         Remembered per connection for requests without a JWT-SVID: with the same policy
         object, trust store, peer and canonical request, ``decide`` gives the same
         verdict until the peer's certificate expires (the only clock it reads then), so
         a keep-alive client repeating a request skips the evaluation."""
-        cacheable = token is None and now <= self.peer.not_after
+        cacheable = token is None and now <= self._not_after
         if cacheable:
             was = self._cached_for
             rules = self.rt.upstream_rules
@@ -421,7 +427,7 @@ class HttpSession:
             policy,
             self.peer,
             request,
-            now,
+            dt.datetime.fromtimestamp(now, dt.UTC),
             token=token,
             origin=hop.spiffe_id,
             origin_sha256=hop.sha256,
@@ -485,7 +491,7 @@ class HttpSession:
     async def handle(self, req: h11.Request) -> bool:
         """Serve one request; return whether the connection may carry another."""
         t0 = time.perf_counter()
-        started = dt.datetime.now(dt.UTC)
+        started = time.time()
         self._body_started, self._body_bytes = trio.current_time(), 0
         # h11's Headers iterates in Python, item by item: read it once per request.
         hdrs = list(req.headers)

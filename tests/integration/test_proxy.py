@@ -359,21 +359,20 @@ async def test_verified_svid_cache_is_per_credentials(proxy: Proxy) -> None:
 
 
 def test_trusted_h11_events_keep_h11_framing_checks() -> None:
-    """proxy.exchange.trusted skips h11's header re-validation (its private ``_parsed`` path)
-    but h11 must still apply Content-Length/Transfer-Encoding semantics: pin the behaviour
-    the proxy relies on, so an h11 upgrade that changes it fails here, not in production."""
+    """proxy.exchange builds upstream requests and client responses with h11's private
+    ``_parsed=True`` (no header re-validation), but h11 must still apply
+    Content-Length/Transfer-Encoding semantics: pin the behaviour the proxy relies on, so
+    an h11 upgrade that changes it fails here, not in production."""
     import h11
 
-    from proxy.exchange import trusted as _trusted
-
-    event = _trusted(h11.Request, method=b"GET", target=b"/", headers=[(b"Host", b"x")])
+    event = h11.Request(method=b"GET", target=b"/", headers=[(b"Host", b"x")], _parsed=True)
     assert list(event.headers) == [(b"host", b"x")]  # names still normalized
     with pytest.raises(h11.LocalProtocolError):
-        _trusted(
-            h11.Response,
+        h11.Response(
             status_code=200,
             reason=b"",
             headers=[(b"content-length", b"1"), (b"content-length", b"2")],
+            _parsed=True,
         )
 
 

@@ -96,3 +96,12 @@ def test_line_is_the_records_json(
     assert line.encode(ex, "sha-\u00e9", audit.iso(STARTED), duration, extra) == expected
     # the per-connection cache of the route part answers the same the second time
     assert line.encode(ex, "sha-\u00e9", audit.iso(STARTED), duration, extra) == expected
+
+
+@pytest.mark.parametrize(
+    "t",
+    [0.0, 1.0, 1764000000.0, 1764000000.5, 1764000000.999999, 1764000000.9999996, 1764000001.25e0,
+     1795000000.123456, 4102444799.999999],
+)  # fmt: skip
+def test_iso_wall_is_iso_of_the_datetime(t: float) -> None:
+    assert audit.iso_wall(t) == audit.iso(dt.datetime.fromtimestamp(t, dt.UTC))
