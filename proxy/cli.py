@@ -5,9 +5,9 @@ no logic of its own."""
 from __future__ import annotations
 
 import argparse
-import gc
 import dataclasses
 import functools
+import gc
 import os
 import shutil
 import sys
