@@ -412,8 +412,9 @@ def run(reps: int, ab_ka: int, ab_hs: int, seconds: float) -> dict[str, Any]:
             add(f"{t.name}|own keep-alive", own(lab, t, "keepalive", seconds))
             add(f"{t.name}|own handshake", own(lab, t, "handshake", seconds))
         half = median(rows["spiffe-pep|ab keep-alive"]["rps"]) / 2
-        for t in targets:
-            add(f"{t.name}|own at half rate", own(lab, t, "keepalive", seconds, rate=half))
+        for rep in range(reps):  # p99 must hold in every run: each repetition is kept
+            for t in targets if rep % 2 == 0 else reversed(targets):
+                add(f"{t.name}|own at half rate", own(lab, t, "keepalive", seconds, rate=half))
         memory = {t.name: idle_rss_per_connection(lab, t) for t in targets}
         lab.stop(pep.proc)
         pep2 = spiffe_pep(lab, up, 2)
@@ -422,6 +423,14 @@ def run(reps: int, ab_ka: int, ab_hs: int, seconds: float) -> dict[str, Any]:
             add(f"{pep2.name}|ab keep-alive", ab(lab, pep2, True, ab_ka))
         lab.stop(pep2.proc)
         table = {key: {k: median(v) for k, v in vals.items()} for key, vals in rows.items()}
+        results["p99_ratios_at_half_rate"] = [
+            p / n
+            for p, n in zip(
+                rows["spiffe-pep|own at half rate"]["p99"],
+                rows["nginx|own at half rate"]["p99"],
+                strict=True,
+            )
+        ]
         results.update(
             table=table,
             idle_rss_bytes_per_connection=memory,
@@ -486,14 +495,22 @@ def report(r: dict[str, Any]) -> Iterator[str]:
         f"| idle mTLS connection memory | {mem[p] / 1024:.1f} KiB vs {mem[n] / 1024:.1f} KiB "
         f"({ratio(mem[p], mem[n])}) | <= 1.0x |"
     )
+    each = ", ".join(f"{x:.2f}x" for x in r.get("p99_ratios_at_half_rate", []))
     yield (
         f"| p99 at {r['half_rate']:,.0f} req/s (half of pep's max) | {half_p['p99']:.1f} ms vs "
-        f"{half_n['p99']:.1f} ms ({ratio(half_p['p99'], half_n['p99'])}) | <= 2x |"
+        f"{half_n['p99']:.1f} ms ({ratio(half_p['p99'], half_n['p99'])}; each run: {each}) "
+        "| <= 2x in every run |"
     )
     if w2:
         yield (
-            f"| --workers 2 vs 1 (ab keep-alive req/s) | {ratio(w2['rps'], ka_p['rps'])} "
-            f"(CPU/request {w2['cpu_us']:,.0f} vs {ka_p['cpu_us']:,.0f} µs) | >= 1.7x |"
+            f"| --workers 2 vs 1 (ab keep-alive req/s, ab on the same 2 cores) | "
+            f"{ratio(w2['rps'], ka_p['rps'])} | (info) |"
+        )
+        # Throughput per worker is 1e6 / CPU-per-request when each has a core: two
+        # workers give 2 x (1 worker's CPU/request) / (their CPU/request) times one.
+        yield (
+            f"| --workers 2 vs 1 at a core each (CPU/request {w2['cpu_us']:,.0f} vs "
+            f"{ka_p['cpu_us']:,.0f} µs) | {2 * ka_p['cpu_us'] / w2['cpu_us']:.2f}x | >= 1.8x |"
         )
 
 

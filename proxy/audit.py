@@ -117,18 +117,19 @@ def _s(value: str | None) -> str:
 
 
 class LineFormat:
-    """Decision lines for one connection, encoded as ``json.dumps(build_record(...),
+    """Decision lines of one peer, encoded as ``json.dumps(build_record(...),
     separators=(",", ":"))`` would, byte for byte (tested), but with the peer's fields
-    encoded once per connection and no dict built per request (building and encoding
-    the dict was the largest part of the proxy's own work per request)."""
+    encoded once and no dict built per request (building and encoding the dict was the
+    largest part of the proxy's own work per request). ``for_peer`` shares one between
+    the connections of a peer (the peer cache hands them one ``PeerSvid``)."""
 
     __slots__ = ("_after_id", "_after_origin", "_routes", "not_after", "peer", "spiffe_id")
 
-    def __init__(self, peer: PeerSvid | None, peer_addr: str) -> None:
+    def __init__(self, peer: PeerSvid | None) -> None:
         self.peer = peer
         self.not_after = iso(peer.not_after) if peer else None
         self.spiffe_id = str(peer.spiffe_id) if peer else None
-        self._after_id = f',"peer_addr":{_enc(peer_addr)},"spiffe_id":{_s(self.spiffe_id)}'
+        self._after_id = f',"spiffe_id":{_s(self.spiffe_id)}'
         self._after_origin = (
             f',"leaf_sha256":{_s(peer.fingerprint if peer else None)}'
             f',"leaf_not_before":{_s(iso(peer.not_before) if peer else None)}'
@@ -175,7 +176,8 @@ class LineFormat:
             )
         line = (
             f'{{"time":{_enc(time)},"event":"request","worker":{PID}'
-            f',"request_id":{_enc(ex.request_id)}{self._after_id}'
+            f',"request_id":{_enc(ex.request_id)},"peer_addr":{_enc(ex.peer_addr)}'
+            f"{self._after_id}"
             f',"origin_spiffe_id":{_s(ex.origin)},"origin_sha256":{_s(ex.origin_sha256)}'
             f"{self._after_origin}"
             f',"method":{_enc(ex.method)},"host":{_enc(ex.host)},"path":{_enc(ex.path)}'
@@ -191,3 +193,16 @@ class LineFormat:
         if extra:
             line += "".join(f",{_enc(k)}:{_enc(v)}" for k, v in extra.items())
         return line + "}"
+
+
+_SHARED: dict[int, LineFormat] = {}  # by id(peer); each entry holds its peer alive
+
+
+def for_peer(peer: PeerSvid) -> LineFormat:
+    """The ``LineFormat`` of ``peer``, shared by all its connections."""
+    line = _SHARED.get(id(peer))
+    if line is None or line.peer is not peer:
+        if len(_SHARED) >= 4096:  # as many as the peer cache keeps
+            _SHARED.clear()
+        line = _SHARED[id(peer)] = LineFormat(peer)
+    return line

@@ -148,6 +148,7 @@ async def _open(
         await tls.aclose()
         return None
     peer, chain = verified
+    check.chain = []  # only a refusal's log needs the parsed chain; the DER stays in chain
     return tls, peer, chain, creds, peer_ip, peer_addr
 
 

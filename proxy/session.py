@@ -102,7 +102,6 @@ class HttpSession:
         # then ends without close_notify, so no client mistakes it for a complete one.
         self.truncated = False
         self._drift: ConnectionDrift | None = None  # judged at the first request
-        self._line: audit.LineFormat | None = None  # the decision lines' peer part
 
     # --- client I/O -------------------------------------------------------------------
 
@@ -350,9 +349,7 @@ class HttpSession:
                 ex.status = 499
             else:
                 ex.status = 503 if ex.reason == STOPPED else 500
-        line = self._line
-        if line is None or line.peer is not self.peer:  # first request, or re-verified
-            line = self._line = audit.LineFormat(self.peer, self.peer_addr)
+        line = audit.for_peer(self.peer)
         when = audit.iso_wall(started)
         self.rt.decisions.write_line(line.encode(ex, policy_sha256, when, elapsed, extra))
         d = ex.decision

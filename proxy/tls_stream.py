@@ -113,13 +113,13 @@ class TLSStream:
             try:
                 return self.conn.recv(max_bytes)
             except SSL.WantReadError:
-                await self._flush()
-                if not await self._fill():
-                    continue  # bio_shutdown makes the next recv report EOF
+                pass  # wait outside the handler: an idle connection holds no exception
             except (SSL.ZeroReturnError, SSL.SysCallError):
                 return b""
             except SSL.Error as exc:
                 raise TLSError(openssl_reason(exc)) from exc
+            await self._flush()
+            await self._fill()  # at EOF, bio_shutdown makes the next recv report it
 
     async def receive_ready(self, max_bytes: int = _RECV_CHUNK, rounds: int = 4) -> bytes | None:
         """Plaintext the peer has already sent, without waiting for more: ``b""`` when

@@ -92,7 +92,7 @@ def test_line_is_the_records_json(
     record = audit.build_record(ex, peer, "sha-\u00e9", STARTED, duration)
     record.update(extra or {})
     expected = json.dumps(record, separators=(",", ":"))
-    line = audit.LineFormat(peer, ex.peer_addr)
+    line = audit.LineFormat(peer)
     assert line.encode(ex, "sha-\u00e9", audit.iso(STARTED), duration, extra) == expected
     # the per-connection cache of the route part answers the same the second time
     assert line.encode(ex, "sha-\u00e9", audit.iso(STARTED), duration, extra) == expected
