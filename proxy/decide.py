@@ -54,3 +54,35 @@ def decide(
         if refusal is not None:
             return Verdict(decision, refusal)
     return Verdict(decision)
+
+
+class VerdictCache:
+    """Verdicts remembered for requests without a JWT-SVID, shared by every connection.
+
+    With the same policy object, trust store and upstream rules (``valid_for``), the same
+    verified peer object (the peer cache hands all connections of one chain the same
+    ``PeerSvid``) and the same canonical request and origin (``key``), ``decide`` gives
+    the same verdict until the peer's certificate expires, the only clock it reads then:
+    the caller checks that. A change of any of the three empties the cache; it holds at
+    most ``limit`` verdicts."""
+
+    def __init__(self, limit: int = 4096) -> None:
+        self.limit = limit
+        self._valid_for: tuple[object, object, object] | None = None
+        self._entries: dict[tuple[object, ...], tuple[object, Verdict]] = {}
+
+    def valid_for(self, policy: object, trust: object, rules: object) -> None:
+        was = self._valid_for
+        if was is None or was[0] is not policy or was[1] is not trust or was[2] is not rules:
+            self._entries.clear()
+            self._valid_for = (policy, trust, rules)
+
+    def get(self, peer: object, key: tuple[object, ...]) -> Verdict | None:
+        hit = self._entries.get((id(peer), *key))
+        # The entry holds its peer alive, so the id cannot have been reused.
+        return hit[1] if hit is not None and hit[0] is peer else None
+
+    def put(self, peer: object, key: tuple[object, ...], verdict: Verdict) -> None:
+        if len(self._entries) >= self.limit:
+            self._entries.clear()
+        self._entries[(id(peer), *key)] = (peer, verdict)

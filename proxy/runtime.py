@@ -18,6 +18,7 @@ from proxy import canonical
 from proxy.assertion import AssertionSigner
 from proxy.audit_sink import JsonLines
 from proxy.config import Config
+from proxy.decide import VerdictCache
 from proxy.drift_store import DriftLearner
 from proxy.forward import UpstreamPool
 from proxy.metrics import Metrics
@@ -56,6 +57,9 @@ class Runtime:
     policy_loaded_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
     draining: bool = False
     drain_requested: trio.Event = field(default_factory=trio.Event)
+    # Verdicts for requests without a JWT-SVID, shared by the connections (emptied when
+    # the policy, the credentials or the upstream rules are swapped).
+    verdicts: VerdictCache = field(default_factory=VerdictCache)
     # Sessions waiting for a next request: cancelled at drain so idle keep-alives close.
     idle_scopes: set[trio.CancelScope] = field(default_factory=set)
 

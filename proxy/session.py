@@ -22,7 +22,7 @@ import traceback
 import h11
 import trio
 
-from proxy import audit, canonical, drift, exchange, headers, http1, svid
+from proxy import audit, canonical, drift, exchange, headers, http1, rewrite, svid
 from proxy.canonical import CanonicalRequest, Refusal
 from proxy.decide import Verdict, decide
 from proxy.drift_store import ConnectionDrift
@@ -30,13 +30,12 @@ from proxy.errors import ClientGone, HttpError, SvidError, UpstreamError
 from proxy.peer import Presented, reverify
 from proxy.policy.evaluate import ALLOWED, Decision
 from proxy.policy.model import Policy
-from proxy.rewrite import Origin, OriginRefused, PeerHeaders
+from proxy.rewrite import Origin, OriginRefused
 from proxy.runtime import Runtime
 from proxy.tls import Credentials
 from proxy.tls_stream import TLSError, TLSStream
 
 _OUT_HIGH_WATER = 64 * 1024  # buffered response bytes are written out at least this often
-_VERDICT_CACHE = 32  # verdicts remembered per connection
 STOPPED = "proxy_stopped"  # a request cut because the proxy stopped before it was done
 
 
@@ -84,8 +83,6 @@ class HttpSession:
         self.creds = creds or rt.credentials
         self.opened = trio.current_time()
         self._write_timeout = rt.config.timeouts.client_write
-        self._cache: dict[tuple[object, ...], Verdict] = {}
-        self._cached_for: tuple[object, ...] | None = None
         # The body of the request in progress: when it started and what arrived, for
         # limits.min_body_rate.
         self._body_started = 0.0
@@ -93,7 +90,7 @@ class HttpSession:
         self.peer_ip = peer_ip
         self.peer_addr = peer_addr
         self.h = http1.new_server_connection(rt.config.limits.max_header_bytes)
-        self.identity = PeerHeaders(rt.config, rt.credentials.own_id, peer)
+        self.identity = rewrite.for_peer(rt.config, rt.credentials.own_id, peer)
         self._out = bytearray()
         self._http10_keepalive = False
         self._reuse_http10 = False
@@ -168,15 +165,14 @@ class HttpSession:
         """HTTP/1.0 keep-alive, which h11 does not do: an HTTP/1.0 client that asked for it
         (ab -k does) gets it when the response has a length; the next request then gets a
         fresh h11 connection (see ``run``)."""
-        if data is None or any(
-            n == b"connection" and b"close" in v.lower() for n, v in response.headers
-        ):
-            return data  # the proxy itself decided to close
-        has_length = (
-            response.status_code in (204, 304)
-            or self._method == b"HEAD"
-            or any(n == b"content-length" for n, _ in response.headers)
-        )
+        if data is None:
+            return data
+        has_length = response.status_code in (204, 304) or self._method == b"HEAD"
+        for n, v in response.headers:
+            if n == b"content-length":
+                has_length = True
+            elif n == b"connection" and b"close" in v.lower():
+                return data  # the proxy itself decided to close
         if not has_length:
             return data  # close-delimited body: the connection must end
         self._reuse_http10 = True
@@ -399,25 +395,16 @@ class HttpSession:
         """Stage 2: the policy's verdict on the canonical request, for this peer, at
         ``now`` (``time.time()``).
 
-        Remembered per connection for requests without a JWT-SVID: with the same policy
-        object, trust store, peer and canonical request, ``decide`` gives the same
-        verdict until the peer's certificate expires (the only clock it reads then), so
-        a keep-alive client repeating a request skips the evaluation."""
-        cacheable = token is None and now <= self._not_after
+        Remembered for requests without a JWT-SVID (``decide.VerdictCache``, shared by
+        all connections): a client repeating a request, on this connection or a new one,
+        skips the evaluation."""
+        cache = self.rt.verdicts
+        cacheable = token is None and now <= self._not_after and self.creds is self.rt.credentials
         if cacheable:
-            was = self._cached_for
-            rules = self.rt.upstream_rules
-            if (
-                was is None
-                or was[0] is not policy
-                or was[1] is not self.creds
-                or was[2] is not rules
-            ):
-                self._cache.clear()
-                self._cached_for = (policy, self.creds, rules)
+            cache.valid_for(policy, self.creds, self.rt.upstream_rules)
             key = (request.method, request.host, request.path, request.path_params,
                    hop.spiffe_id, hop.sha256)  # fmt: skip
-            hit = self._cache.get(key)
+            hit = cache.get(self.peer, key)
             if hit is not None:
                 return hit
         verdict = decide(
@@ -432,9 +419,7 @@ class HttpSession:
             upstreams=self.rt.upstream_rules,
         )
         if cacheable:
-            if len(self._cache) >= _VERDICT_CACHE:
-                self._cache.clear()
-            self._cache[key] = verdict
+            cache.put(self.peer, key, verdict)
         return verdict
 
     def judge_drift(
@@ -502,8 +487,12 @@ class HttpSession:
             lost = self.still_trusted()
             if lost is not None:
                 raise HttpError(403, lost)
-            if self.identity.config is not self.rt.config:  # reloaded: new identity headers
-                self.identity = PeerHeaders(self.rt.config, self.rt.credentials.own_id, self.peer)
+            ident = self.identity
+            if ident.config is not self.rt.config or ident.peer is not self.peer:
+                # reloaded, or the peer verified again: new identity headers
+                self.identity = rewrite.for_peer(
+                    self.rt.config, self.rt.credentials.own_id, self.peer
+                )
             request = self.canonical(req, hdrs)
             ex.host, ex.path = request.host, request.path
             if request.dropped:

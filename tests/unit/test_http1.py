@@ -1,0 +1,44 @@
+"""The strict head check (``proxy.http1.check_head``): what h11 lets through and a PEP
+must refuse, each with its own message; a clean head passes."""
+
+from __future__ import annotations
+
+import h11
+import pytest
+
+from proxy.http1 import check_head
+
+OK = b"GET / HTTP/1.1\r\nHost: a\r\nAccept: */*\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("head", "refused"),
+    [
+        (OK, None),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nX: a\tb\r\n\r\n", None),  # HTAB in a value
+        (b"GET / HTTP/1.1\nHost: a\r\n\r\n", "bare LF"),
+        (b"GET / HTTP/1.1\r\nHost: a\n\r\n", "bare LF"),
+        (b"GET / HTTP/1.1\r\nX: a\r\n b\r\n\r\n", "folding"),
+        (b"GET / HTTP/1.1\r\nX: a\r\n\tb\r\n\r\n", "folding"),
+        (b"GET / HTTP/1.1\r\nX: a\x00b\r\n\r\n", "control character"),
+        (b"GET / HTTP/1.1\r\nX: a\x1bb\r\n\r\n", "control character"),
+        (b"GET / HTTP/1.1\r\nX: a\x7fb\r\n\r\n", "control character"),
+        (b"GET / HTTP/1.1\r\nX: a\rb\r\n\r\n", None),  # a lone CR is h11's to refuse
+        (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", None),
+        (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", None),
+        (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", "not chunked"),
+        (b"POST / HTTP/1.1\r\nTRANSFER-ENCODING: chunked, gzip\r\n\r\n", "not chunked"),
+        (b"POST / HTTP/1.1\r\ntRaNsFeR-eNcOdInG : identity\r\n\r\n", "not chunked"),
+        (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: x\r\n\r\n",
+         "not chunked"),
+        (b"GET / HTTP/1.1\r\nX-Note: transfer-encoding: gzip\r\n\r\n", None),  # a value
+    ],
+)  # fmt: skip
+def test_check_head(head: bytes, refused: str | None) -> None:
+    if refused is None:
+        check_head(head)
+        check_head(bytearray(head))
+        return
+    with pytest.raises(h11.LocalProtocolError, match=refused) as exc:
+        check_head(head)
+    assert exc.value.error_status_hint == 400
