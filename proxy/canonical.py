@@ -280,8 +280,27 @@ def _build(
     )
 
 
+# Results of parse_host and parse_target by their whole input: clients repeat their Host
+# and most of their targets, and both functions are pure. Bounded (emptied when full);
+# a refusal raises and is never remembered.
+_MEMO_SIZE = 1024
+_MEMO_TARGET = 256  # longer targets are parsed every time
+_hosts: dict[bytes, tuple[str, int | None]] = {}
+_targets: dict[tuple[bytes, bytes, bool], tuple[str, str, str, bytes | None, bool]] = {}
+
+
 def parse_host(raw: bytes) -> tuple[str, int | None]:
     """``Host`` (or an absolute-form authority) -> (host for matching, port or None)."""
+    hit = _hosts.get(raw)
+    if hit is None:
+        hit = _parse_host(raw)
+        if len(_hosts) >= _MEMO_SIZE:
+            _hosts.clear()
+        _hosts[raw] = hit
+    return hit
+
+
+def _parse_host(raw: bytes) -> tuple[str, int | None]:
     value = raw.strip().lower()
     if not value:
         return "", None
@@ -320,6 +339,21 @@ def parse_target(
 ) -> tuple[str, str, str, bytes | None, bool]:
     """Split and normalise a request-target (RFC 9112 section 3.2): (path for matching,
     path to forward, query, authority of an absolute-form target, had parameters)."""
+    if len(target) > _MEMO_TARGET:
+        return _parse_target(method, target, keep_params)
+    key = (method, target, keep_params)
+    hit = _targets.get(key)
+    if hit is None:
+        hit = _parse_target(method, target, keep_params)
+        if len(_targets) >= _MEMO_SIZE:
+            _targets.clear()
+        _targets[key] = hit
+    return hit
+
+
+def _parse_target(
+    method: bytes, target: bytes, keep_params: bool
+) -> tuple[str, str, str, bytes | None, bool]:
     if b"#" in target:
         raise _bad("fragment in the request target")
     authority: bytes | None = None
