@@ -28,6 +28,7 @@ from OpenSSL import SSL
 
 from proxy import tls as tlsmod
 from proxy.devcerts import Issued, issue_ca, issue_svid
+from proxy.tls_stream import renew_bios
 
 
 def rss_kib() -> int:
@@ -62,7 +63,9 @@ def _pump(a: SSL.Connection, b: SSL.Connection) -> None:
             moved = True
 
 
-def pyopenssl(server: Issued, client: Issued, release: bool) -> Callable[[], Any]:
+def pyopenssl(
+    server: Issued, client: Issued, release: bool, renew: bool = False
+) -> Callable[[], Any]:
     sctx = tlsmod.server_context([server.cert], server.key, "server key")
     cctx = tlsmod.client_context([client.cert], client.key, "client key")
     if not release:
@@ -91,6 +94,8 @@ def pyopenssl(server: Issued, client: Issued, release: bool) -> Callable[[], Any
         c.recv(65536)
         with contextlib.suppress(SSL.WantReadError):
             s.recv(65536)  # idle: waiting for the next request
+        if renew:
+            renew_bios(s)
         return s
 
     return make
@@ -141,8 +146,9 @@ def stdlib(server: Issued, client: Issued, root: Issued, d: Path) -> Callable[[]
 
 
 VARIANTS = {
-    "pyopenssl": f"pyOpenSSL, {SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode()}, "
-    "MODE_RELEASE_BUFFERS (as spiffe-pep)",
+    "pyopenssl-renewed": f"pyOpenSSL, {SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode()}, "
+    "MODE_RELEASE_BUFFERS and memory BIOs renewed after the handshake (as spiffe-pep)",
+    "pyopenssl": "pyOpenSSL, same OpenSSL, MODE_RELEASE_BUFFERS only",
     "pyopenssl-no-release": "pyOpenSSL, same OpenSSL, without MODE_RELEASE_BUFFERS",
     "stdlib": f"stdlib ssl, {ssl.OPENSSL_VERSION}",
 }
@@ -156,7 +162,12 @@ def measure(variant: str, count: int) -> float:
         if variant == "stdlib":
             make = stdlib(server, client, root, Path(tmp))
         else:
-            make = pyopenssl(server, client, release=variant == "pyopenssl")
+            make = pyopenssl(
+                server,
+                client,
+                release=variant != "pyopenssl-no-release",
+                renew=variant == "pyopenssl-renewed",
+            )
         return per_connection(make, count)
 
 

@@ -229,8 +229,9 @@ async def serve(
             services.start_soon(rt.drift.run, lambda: rt.changed, lambda: rt.policy)
             services.start_soon(on_signals, config_reloader, reloader, creds_reloader)
 
-            async def handler(stream: trio.SocketStream) -> None:
-                await _connection(rt, stream)
+            # A partial, not a closure: an idle connection's task keeps one coroutine
+            # frame less.
+            handler = functools.partial(_connection, rt)
 
             async with trio.open_nursery() as connections:
                 async with trio.open_nursery() as accepting:

@@ -148,8 +148,15 @@ async def _open(
         await tls.aclose()
         return None
     peer, chain = verified
-    check.chain = []  # only a refusal's log needs the parsed chain; the DER stays in chain
+    # Verified: the check is done with. A shared stand-in that refuses takes its place
+    # (renegotiation is off; should OpenSSL ever verify again, it fails closed), so an
+    # open connection keeps neither the check nor the parsed chain.
+    conn.set_app_data(_verified_already)
     return tls, peer, chain, creds, peer_ip, peer_addr
+
+
+def _verified_already(chain: list[x509.Certificate]) -> str:
+    return "verified_already"
 
 
 _PLAIN_HTTP_BODY = b"This port speaks HTTPS and requires a client certificate.\n"

@@ -35,6 +35,10 @@ from proxy.runtime import Runtime
 from proxy.tls import Credentials
 from proxy.tls_stream import TLSError, TLSStream
 
+# What an idle keep-alive connection holds instead of an h11 connection (one for all):
+# never sent to or read from, replaced as soon as a next request's bytes arrive.
+_NO_REQUEST = h11.Connection(h11.SERVER)
+_GONE = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)  # the client left
 _OUT_HIGH_WATER = 64 * 1024  # buffered response bytes are written out at least this often
 STOPPED = "proxy_stopped"  # a request cut because the proxy stopped before it was done
 
@@ -62,6 +66,30 @@ _ERRORS = {
 class HttpSession:
     """The client side of one verified connection: reads heads and bodies, writes
     responses, and runs each request through the stages."""
+
+    # Slots: an idle keep-alive connection keeps one of these (no per-instance dict).
+    __slots__ = (
+        "_body_bytes",
+        "_body_started",
+        "_drift",
+        "_http10_keepalive",
+        "_method",
+        "_not_after",
+        "_out",
+        "_reuse_http10",
+        "_write_timeout",
+        "chain",
+        "creds",
+        "h",
+        "identity",
+        "opened",
+        "peer",
+        "peer_addr",
+        "peer_ip",
+        "rt",
+        "tls",
+        "truncated",
+    )
 
     def __init__(
         self,
@@ -178,47 +206,40 @@ class HttpSession:
         self._reuse_http10 = True
         return data.replace(b"\r\nConnection: close\r\n", b"\r\nConnection: keep-alive\r\n", 1)
 
-    def _fresh_connection(self) -> None:
+    def _next_cycle(self) -> None:
+        """Ready for the next request. With nothing of it buffered the h11 connection is
+        let go (an idle keep-alive connection then keeps none; a new one is made when
+        bytes arrive); otherwise a fresh one takes the buffered bytes. Also what HTTP/1.0
+        keep-alive needs: h11 itself would close after an HTTP/1.0 request."""
         leftover, closed = self.h.trailing_data
+        if not leftover and not closed:
+            self.h = _NO_REQUEST
+            return
         self.h = http1.new_server_connection(self.rt.config.limits.max_header_bytes)
         if leftover:
             self.h.receive_data(leftover)
         if closed:
             self.h.receive_data(b"")
 
-    async def _read_request(self) -> h11.Event | None:
-        """The next request head: ``idle`` to start it, ``request_head`` to finish it.
-        While idle (no byte of a next request yet) a drain closes the connection."""
-        timeouts = self.rt.config.timeouts
-        deadline = trio.current_time() + timeouts.idle
-        started = False
+    def _head_event(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
+        """The next event of a request head, or ``h11.NEED_DATA``."""
+        if self.h.their_state is h11.IDLE:
+            http1.skip_empty_lines(self.h)  # RFC 9112 section 2.2
+        return self.h.next_event()
+
+    async def _finish_head(self) -> object:
+        """The rest of a request head whose first bytes arrived, within
+        ``timeouts.request_head``; None after answering 408."""
+        deadline = trio.current_time() + self.rt.config.timeouts.request_head
         while True:
-            if self.h.their_state is h11.IDLE:
-                http1.skip_empty_lines(self.h)  # RFC 9112 section 2.2
-            event = self.h.next_event()
+            event = self._head_event()
             if event is not h11.NEED_DATA:
-                return event  # type: ignore[return-value]
-            if self.rt.draining and not started:
-                return None
+                return event  # a request, or what run() refuses
             try:
-                if started:
-                    await self._receive(deadline)
-                else:
-                    idle = trio.CancelScope(deadline=deadline)
-                    self.rt.idle_scopes.add(idle)
-                    try:
-                        await self._receive(deadline, idle)
-                    finally:
-                        self.rt.idle_scopes.discard(idle)
-                    if idle.cancel_called and trio.current_time() < deadline:
-                        return None  # a drain closes idle keep-alive connections
+                await self._receive(deadline)
             except trio.TooSlowError:
-                if started:
-                    await self._refuse_head(408, "request_head_timeout")
+                await self._refuse_head(408, "request_head_timeout")
                 return None
-            if not started:
-                started = True
-                deadline = trio.current_time() + timeouts.request_head
 
     def _body_deadline(self) -> float:
         """A body must keep up ``limits.min_body_rate`` on average after a grace of
@@ -284,10 +305,36 @@ class HttpSession:
     # --- the loop -----------------------------------------------------------------------
 
     async def run(self) -> None:
-        with contextlib.suppress(ClientGone):
+        try:
             while True:
                 try:
-                    event = await self._read_request()
+                    event: object = h11.NEED_DATA if self.h is _NO_REQUEST else self._head_event()
+                    if event is h11.NEED_DATA:
+                        # Idle between requests. The wait is written out here, not in a
+                        # method: every idle keep-alive connection keeps the coroutine
+                        # frames of its wait, and this is one less.
+                        if self.rt.draining:
+                            return
+                        data = None
+                        idle = trio.CancelScope(
+                            deadline=trio.current_time() + self.rt.config.timeouts.idle
+                        )
+                        self.rt.idle_scopes.add(idle)  # a drain cancels it
+                        try:
+                            with idle:
+                                data = await self.tls.receive_some()
+                        except (TLSError, *_GONE):
+                            return  # the client left between requests
+                        finally:
+                            self.rt.idle_scopes.discard(idle)
+                        if not data:
+                            return  # it closed, the idle timeout, or a drain
+                        if self.h is _NO_REQUEST:
+                            self.h = http1.new_server_connection(
+                                self.rt.config.limits.max_header_bytes
+                            )
+                        self.h.receive_data(data)
+                        event = await self._finish_head()
                 except h11.RemoteProtocolError as exc:
                     await self._malformed(exc)
                     return
@@ -304,13 +351,15 @@ class HttpSession:
                     and self.h.our_state is h11.MUST_CLOSE
                     and (self.h.their_state in (h11.DONE, h11.MUST_CLOSE))
                 ):
-                    self._fresh_connection()
+                    self._next_cycle()
                     continue
                 if not keep:
                     return
                 if self.h.our_state is not h11.DONE or self.h.their_state is not h11.DONE:
                     return
-                self.h.start_next_cycle()
+                self._next_cycle()
+        except ClientGone:
+            pass
 
     async def _malformed(self, exc: h11.RemoteProtocolError) -> None:
         status = exc.error_status_hint

@@ -11,9 +11,41 @@ import contextlib
 
 import trio
 from OpenSSL import SSL
+from OpenSSL._util import ffi as _ffi
+from OpenSSL._util import lib as _lib
 
 _BIO_CHUNK = 256 * 1024
 _RECV_CHUNK = 64 * 1024
+# Ciphertext moved through the memory BIOs since they were last renewed, past which they
+# are renewed at the next wait (a memory BIO keeps the capacity of the most it held).
+_BIO_GROWN = 16 * 1024
+
+
+def _bio_empty(bio: object) -> bool:
+    return int(_lib.BIO_get_mem_data(bio, _ffi.new("char **"))) == 0
+
+
+def renew_bios(conn: SSL.Connection) -> bool:
+    """Give OpenSSL fresh, empty memory BIOs when the current ones hold no data: a memory
+    BIO keeps the capacity of the largest flight it carried (the handshake's certificate
+    chains), about 4 KiB per idle connection (``loadtests/tls_idle_floor.py``).
+
+    Relies on pyOpenSSL's private ``_ssl``, ``_into_ssl`` and ``_from_ssl`` (the
+    Connection's BIOs when it has no socket; the SSL object owns them and frees the old
+    ones in ``SSL_set_bio``); pinned by tests/unit/test_tls.py."""
+    into, out = conn._into_ssl, conn._from_ssl
+    if into is None or not _bio_empty(into) or not _bio_empty(out):
+        return False
+    new_into = _lib.BIO_new(_lib.BIO_s_mem())
+    if new_into == _ffi.NULL:
+        return False
+    new_out = _lib.BIO_new(_lib.BIO_s_mem())
+    if new_out == _ffi.NULL:
+        _lib.BIO_free(new_into)
+        return False
+    _lib.SSL_set_bio(conn._ssl, new_into, new_out)
+    conn._into_ssl, conn._from_ssl = new_into, new_out
+    return True
 
 
 class TLSError(Exception):
@@ -39,27 +71,36 @@ def openssl_reason(exc: BaseException) -> str:
 class TLSStream:
     """A TLS session over ``transport``; server or client side as ``conn`` was set up."""
 
+    __slots__ = ("_closed", "_moved", "_sending", "_sent", "conn", "transport")
+
     def __init__(self, transport: trio.SocketStream, conn: SSL.Connection) -> None:
         self.transport = transport
         self.conn = conn
         self._closed = False
         # A reader may need to write (TLS 1.3 key updates) while another task writes: one
         # sender at a time on the socket (an upgraded connection pumps both ways at once).
-        self._send_lock = trio.StrictFIFOLock()
+        # A flag, and an event only while someone waits: contention is rare, and an idle
+        # connection should not keep a lock and its parking lot.
+        self._sending = False
+        self._sent: trio.Event | None = None
+        self._moved = 0  # ciphertext bytes through the BIOs since they were renewed
 
     async def _flush(self) -> None:
-        # Uncontended (nearly always), take the lock without the two scheduler round trips
-        # of ``async with``; it is only ever contended on an upgraded connection.
-        try:
-            self._send_lock.acquire_nowait()
-        except trio.WouldBlock:
-            await self._send_lock.acquire()
+        while self._sending:
+            if self._sent is None:
+                self._sent = trio.Event()
+            await self._sent.wait()
+        self._sending = True
         try:
             data = self._pending()
             if data:
+                self._moved += len(data)
                 await self.transport.send_all(data)
         finally:
-            self._send_lock.release()
+            self._sending = False
+            if self._sent is not None:
+                self._sent.set()
+                self._sent = None
 
     def _pending(self) -> bytes:
         """All ciphertext OpenSSL queued. One read of the whole buffer is the common case;
@@ -85,6 +126,7 @@ class TLSStream:
         if not data:
             self.conn.bio_shutdown()
             return False
+        self._moved += len(data)
         self.conn.bio_write(data)
         return True
 
@@ -106,6 +148,8 @@ class TLSStream:
                     await self._flush()
                 raise TLSError(openssl_reason(exc)) from exc
         await self._flush()
+        if renew_bios(self.conn):  # the handshake's flights were the largest
+            self._moved = 0
 
     async def receive_some(self, max_bytes: int = _RECV_CHUNK) -> bytes:
         """Plaintext from the peer; ``b""`` at end of stream (close_notify or TCP EOF)."""
@@ -119,7 +163,14 @@ class TLSStream:
             except SSL.Error as exc:
                 raise TLSError(openssl_reason(exc)) from exc
             await self._flush()
-            await self._fill()  # at EOF, bio_shutdown makes the next recv report it
+            if self._moved > _BIO_GROWN and renew_bios(self.conn):
+                self._moved = 0  # before a wait that may be long: give the memory back
+            data = await self.transport.receive_some(_RECV_CHUNK)  # _fill, one frame less
+            if data:
+                self._moved += len(data)
+                self.conn.bio_write(data)
+            else:
+                self.conn.bio_shutdown()  # the next recv reports EOF
 
     async def receive_ready(self, max_bytes: int = _RECV_CHUNK, rounds: int = 4) -> bytes | None:
         """Plaintext the peer has already sent, without waiting for more: ``b""`` when
