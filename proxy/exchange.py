@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import h11
 import trio
 
-from proxy import audit, headers, rewrite
+from proxy import audit, headers, http1, rewrite
 from proxy.canonical import CanonicalRequest
 from proxy.errors import ClientGone, HttpError, UpstreamError
 from proxy.forward import UpstreamConnection
@@ -117,7 +117,7 @@ async def forward(f: Forward) -> bool:
             await conn.send(h11.EndOfMessage())
             response = await _response_head(client, conn)
         ex.upstream_status = ex.status = response.status_code
-        back = headers.downstream_response_headers(response.headers, ex.request_id)
+        back = headers.downstream_response_headers(http1.header_list(response), ex.request_id)
         if client.closing:  # max_connection_age or shutting down: the connection's last
             back.append((b"connection", b"close"))
         await client.send(

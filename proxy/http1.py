@@ -68,6 +68,13 @@ def check_head(head: bytes | bytearray) -> None:
         raise h11.LocalProtocolError("the final transfer coding is not chunked", 400)
 
 
+def header_list(event: h11.Request | h11.Response) -> list[tuple[bytes, bytes]]:
+    """An h11 event's headers as a plain list of (lower-case name, value). h11's
+    ``Headers`` is a Python Sequence whose iteration calls ``__getitem__`` item by item;
+    its private ``_full_items`` is read directly instead (pinned by tests/unit/test_http1.py)."""
+    return [(name, value) for _, name, value in event.headers._full_items]
+
+
 def skip_empty_lines(conn: h11.Connection) -> None:
     """Drop empty lines buffered before a request line (RFC 9112 section 2.2: a server
     SHOULD ignore at least one). Only while ``conn`` waits for a request."""

@@ -196,7 +196,7 @@ class HttpSession:
         if data is None:
             return data
         has_length = response.status_code in (204, 304) or self._method == b"HEAD"
-        for n, v in response.headers:
+        for n, v in http1.header_list(response):
             if n == b"content-length":
                 has_length = True
             elif n == b"connection" and b"close" in v.lower():
@@ -341,7 +341,7 @@ class HttpSession:
                 if event is None or not isinstance(event, h11.Request):
                     return
                 self._http10_keepalive = event.http_version == b"1.0" and (
-                    b"keep-alive" in headers.connection_tokens(event.headers)
+                    b"keep-alive" in headers.connection_tokens(http1.header_list(event))
                 )
                 self._reuse_http10 = False
                 self._method = event.method
@@ -524,8 +524,8 @@ class HttpSession:
         t0 = time.perf_counter()
         started = time.time()
         self._body_started, self._body_bytes = trio.current_time(), 0
-        # h11's Headers iterates in Python, item by item: read it once per request.
-        hdrs = list(req.headers)
+        # h11's Headers iterates in Python, item by item: read once per request.
+        hdrs = http1.header_list(req)
         rid = headers.request_id(hdrs)
         ex = audit.Exchange(
             request_id=rid, peer_addr=self.peer_addr, method=req.method.decode("ascii", "replace")

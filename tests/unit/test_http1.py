@@ -42,3 +42,14 @@ def test_check_head(head: bytes, refused: str | None) -> None:
     with pytest.raises(h11.LocalProtocolError, match=refused) as exc:
         check_head(head)
     assert exc.value.error_status_hint == 400
+
+
+def test_header_list_reads_h11s_private_items() -> None:
+    """``header_list`` reads h11's private ``Headers._full_items`` (raw name, lower-case
+    name, value): pin it, so an h11 upgrade that changes it fails here."""
+    from proxy.http1 import header_list
+
+    event = h11.Request(method=b"GET", target=b"/", headers=[(b"Host", b"a"), (b"X-A", b"1")])
+    assert header_list(event) == [(b"host", b"a"), (b"x-a", b"1")] == list(event.headers)
+    response = h11.Response(status_code=200, headers=[(b"Content-Length", b"0")])
+    assert header_list(response) == [(b"content-length", b"0")]
