@@ -35,7 +35,7 @@ def upgrade_protocol(request: CanonicalRequest) -> bytes | None:
     return next((v for n, v in request.headers if n == b"upgrade"), None)
 
 
-@dataclass
+@dataclass(slots=True)
 class Forward:
     """One allowed request on its way upstream."""
 
@@ -120,14 +120,13 @@ async def forward(f: Forward) -> bool:
         back = headers.downstream_response_headers(http1.header_list(response), ex.request_id)
         if client.closing:  # max_connection_age or shutting down: the connection's last
             back.append((b"connection", b"close"))
-        await client.send(
+        client.queue(
             h11.Response(
                 status_code=response.status_code,
                 reason=headers.reason_phrase(response.status_code, response.reason),
                 headers=back,
                 _parsed=True,
-            ),
-            flush=False,
+            )
         )
         timeout = rt.config.timeouts.upstream_response
         while True:
@@ -142,7 +141,8 @@ async def forward(f: Forward) -> bool:
                 raise ClientGone("upstream broke mid-response") from exc
             if isinstance(event, h11.Data):
                 ex.bytes_out += len(event.data)
-                await client.send(h11.Data(data=event.data), flush=False)
+                if client.queue(h11.Data(data=event.data)):
+                    await client.flush()
             elif isinstance(event, h11.EndOfMessage):
                 await client.send(h11.EndOfMessage())
                 break
@@ -167,9 +167,10 @@ async def _send_request(
     await conn.send(up_req)
     limit = client.rt.config.limits.max_body_bytes
     while True:
-        if first is not None:
-            event, first = first, None
-        else:
+        # What is here already is taken without waiting (a bodiless request's end).
+        event = first if first is not None else client.buffered_body_event()
+        first = None
+        if event is None:
             event = await client.next_body_event()
         if isinstance(event, h11.Data):
             ex.bytes_in += len(event.data)

@@ -119,10 +119,15 @@ def downstream_response_headers(headers: Headers, request_id: str) -> HeaderList
     return out
 
 
+_ENCODED: dict[str, bytes] = {}
+
+
 def bearer_token(hdrs: Headers, name: str) -> str | None:
     """The token from ``Authorization: Bearer <t>``, or the value of a custom header
     (where a ``Bearer`` prefix is optional)."""
-    raw = name.encode("ascii")
+    raw = _ENCODED.get(name)
+    if raw is None:
+        raw = _ENCODED[name] = name.encode("ascii")  # a policy's header name: few
     for n, v in hdrs:
         if n == raw:
             value = v.decode("ascii", "replace").strip()

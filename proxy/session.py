@@ -147,15 +147,21 @@ class HttpSession:
             raise trio.TooSlowError
         self.h.receive_data(data)
 
-    async def send(self, event: h11.Event, flush: bool = True) -> None:
-        """Queue an event's bytes for the client; write them out unless ``flush`` is off.
-        A response head and a small body thus leave in one TLS record and one ``send``."""
+    def queue(self, event: h11.Event) -> bool:
+        """Queue an event's bytes for the client, without writing; whether enough is
+        queued that the caller should ``flush`` now. A response head and a small body
+        thus leave in one TLS record and one ``send``."""
         data = self.h.send(event)
         if self._http10_keepalive and type(event) is h11.Response:
             data = self._keep_http10_alive(event, data)
         if data:
             self._out += data
-        if flush or len(self._out) >= _OUT_HIGH_WATER:
+        return len(self._out) >= _OUT_HIGH_WATER
+
+    async def send(self, event: h11.Event, flush: bool = True) -> None:
+        """``queue`` the event, then write out what is queued unless ``flush`` is off
+        (and not much is queued)."""
+        if self.queue(event) or flush:
             await self.flush()
 
     async def flush(self) -> None:
@@ -298,8 +304,8 @@ class HttpSession:
         response = h11.Response(
             status_code=status, reason=headers.reason_phrase(status), headers=hdrs
         )
-        await self.send(response, flush=False)
-        await self.send(h11.Data(data=body), flush=False)
+        self.queue(response)
+        self.queue(h11.Data(data=body))
         await self.send(h11.EndOfMessage())
 
     # --- the loop -----------------------------------------------------------------------
@@ -378,11 +384,17 @@ class HttpSession:
         try:
             await self.reply_error(status, reason, ex.request_id, close=True)
         finally:
-            extra = {"detail": detail} if detail else {}
-            self._log(ex, started, t0, self.rt.policy.sha256, **extra)
+            self._log(
+                ex, started, t0, self.rt.policy.sha256, {"detail": detail} if detail else None
+            )
 
     def _log(
-        self, ex: audit.Exchange, started: float, t0: float, policy_sha256: str, **extra: str
+        self,
+        ex: audit.Exchange,
+        started: float,
+        t0: float,
+        policy_sha256: str,
+        extra: dict[str, str] | None = None,
     ) -> None:
         """The decision line of a request that started at ``started`` (``time.time()``,
         and ``t0``, ``time.perf_counter()``)."""
@@ -531,7 +543,7 @@ class HttpSession:
             request_id=rid, peer_addr=self.peer_addr, method=req.method.decode("ascii", "replace")
         )
         policy = self.rt.policy
-        extra: dict[str, str] = {}
+        extra: dict[str, str] | None = None
         try:
             lost = self.still_trusted()
             if lost is not None:
@@ -545,7 +557,7 @@ class HttpSession:
             request = self.canonical(req, hdrs)
             ex.host, ex.path = request.host, request.path
             if request.dropped:
-                extra["dropped_headers"] = ",".join(n.decode("latin-1") for n in request.dropped)
+                extra = {"dropped_headers": ",".join(n.decode("latin-1") for n in request.dropped)}
             try:
                 hop = self.identity.inbound_origin(request)
             except OriginRefused as exc:
@@ -630,4 +642,4 @@ class HttpSession:
                 await self.reply_error(500, ex.reason, rid, close=True)
             return False
         finally:
-            self._log(ex, started, t0, policy.sha256, **extra)
+            self._log(ex, started, t0, policy.sha256, extra)
