@@ -284,13 +284,18 @@ def _build(
 # and most of their targets, and both functions are pure. Bounded (emptied when full);
 # a refusal raises and is never remembered.
 _MEMO_SIZE = 1024
-_MEMO_TARGET = 256  # longer targets are parsed every time
+# Longer inputs are parsed every time: the memo's memory stays small (1,024 entries of
+# at most these sizes) whatever a client sends.
+_MEMO_TARGET = 256
+_MEMO_HOST = 256
 _hosts: dict[bytes, tuple[str, int | None]] = {}
 _targets: dict[tuple[bytes, bytes, bool], tuple[str, str, str, bytes | None, bool]] = {}
 
 
 def parse_host(raw: bytes) -> tuple[str, int | None]:
     """``Host`` (or an absolute-form authority) -> (host for matching, port or None)."""
+    if len(raw) > _MEMO_HOST:
+        return _parse_host(raw)
     hit = _hosts.get(raw)
     if hit is None:
         hit = _parse_host(raw)

@@ -61,11 +61,18 @@ async def settle(paths: Paths, quiet: float) -> Signature:
         seen = now
 
 
-async def poll(paths: Paths, interval: float, on_change: Callable[[], object]) -> None:
+async def poll(
+    paths: Paths,
+    interval: float,
+    on_change: Callable[[], object],
+    applied: Signature | None = None,
+) -> None:
     """The fallback: call ``on_change`` once the files changed and then held still for
-    one interval. ``paths`` is asked on every poll (a reload may name other files)."""
+    one interval. ``paths`` is asked on every poll (a reload may name other files).
+    ``applied``: the signature last applied, when polling takes over from a kernel
+    watch; a change it had not applied yet is then applied too."""
     seen = signature(paths())
-    pending = False
+    pending = applied is not None and seen != applied
     while True:
         await trio.sleep(interval)
         now = signature(paths())
@@ -98,13 +105,19 @@ async def watch(
             while True:
                 applied = await _notified(paths, quiet, on_change, applied)
         except _Unavailable as exc:
+            applied = exc.applied
             if on_polling is not None:
                 on_polling(str(exc))
-    await poll(paths, quiet, on_change)
+    await poll(paths, quiet, on_change, applied)
 
 
 class _Unavailable(Exception):
-    """The kernel watch could not start or broke: poll instead."""
+    """The kernel watch could not start or broke: poll instead, from ``applied`` (the
+    signature last applied), so a change seen but not applied yet is not lost."""
+
+    def __init__(self, reason: str, applied: Signature) -> None:
+        super().__init__(reason)
+        self.applied = applied
 
 
 def _directories(paths: list[Path]) -> tuple[tuple[str, int], ...]:
@@ -129,14 +142,14 @@ async def _notified(
     try:
         watcher = inotify.Inotify()
     except OSError as exc:
-        raise _Unavailable(f"{type(exc).__name__}: {exc}") from exc
+        raise _Unavailable(f"{type(exc).__name__}: {exc}", applied) from exc
     try:
         dirs: dict[int, str] = {}
         for directory, _ in directories:
             try:
                 dirs[watcher.add(directory, inotify.DIRECTORY)] = directory
             except inotify.Unavailable as exc:
-                raise _Unavailable(str(exc)) from exc
+                raise _Unavailable(str(exc), applied) from exc
             except OSError:
                 pass  # not there (yet): polled by the signature every RECHECK_MS
 
@@ -147,7 +160,7 @@ async def _notified(
                 try:
                     watcher.add(name, inotify.FILE)
                 except inotify.Unavailable as exc:
-                    raise _Unavailable(str(exc)) from exc
+                    raise _Unavailable(str(exc), applied) from exc
                 except OSError:
                     pass  # not there: its directory reports it appearing
 
@@ -170,11 +183,11 @@ async def _notified(
             # No event (a timeout): a change notified nowhere still counts.
             if batch or signature(now) != applied:
                 seen = await settle(paths, quiet)
-                watch_files()
-                watcher.read()  # what the settling saw already
                 if seen != applied:
                     applied = seen
                     on_change()
+                watch_files()  # after applying: a failure here loses no change
+                watcher.read()  # what the settling saw already
     finally:
         trio.lowlevel.notify_closing(watcher.fd)
         watcher.close()

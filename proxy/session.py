@@ -40,6 +40,7 @@ from proxy.tls_stream import TLSError, TLSStream
 _NO_REQUEST = h11.Connection(h11.SERVER)
 _GONE = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)  # the client left
 _OUT_HIGH_WATER = 64 * 1024  # buffered response bytes are written out at least this often
+_VERDICT_KEY_MAX = 512  # requests with a longer Host + path are judged every time
 STOPPED = "proxy_stopped"  # a request cut because the proxy stopped before it was done
 
 
@@ -333,12 +334,16 @@ class HttpSession:
                             return  # the client left between requests
                         finally:
                             self.rt.idle_scopes.discard(idle)
-                        if not data:
-                            return  # it closed, the idle timeout, or a drain
+                        if data is None:
+                            return  # the idle timeout, or a drain
+                        if not data and self.h is _NO_REQUEST:
+                            return  # it closed between requests
                         if self.h is _NO_REQUEST:
                             self.h = http1.new_server_connection(
                                 self.rt.config.limits.max_header_bytes
                             )
+                        # End of stream after part of a pipelined head: h11 then
+                        # refuses the incomplete head (400 and its line).
                         self.h.receive_data(data)
                         event = await self._finish_head()
                 except h11.RemoteProtocolError as exc:
@@ -460,7 +465,14 @@ class HttpSession:
         all connections): a client repeating a request, on this connection or a new one,
         skips the evaluation."""
         cache = self.rt.verdicts
-        cacheable = token is None and now <= self._not_after and self.creds is self.rt.credentials
+        cacheable = (
+            token is None
+            and now <= self._not_after
+            and self.creds is self.rt.credentials
+            # a bounded key: the cache outlives the connection, a huge Host or path
+            # must not be kept in it
+            and len(request.path) + len(request.host) <= _VERDICT_KEY_MAX
+        )
         if cacheable:
             cache.valid_for(policy, self.creds, self.rt.upstream_rules)
             key = (request.method, request.host, request.path, request.path_params,

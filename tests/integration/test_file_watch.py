@@ -5,6 +5,7 @@ polling still works where inotify is not available."""
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from pathlib import Path
@@ -152,3 +153,76 @@ async def test_polling_can_be_forced_for_network_filesystems(
         await wait_until(lambda: calls)
         nursery.cancel_scope.cancel()
     assert why == ["SPIFFE_PEP_FORCE_POLLING is set"]
+
+
+async def test_a_change_is_not_lost_when_the_kernel_runs_out_of_watches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An atomic save needs a watch for the new inode; with fs.inotify.max_user_watches
+    used up that fails (ENOSPC) and the watch falls back to polling. The change that
+    was being applied is applied, not taken for the polling's starting point."""
+    path = tmp_path / "policy.yaml"
+    path.write_text("one")
+    real_add = inotify.Inotify.add
+    file_watches = [0]
+
+    def add(self: inotify.Inotify, name: str, mask: int) -> int:
+        if mask == inotify.FILE:
+            file_watches[0] += 1
+            if file_watches[0] > 1:  # the renamed-in inode: no watch left
+                raise inotify.Unavailable(errno.ENOSPC, "inotify_add_watch: no space left")
+        return real_add(self, name, mask)
+
+    monkeypatch.setattr(inotify.Inotify, "add", add)
+    seen: list[str] = []
+    why: list[str] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            filewatch.watch, lambda: [path], 0.05, lambda: seen.append(path.read_text()), why.append
+        )
+        await trio.sleep(0.2)
+        tmp = tmp_path / ".policy.yaml.tmp"
+        tmp.write_text("two")
+        os.replace(tmp, path)
+        await wait_until(lambda: seen, timeout=3)
+        path.write_text("three, polled")
+        await wait_until(lambda: len(seen) >= 2, timeout=3)
+        nursery.cancel_scope.cancel()
+    assert seen[:2] == ["two", "three, polled"]
+    assert why and "no space left" in why[0]
+
+
+async def test_a_change_is_not_lost_when_a_new_watch_cannot_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The watched directory is replaced, and the new watch cannot start (no inotify
+    instance left): polling takes over from what was last applied, so the change that
+    replaced the directory is applied."""
+    d = tmp_path / "conf"
+    d.mkdir()
+    path = d / "policy.yaml"
+    path.write_text("one")
+    real_init = inotify.Inotify.__init__
+    started = [0]
+
+    def init(self: inotify.Inotify) -> None:
+        started[0] += 1
+        if started[0] > 1:
+            raise inotify.Unavailable(errno.EMFILE, "inotify_init1: too many open files")
+        real_init(self)
+
+    monkeypatch.setattr(inotify.Inotify, "__init__", init)
+    seen: list[str] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            filewatch.watch, lambda: [path], 0.05, lambda: seen.append(path.read_text())
+        )
+        await trio.sleep(0.2)
+        new = tmp_path / "conf.new"
+        new.mkdir()
+        (new / "policy.yaml").write_text("two")
+        os.rename(d, tmp_path / "conf.old")
+        os.rename(new, d)
+        await wait_until(lambda: seen, timeout=5)
+        nursery.cancel_scope.cancel()
+    assert seen == ["two"]

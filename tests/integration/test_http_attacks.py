@@ -5,7 +5,11 @@ upstream never sees a malformed or ambiguous request (it records every byte it g
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
+import ssl
+import time
 from pathlib import Path
 
 import h11
@@ -19,6 +23,7 @@ from tests.integration.harness import (
     raw_exchange,
     start_recording,
     statuses,
+    tls_client,
     wait_until,
 )
 
@@ -283,6 +288,36 @@ async def test_pipelined_requests_are_answered_in_order_on_one_connection(
     ]
     await wait_until(lambda: len(proxy.decisions()) >= 21)
     assert len({d["peer_addr"] for d in proxy.decisions()}) == 1  # one connection
+
+
+def _request_then_partial_head_then_close_notify(port: int, ctx: ssl.SSLContext) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        s = ctx.wrap_socket(raw, server_hostname="localhost")
+        s.sendall(get() + b"GET /orders/2 HTTP/1.1\r\nHo")
+        time.sleep(0.5)
+        out = s.recv(65536)
+        with contextlib.suppress(ssl.SSLError, OSError):
+            s.unwrap()  # close_notify: the client is done sending
+        time.sleep(0.3)
+        return out
+
+
+async def test_pipelined_partial_head_cut_by_eof_is_refused_and_logged(
+    nursery: trio.Nursery, tmp_path: Path, pki: Pki
+) -> None:
+    """A request, then the start of a pipelined one, then end of stream: the second is
+    a malformed request (400 and a decision line), not silently dropped between the
+    requests as a client that simply left would be."""
+    proxy, upstream = await start_recording(nursery, tmp_path, pki)
+    out = await trio.to_thread.run_sync(
+        _request_then_partial_head_then_close_notify, proxy.port, tls_client(pki)
+    )
+    assert statuses(out)[:1] == [200]
+    await wait_until(lambda: len(proxy.decisions()) >= 2)
+    first, second = proxy.decisions()[:2]
+    assert (first["path"], first["status"]) == ("/orders", 200)
+    assert (second["status"], second["reason"]) == (400, "malformed_request")
+    assert [r.target for r in upstream.requests] == [b"/orders"]
 
 
 async def test_body_error_after_forwarding_starts_aborts_the_upstream_request(

@@ -294,3 +294,23 @@ def test_has_body(headers: list[tuple[bytes, bytes]], has_body: bool) -> None:
 def test_http_version_other_than_1x_is_505() -> None:
     got = build(b"GET", b"/", H, Rules(), b"2.0")
     assert isinstance(got, Refusal) and got.status == 505
+
+
+def test_memo_keeps_no_long_input_and_no_refusal() -> None:
+    """parse_host/parse_target remember results by their whole input, bounded: a client
+    sending huge Hosts or targets (even one the policy denies) cannot make the memo hold
+    them, and a refused input is never remembered (it raises every time)."""
+    from proxy import canonical as c
+
+    long_host = b"a" * 60_000 + b".example"
+    assert c.parse_host(long_host) == (long_host.decode(), None)
+    assert long_host not in c._hosts
+    long_target = b"/" + b"x" * 10_000
+    assert c.parse_target(b"GET", long_target)[0] == long_target.decode()
+    assert all(len(k[1]) <= c._MEMO_TARGET for k in c._targets)
+    for _ in range(2):
+        with pytest.raises(c.Refused):
+            c.parse_host(b"a..b")
+    assert b"a..b" not in c._hosts
+    assert c.parse_host(b"Example.org.:8443") == ("example.org", 8443)
+    assert c.parse_host(b"Example.org.:8443") == c._parse_host(b"Example.org.:8443")
