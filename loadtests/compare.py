@@ -444,6 +444,28 @@ def run(reps: int, ab_ka: int, ab_hs: int, seconds: float) -> dict[str, Any]:
     return results
 
 
+def keepalive_ratio(reps: int, n: int) -> dict[str, Any]:
+    """Only the keep-alive goal, quickly: the floor and spiffe-pep under ``ab -k``,
+    interleaved ``reps`` times; their CPU per request and the ratio of the medians (for
+    trying a change; the full run above is what RESULTS.md reports)."""
+    ensure_tools()
+    lab = Lab(Path(tempfile.mkdtemp(prefix="spiffe-pep-compare-")))
+    write_pki(lab.dir)
+    try:
+        up, _nginx, pep = start_all(lab)
+        targets = [floor(lab, up), pep]
+        for t in targets:
+            ab(lab, t, True, 1000)
+        cpu: dict[str, list[float]] = {t.name: [] for t in targets}
+        for rep in range(reps):
+            for t in targets if rep % 2 == 0 else reversed(targets):
+                cpu[t.name].append(ab(lab, t, True, n)["cpu_us"])
+    finally:
+        lab.stop_all()
+        shutil.rmtree(lab.dir, ignore_errors=True)
+    return {"cpu_us": cpu, "ratio": median(cpu["spiffe-pep"]) / median(cpu["floor"])}
+
+
 def ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b else "n/a"
 
@@ -523,7 +545,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ab-handshake", type=int, default=1500, help="requests per ab run")
     ap.add_argument("--seconds", type=float, default=4.0, help="per run of our generator")
     ap.add_argument("--json", help="write the raw results here")
+    ap.add_argument(
+        "--keepalive-only",
+        action="store_true",
+        help="only the floor and spiffe-pep under ab -k, --reps interleaved runs (about "
+        "10 s each): the keep-alive ratio, for trying a change",
+    )
     args = ap.parse_args(argv)
+    if args.keepalive_only:
+        quick = keepalive_ratio(args.reps, args.ab_keepalive)
+        for name, values in quick["cpu_us"].items():
+            runs = ", ".join(f"{v:,.0f}" for v in values)
+            print(f"{name}: CPU µs/request {runs} (median {median(values):,.0f})")
+        print(f"spiffe-pep / floor: {quick['ratio']:.2f}x (goal <= 1.2x)")
+        return 0
     result = run(args.reps, args.ab_keepalive, args.ab_handshake, args.seconds)
     for line in report(result):
         print(line)
