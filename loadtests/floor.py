@@ -29,9 +29,8 @@ from proxy.errors import SvidError, UpstreamError
 from proxy.forward import UpstreamPool
 from proxy.peer import verified_peer
 from proxy.tls import Credentials, load_credentials
-from proxy.tls_stream import TLSError, TLSStream
+from proxy.tls_stream import BROKEN, TLSStream
 
-_BROKEN = (TLSError, trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 FORBIDDEN = b'{"error":"forbidden"}'
 
 
@@ -55,7 +54,7 @@ class Floor:
                     chain.append(cert)
             peer = verified_peer(self.creds, chain)
             await self.serve(tls, str(peer.spiffe_id), peer.fingerprint)
-        except (SvidError, trio.TooSlowError, *_BROKEN):
+        except (SvidError, trio.TooSlowError, *BROKEN):
             pass
         finally:
             await tls.aclose()

@@ -20,7 +20,7 @@ from proxy.errors import ClientGone, HttpError, UpstreamError
 from proxy.forward import UpstreamConnection
 from proxy.policy.evaluate import Decision
 from proxy.policy.model import Policy, Route
-from proxy.tls_stream import TLSError
+from proxy.tls_stream import BROKEN
 
 if TYPE_CHECKING:
     from proxy.session import HttpSession
@@ -269,9 +269,6 @@ async def upgrade(f: Forward) -> None:
         await conn.aclose()
 
 
-_BROKEN = (TLSError, trio.BrokenResourceError, trio.ClosedResourceError, OSError)
-
-
 async def _pump(f: Forward, conn: UpstreamConnection) -> None:
     """Bytes both ways until either side closes, the tunnel idles past
     ``timeouts.tunnel_idle``, or its caller is no longer allowed; then both close."""
@@ -281,7 +278,7 @@ async def _pump(f: Forward, conn: UpstreamConnection) -> None:
     last = [trio.current_time()]
 
     async def up(cancel: trio.CancelScope) -> None:
-        with contextlib.suppress(*_BROKEN):
+        with contextlib.suppress(*BROKEN):
             if client_early:
                 ex.bytes_in += len(client_early)
                 await conn.stream.send_all(client_early)
@@ -295,7 +292,7 @@ async def _pump(f: Forward, conn: UpstreamConnection) -> None:
         cancel.cancel()
 
     async def down(cancel: trio.CancelScope) -> None:
-        with contextlib.suppress(ClientGone, *_BROKEN):
+        with contextlib.suppress(ClientGone, *BROKEN):
             data = upstream_early
             if data:
                 ex.bytes_out += len(data)

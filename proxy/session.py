@@ -33,12 +33,11 @@ from proxy.policy.model import Policy
 from proxy.rewrite import Origin, OriginRefused
 from proxy.runtime import Runtime
 from proxy.tls import Credentials
-from proxy.tls_stream import TLSError, TLSStream
+from proxy.tls_stream import BROKEN, TLSStream
 
 # What an idle keep-alive connection holds instead of an h11 connection (one for all):
 # never sent to or read from, replaced as soon as a next request's bytes arrive.
 _NO_REQUEST = h11.Connection(h11.SERVER)
-_GONE = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)  # the client left
 _OUT_HIGH_WATER = 64 * 1024  # buffered response bytes are written out at least this often
 _VERDICT_KEY_MAX = 512  # requests with a longer Host + path are judged every time
 STOPPED = "proxy_stopped"  # a request cut because the proxy stopped before it was done
@@ -131,20 +130,16 @@ class HttpSession:
 
     # --- client I/O -------------------------------------------------------------------
 
-    async def _receive(self, deadline: float, scope: trio.CancelScope | None = None) -> None:
-        """Read from the client into h11; ``TooSlowError`` past ``deadline``. ``scope``,
-        when given, is the (plain) cancel scope to wait in, with that deadline: a drain
-        may cancel it."""
+    async def _receive(self, deadline: float) -> None:
+        """Read from the client into h11; ``TooSlowError`` past ``deadline``. (The wait
+        for a next request, which a drain may cut short, is in ``run``.)"""
         data = None
-        cs = scope or trio.CancelScope(deadline=deadline)
         try:
-            with cs:
+            with trio.CancelScope(deadline=deadline):
                 data = await self.tls.receive_some()
-        except (TLSError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        except BROKEN as exc:
             raise ClientGone(str(exc)) from exc
         if data is None:
-            if cs.cancel_called and trio.current_time() < deadline:
-                return  # cancelled by a drain, not by the deadline
             raise trio.TooSlowError
         self.h.receive_data(data)
 
@@ -180,7 +175,7 @@ class HttpSession:
             with trio.CancelScope(deadline=trio.current_time() + self._write_timeout):
                 await self.tls.send_all(data)
                 done = True
-        except (TLSError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        except BROKEN as exc:
             raise ClientGone(str(exc)) from exc
         if not done:
             self.truncated = True
@@ -330,7 +325,7 @@ class HttpSession:
                         try:
                             with idle:
                                 data = await self.tls.receive_some()
-                        except (TLSError, *_GONE):
+                        except BROKEN:
                             return  # the client left between requests
                         finally:
                             self.rt.idle_scopes.discard(idle)

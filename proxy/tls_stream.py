@@ -56,6 +56,10 @@ class TLSError(Exception):
         self.reason = reason
 
 
+# What reading or writing a TLS stream raises when the peer is gone or broke it.
+BROKEN = (TLSError, trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
 def openssl_reason(exc: BaseException) -> str:
     """The most specific reason string in a pyOpenSSL error (``peer did not return ...``)."""
     args = getattr(exc, "args", ())
