@@ -60,16 +60,25 @@ def connection_tokens(headers: Headers) -> set[bytes]:
     return tokens
 
 
+def without(
+    headers: Headers, drop: frozenset[bytes], tokens: Set[bytes] | None = None
+) -> HeaderList:
+    """``headers`` without the names in ``drop`` and those their ``Connection`` header
+    names (``tokens``, when the caller has them already), but never Host or
+    Content-Length. ``drop`` is used as it is when the tokens add nothing to it (the
+    common case: a set built once, not per message)."""
+    named = connection_tokens(headers) if tokens is None else tokens
+    if named and not named <= drop:
+        drop = drop | (named - NEVER_STRIPPED_BY_CONNECTION)
+    return [(n, v) for n, v in headers if n not in drop]
+
+
 def strip_hop_by_hop(
     headers: Headers, also: frozenset[bytes] = frozenset(), tokens: Set[bytes] | None = None
 ) -> HeaderList:
     """``headers`` without hop-by-hop ones, those ``Connection`` names (``tokens``, when
     the caller has them already) and ``also``."""
-    named = (
-        connection_tokens(headers) if tokens is None else tokens
-    ) - NEVER_STRIPPED_BY_CONNECTION
-    drop = HOP_BY_HOP | named | also
-    return [(n, v) for n, v in headers if n not in drop]
+    return without(headers, HOP_BY_HOP | also if also else HOP_BY_HOP, tokens)
 
 
 def request_id(headers: Headers) -> str:
@@ -108,13 +117,7 @@ def downstream_response_headers(headers: Headers, request_id: str) -> HeaderList
     upstream's ``Connection`` names), request id echoed."""
     # Framing is h11's job on the way out: chunked for HTTP/1.1 clients when there is no
     # Content-Length, close-delimited for HTTP/1.0 ones.
-    drop = _DOWNSTREAM_DROP
-    for name, value in headers:
-        if name == b"connection":
-            named = {t.strip().lower() for t in value.split(b",")} - drop
-            if named - {b""}:
-                drop = drop | (named - NEVER_STRIPPED_BY_CONNECTION)
-    out = [(n, v) for n, v in headers if n not in drop]
+    out = without(headers, _DOWNSTREAM_DROP)
     out.append((REQUEST_ID, request_id.encode("ascii")))
     return out
 

@@ -195,11 +195,7 @@ def upstream_head(
     without the hop-by-hop ones (and those its ``Connection`` names), those the proxy
     sets and ``strip`` (a consumed JWT-SVID); then the proxy's own."""
     caller = str(fwd.origin) if fwd.origin else peer.spiffe_id
-    drop = peer.dropped(strip)
-    named = request.connection
-    if named and not named <= drop:
-        drop = drop | (named - headers.NEVER_STRIPPED_BY_CONNECTION)
-    out = [(n, v) for n, v in request.headers if n not in drop]
+    out = headers.without(request.headers, peer.dropped(strip), request.connection)
     if request.chunked:
         out.append((b"transfer-encoding", b"chunked"))
     forwarded_for = fwd.peer_ip
