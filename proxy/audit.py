@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from proxy.policy.evaluate import Decision
-from proxy.svid import PeerSvid
+from proxy.svid import PeerSvid, PerPeer
 
 # Decisions as logged. "error" is a request refused before the policy could judge it
 # (malformed); "allow" and "deny" come from the policy.
@@ -195,14 +195,9 @@ class LineFormat:
         return line + "}"
 
 
-_SHARED: dict[int, LineFormat] = {}  # by id(peer); each entry holds its peer alive
+_SHARED: PerPeer[LineFormat] = PerPeer()
 
 
 def for_peer(peer: PeerSvid) -> LineFormat:
     """The ``LineFormat`` of ``peer``, shared by all its connections."""
-    line = _SHARED.get(id(peer))
-    if line is None or line.peer is not peer:
-        if len(_SHARED) >= 4096:  # as many as the peer cache keeps
-            _SHARED.clear()
-        line = _SHARED[id(peer)] = LineFormat(peer)
-    return line
+    return _SHARED.get(peer) or _SHARED.put(peer, LineFormat(peer))

@@ -12,7 +12,6 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from proxy import svid
 from proxy.tls import Credentials
 
-_PEER_CACHE_MAX = 4096
 _PEER_CACHE_TTL = 300.0
 
 
@@ -48,7 +47,7 @@ def verify_presented(
         del creds.peer_cache[key]
     peer = svid.verify_peer(chain, creds.trust, dt.datetime.fromtimestamp(now, dt.UTC))
     valid_until = min(now + _PEER_CACHE_TTL, *(c.not_valid_after_utc.timestamp() for c in chain))
-    if len(creds.peer_cache) >= _PEER_CACHE_MAX:
+    if len(creds.peer_cache) >= svid.PEERS_KEPT:
         del creds.peer_cache[next(iter(creds.peer_cache))]  # the oldest entry
     creds.peer_cache[key] = (peer, valid_until, key)
     return peer, key

@@ -19,13 +19,13 @@ from typing import Any, NamedTuple
 
 from cryptography import x509
 
-from proxy.svid import PeerSvid
+from proxy.svid import PEERS_KEPT, PeerSvid
 
 DECISIONS = 1000  # decisions kept
 EVENTS = 100  # reload events kept, and drift alerts
 # Client credentials kept, the oldest first seen forgotten first: as many as the peer
 # cache keeps verified chains (proxy.peer), so a fleet that fits there is announced once.
-CREDENTIALS = 4096
+CREDENTIALS = PEERS_KEPT
 
 # What a decision line contributes, in the order of ``Decision``'s fields.
 FIELDS = (

@@ -133,23 +133,16 @@ class PeerHeaders:
             raise OriginRefused(Refusal(400, "xfcc_origin_not_a_spiffe_id", str(exc))) from exc
 
 
-_SHARED: dict[int, PeerHeaders] = {}  # by id(peer); each entry holds its peer alive
+_SHARED: svid.PerPeer[PeerHeaders] = svid.PerPeer()
 
 
 def for_peer(config: Config, own_id: SpiffeId | None, peer: svid.PeerSvid) -> PeerHeaders:
-    """The ``PeerHeaders`` of ``peer`` under ``config``, shared by its connections (the
-    peer cache hands them one ``PeerSvid``): the XFCC element and RFC 9440 headers are
-    then built once per client certificate, not per connection."""
-    found = _SHARED.get(id(peer))
-    if (
-        found is None
-        or found.peer is not peer
-        or found.config is not config
-        or (found.own_id != own_id)
-    ):
-        if len(_SHARED) >= 4096:  # as many as the peer cache keeps
-            _SHARED.clear()
-        found = _SHARED[id(peer)] = PeerHeaders(config, own_id, peer)
+    """The ``PeerHeaders`` of ``peer`` under ``config``, shared by its connections: the
+    XFCC element and RFC 9440 headers are then built once per client certificate, not
+    per connection."""
+    found = _SHARED.get(peer)
+    if found is None or found.config is not config or found.own_id != own_id:
+        found = _SHARED.put(peer, PeerHeaders(config, own_id, peer))
     return found
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -89,6 +89,33 @@ class PeerSvid:
     not_after: dt.datetime
     chain: tuple[x509.Certificate, ...] = ()
     issuer: str = ""  # the leaf's issuer DN (RFC 4514), for the decision log
+
+
+# Verified peers kept by the peer cache (``proxy.peer``), and so the most a per-peer
+# memo needs to hold.
+PEERS_KEPT = 4096
+
+T = TypeVar("T")
+
+
+class PerPeer(Generic[T]):
+    """Values derived from a verified peer, shared by all its connections (the peer cache
+    hands them one ``PeerSvid`` object), remembered by that object's identity. Each entry
+    holds its peer, so an ``id`` reused by a later object never matches. At most
+    ``PEERS_KEPT`` entries; emptied when full."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[int, tuple[PeerSvid, T]] = {}
+
+    def get(self, peer: PeerSvid) -> T | None:
+        hit = self._by_id.get(id(peer))
+        return hit[1] if hit is not None and hit[0] is peer else None
+
+    def put(self, peer: PeerSvid, value: T) -> T:
+        if len(self._by_id) >= PEERS_KEPT:
+            self._by_id.clear()
+        self._by_id[id(peer)] = (peer, value)
+        return value
 
 
 def fingerprint(cert: x509.Certificate) -> str:
