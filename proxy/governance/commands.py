@@ -73,6 +73,21 @@ def _policy(path: str, config: str | None) -> tuple[Policy, dict[str, UpstreamRu
     return load_policy(data, path, set(cfg.upstreams), folded), cfg.upstream_rules()
 
 
+def _judged_requests(
+    args: argparse.Namespace,
+) -> tuple[Judge, list[R.RequestGroup], R.InputStats]:
+    """``args.policy`` (with ``args.config``) as a Judge, and the distinct requests of
+    ``args.logs`` since ``args.since`` it must judge, with the input's statistics: what
+    ``unused`` and ``replay`` both start from."""
+    from proxy.governance import engine  # DuckDB: loaded by these commands only
+
+    policy, upstreams = _policy(args.policy, args.config)
+    judge = Judge(policy, upstreams)
+    with engine.inputs(args.logs) as src:
+        groups, stats = engine.request_groups(src, args.since, policy.revoked_sha256, judge.limits)
+    return judge, groups, stats
+
+
 def _fail(message: str) -> int:
     print(f"spiffe-pep: {message}", file=sys.stderr)
     return EXIT_ERROR
@@ -118,12 +133,7 @@ def cmd_inventory(args: argparse.Namespace) -> int:
 
 @_guard
 def cmd_unused(args: argparse.Namespace) -> int:
-    from proxy.governance import engine  # DuckDB: loaded by these commands only
-
-    policy, upstreams = _policy(args.policy, args.config)
-    judge = Judge(policy, upstreams)
-    with engine.inputs(args.logs) as src:
-        groups, stats = engine.request_groups(src, args.since, policy.revoked_sha256, judge.limits)
+    judge, groups, stats = _judged_requests(args)
     result = unused(groups, judge, stats, _window(args.since), args.few)
     _print(args, result.tables(), result.to_json(), result.notes())
     return EXIT_FOUND if result.findings else 0
@@ -174,12 +184,7 @@ def cmd_suggest(args: argparse.Namespace) -> int:
 
 @_guard
 def cmd_replay(args: argparse.Namespace) -> int:
-    from proxy.governance import engine  # DuckDB: loaded by these commands only
-
-    policy, upstreams = _policy(args.policy, args.config)
-    judge = Judge(policy, upstreams)
-    with engine.inputs(args.logs) as src:
-        groups, stats = engine.request_groups(src, args.since, policy.revoked_sha256, judge.limits)
+    judge, groups, stats = _judged_requests(args)
     result = replay(groups, judge, stats, args.examples)
     _print(args, result.tables(), result.to_json(), result.notes())
     return EXIT_FOUND if result.breaks else 0
