@@ -25,6 +25,7 @@ from OpenSSL import SSL
 
 from proxy import headers, xfcc
 from proxy.app import read_config
+from proxy.deadlines import Sweeper, tick_for
 from proxy.errors import SvidError, UpstreamError
 from proxy.forward import UpstreamPool
 from proxy.peer import verified_peer
@@ -149,11 +150,15 @@ class Floor:
 async def main_async(config: Path, allow: set[str]) -> None:
     cfg = read_config(config)
     creds = load_credentials(cfg.tls)
+    # The same pool as spiffe-pep's, its deadlines checked by the same sweeper.
+    sweeper = Sweeper(tick_for((cfg.timeouts.upstream_response,)))
     pool = UpstreamPool(
-        cfg.upstreams["app"], cfg.timeouts, cfg.limits.max_idle_upstream_connections
+        cfg.upstreams["app"], cfg.timeouts, cfg.limits.max_idle_upstream_connections, sweeper
     )
     floor = Floor(creds, pool, allow)
-    await trio.serve_tcp(floor.connection, cfg.listen_port, host=cfg.listen_host)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sweeper.run)
+        await trio.serve_tcp(floor.connection, cfg.listen_port, host=cfg.listen_host)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -227,6 +227,7 @@ async def serve(
                 services.start_soon(reloader.watch, cfg.policy_watch)
             follow_credentials(services, rt, creds_reloader)
             services.start_soon(rt.drift.run, lambda: rt.changed, lambda: rt.policy)
+            services.start_soon(rt.sweeper.run)
             services.start_soon(on_signals, config_reloader, reloader, creds_reloader)
 
             # A partial, not a closure: an idle connection's task keeps one coroutine
@@ -259,8 +260,7 @@ async def serve(
                         await trio.sleep(grace)
                     accepting.cancel_scope.cancel()  # stop accepting: the listeners close
                 rt.draining = True
-                for scope in list(rt.idle_scopes):
-                    scope.cancel()
+                rt.sweeper.end_idle()  # idle keep-alive connections close now
                 rt.events.event(
                     "draining", connections=rt.open_connections, deadline_s=cfg.timeouts.drain
                 )

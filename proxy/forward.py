@@ -30,6 +30,7 @@ from OpenSSL import SSL
 
 from proxy import svid
 from proxy.config import Timeouts, Upstream
+from proxy.deadlines import Deadline, Sweeper
 from proxy.errors import SvidError, UpstreamError
 from proxy.tls import Credentials
 from proxy.tls_stream import TLSError, TLSStream
@@ -71,13 +72,19 @@ class UpstreamConnection:
     TLSStream over ``sock``)."""
 
     def __init__(
-        self, sock: trio.SocketStream, stream: ByteStream | None = None, reused: bool = False
+        self,
+        sock: trio.SocketStream,
+        sweeper: Sweeper,
+        stream: ByteStream | None = None,
+        reused: bool = False,
     ) -> None:
         self.sock = sock
         self.stream: ByteStream = stream or sock
         self.h11 = h11.Connection(h11.CLIENT)
         self.reused = reused
         self.idle_since = 0.0
+        self.sweeper = sweeper
+        self.deadline = Deadline()  # of a wait for the upstream's answer
 
     async def send(self, event: h11.Event) -> None:
         data = self.h11.send(event)
@@ -101,16 +108,19 @@ class UpstreamConnection:
                 return event  # type: ignore[return-value]
             if before_wait is not None:
                 await before_wait()
-            # A plain cancel scope: trio.fail_after is a generator context manager, and
-            # this runs for every read of every response.
-            data = None
+            # A deadline the sweeper checks, not a cancel scope (proxy.deadlines): this
+            # runs for every read of every response.
+            deadline = self.deadline
+            deadline.arm(trio.current_time() + timeout, self.sock.socket)
+            self.sweeper.add(deadline)
             try:
-                with trio.CancelScope(deadline=trio.current_time() + timeout):
-                    data = await self.stream.receive_some(_CHUNK)
+                data = await self.stream.receive_some(_CHUNK)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                if deadline.expired:
+                    raise UpstreamError(504, TIMEOUT, "no answer in time") from None
                 raise UpstreamError(502, BROKEN, str(exc) or type(exc).__name__) from exc
-            if data is None:
-                raise UpstreamError(504, TIMEOUT, "no answer in time")
+            finally:
+                self.sweeper.discard(deadline)
             try:
                 self.h11.receive_data(data)
             except RuntimeError as exc:  # data after the upstream closed
@@ -155,9 +165,11 @@ class UpstreamPool:
         upstream: Upstream,
         timeouts: Timeouts,
         max_idle: int,
+        sweeper: Sweeper,
         on_violation: ViolationHook | None = None,
     ) -> None:
         self.upstream = upstream
+        self.sweeper = sweeper
         self.timeouts = timeouts
         self.max_idle = max_idle
         self.on_violation = on_violation
@@ -203,9 +215,9 @@ class UpstreamPool:
             ) from exc
         stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
         if not up.tls:
-            return UpstreamConnection(stream)
+            return UpstreamConnection(stream, self.sweeper)
         try:
-            return UpstreamConnection(stream, await self._mtls(stream, creds))
+            return UpstreamConnection(stream, self.sweeper, await self._mtls(stream, creds))
         except BaseException:
             with contextlib.suppress(Exception):
                 await stream.aclose()

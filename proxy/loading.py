@@ -13,6 +13,7 @@ from typing import Any
 from proxy.assertion import AssertionSigner
 from proxy.audit_sink import JsonLines
 from proxy.config import Config, TlsFiles, load_config
+from proxy.deadlines import Sweeper
 from proxy.errors import ConfigError
 from proxy.forward import PROTOCOL_VIOLATION, UpstreamPool, ViolationHook
 from proxy.metrics import Metrics
@@ -123,11 +124,12 @@ def build_runtime(
     metrics = Metrics()
     metrics.set_policy(policy.sha256)
     metrics.set_credentials(credentials)
+    sweeper = Sweeper()
     rt = Runtime(
         config,
         credentials,
         policy,
-        upstream_pools(config, {}, protocol_violation_hook(metrics, events)),
+        upstream_pools(config, {}, protocol_violation_hook(metrics, events), sweeper),
         open_log(config.decision_log, "decision log"),
         events,
         metrics,
@@ -136,16 +138,21 @@ def build_runtime(
         file_config,
         policy_source=policy_source,
         status_fd=status_fd,
+        sweeper=sweeper,
     )
     rt.drift.activate(policy, starting=True)  # what was learned, before the first request
     return rt
 
 
 def upstream_pools(
-    config: Config, pools: dict[str, UpstreamPool], on_violation: ViolationHook | None
+    config: Config,
+    pools: dict[str, UpstreamPool],
+    on_violation: ViolationHook | None,
+    sweeper: Sweeper,
 ) -> dict[str, UpstreamPool]:
     """A pool per upstream of ``config``: those of ``pools`` whose upstream, timeouts and
-    limit are unchanged are kept (with their idle connections), the others are new."""
+    limit are unchanged are kept (with their idle connections), the others are new;
+    ``sweeper`` checks their connections' deadlines."""
     limit = config.limits.max_idle_upstream_connections
     out = {}
     for name, up in config.upstreams.items():
@@ -158,7 +165,7 @@ def upstream_pools(
         ):
             out[name] = old
         else:
-            out[name] = UpstreamPool(up, config.timeouts, limit, on_violation)
+            out[name] = UpstreamPool(up, config.timeouts, limit, sweeper, on_violation)
     return out
 
 

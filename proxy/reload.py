@@ -375,7 +375,9 @@ class ConfigReloader:
             rt.events = staged.events
             rt.events.tap = rt.recent.event
         rt.set_config(config)
-        rt.pools = upstream_pools(config, old_pools, protocol_violation_hook(rt.metrics, rt.events))
+        rt.pools = upstream_pools(
+            config, old_pools, protocol_violation_hook(rt.metrics, rt.events), rt.sweeper
+        )
         if staged.credentials is not None:
             rt.credentials = staged.credentials
             rt.metrics.set_credentials(staged.credentials)

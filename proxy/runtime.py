@@ -18,6 +18,7 @@ from proxy import canonical
 from proxy.assertion import AssertionSigner
 from proxy.audit_sink import JsonLines
 from proxy.config import Config
+from proxy.deadlines import Sweeper, tick_for
 from proxy.decide import VerdictCache
 from proxy.drift_store import DriftLearner
 from proxy.forward import UpstreamPool
@@ -60,8 +61,9 @@ class Runtime:
     # Verdicts for requests without a JWT-SVID, shared by the connections (emptied when
     # the policy, the credentials or the upstream rules are swapped).
     verdicts: VerdictCache = field(default_factory=VerdictCache)
-    # Sessions waiting for a next request: cancelled at drain so idle keep-alives close.
-    idle_scopes: set[trio.CancelScope] = field(default_factory=set)
+    # The deadlines of the waits on every connection's socket (a drain also ends the
+    # waits for a next request through it); its tick follows the configured timeouts.
+    sweeper: Sweeper = field(default_factory=Sweeper)
 
     # Set (and replaced) whenever the policy or the credentials change: open tunnels wait
     # on it to re-evaluate their caller.
@@ -95,6 +97,10 @@ class Runtime:
         """Swap in ``config`` and what is derived from it (the request rules). The caller
         swaps the pools and the policy built for it, then calls ``trust_changed``."""
         self.config = config
+        t = config.timeouts
+        self.sweeper.tick = tick_for(
+            (t.handshake, t.request_head, t.idle, t.upstream_response, t.client_write)
+        )
         self.rules = config.canonical_rules()
         self.upstream_rules = config.upstream_rules()
 

@@ -13,6 +13,7 @@ from cryptography import x509
 from OpenSSL import SSL
 
 from proxy import proxyproto, svid
+from proxy.deadlines import INF, Deadline
 from proxy.errors import SvidError
 from proxy.peer import Presented, verify_presented
 from proxy.runtime import Runtime
@@ -98,25 +99,32 @@ async def handle_connection(rt: Runtime, stream: trio.SocketStream) -> None:
     # Behind a PROXY-protocol balancer every socket comes from the balancer: only the
     # global cap applies there.
     source = "" if rt.config.proxy_protocol else peer_ip
-    with _handshake_slot(rt, source) as admitted:
-        verified = await _open(rt, stream, peer_ip, peer_addr) if admitted else None
-    if verified is None:
-        await stream.aclose()
-        return
-    tls, peer, chain, creds, peer_ip, peer_addr = verified
-    rt.metrics.open_connections.inc()
+    # The deadline of whatever this connection waits for (handshake, request, the client
+    # taking a response), checked by rt.sweeper while the connection lives.
+    deadline = Deadline()
+    rt.sweeper.add(deadline)
     try:
-        session = HttpSession(rt, tls, peer, peer_ip, peer_addr, chain, creds)
-        await session.run()
-        if session.truncated:
-            await tls.abort()
+        with _handshake_slot(rt, source) as admitted:
+            verified = await _open(rt, stream, peer_ip, peer_addr, deadline) if admitted else None
+        if verified is None:
+            await stream.aclose()
+            return
+        tls, peer, chain, creds, peer_ip, peer_addr = verified
+        rt.metrics.open_connections.inc()
+        try:
+            session = HttpSession(rt, tls, peer, peer_ip, peer_addr, chain, creds, deadline)
+            await session.run()
+            if session.truncated:
+                await tls.abort()
+        finally:
+            rt.metrics.open_connections.dec()
+            await tls.aclose()
     finally:
-        rt.metrics.open_connections.dec()
-        await tls.aclose()
+        rt.sweeper.discard(deadline)
 
 
 async def _open(
-    rt: Runtime, stream: trio.SocketStream, peer_ip: str, peer_addr: str
+    rt: Runtime, stream: trio.SocketStream, peer_ip: str, peer_addr: str, deadline: Deadline
 ) -> tuple[TLSStream, svid.PeerSvid, Presented, Credentials, str, str] | None:
     """PROXY header (if configured), TLS handshake and SVID check: the verified
     connection, or None (logged, and the TLS side closed)."""
@@ -140,7 +148,7 @@ async def _open(
         conn.bio_write(early)
     tls = TLSStream(stream, conn)
     try:
-        verified = await _handshake(rt, check, tls, peer_addr)
+        verified = await _handshake(rt, check, tls, peer_addr, deadline)
     except BaseException:
         await tls.aclose()
         raise
@@ -194,12 +202,12 @@ def _handshake_failed(rt: Runtime, reason: str, peer_addr: str, **fields: object
 
 
 async def _handshake(
-    rt: Runtime, check: _PeerCheck, tls: TLSStream, peer_addr: str
+    rt: Runtime, check: _PeerCheck, tls: TLSStream, peer_addr: str, deadline: Deadline
 ) -> tuple[svid.PeerSvid, Presented] | None:
     """The verified peer and the chain it presented, or None (logged) on failure."""
+    deadline.arm(trio.current_time() + rt.config.timeouts.handshake, tls.transport.socket)
     try:
-        with trio.fail_after(rt.config.timeouts.handshake):
-            await tls.do_handshake()
+        await tls.do_handshake()
     except TLSError as exc:
         if check.error is not None:  # refused by the SVID rules; the client got the alert
             _svid_refused(rt, check.error, check.chain, peer_addr)
@@ -213,12 +221,14 @@ async def _handshake(
                 await tls.transport.send_all(_PLAIN_HTTP_REPLY)
             await tls.abort()
         return None
-    except trio.TooSlowError:
-        _handshake_failed(rt, "handshake_timeout", peer_addr)
-        return None
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-        _handshake_failed(rt, "connection_broken", peer_addr, detail=str(exc))
+        if deadline.expired:
+            _handshake_failed(rt, "handshake_timeout", peer_addr)
+        else:
+            _handshake_failed(rt, "connection_broken", peer_addr, detail=str(exc))
         return None
+    finally:
+        deadline.at = INF
     if check.error is not None:  # refused, yet OpenSSL went on: never expected
         _svid_refused(rt, check.error, check.chain, peer_addr)
         return None

@@ -24,6 +24,7 @@ import trio
 
 from proxy import audit, canonical, drift, exchange, headers, http1, rewrite, svid
 from proxy.canonical import CanonicalRequest, Refusal
+from proxy.deadlines import INF, Deadline
 from proxy.decide import Verdict, decide
 from proxy.drift_store import ConnectionDrift
 from proxy.errors import ClientGone, HttpError, SvidError, UpstreamError
@@ -77,9 +78,11 @@ class HttpSession:
         "_not_after",
         "_out",
         "_reuse_http10",
+        "_sock",
         "_write_timeout",
         "chain",
         "creds",
+        "deadline",
         "h",
         "identity",
         "opened",
@@ -100,9 +103,14 @@ class HttpSession:
         peer_addr: str,
         chain: Presented = (),
         creds: Credentials | None = None,
+        deadline: Deadline | None = None,
     ) -> None:
         self.rt = rt
         self.tls = tls
+        # The deadline of the wait in progress on the client's socket, registered with
+        # rt.sweeper for the connection's life (handle_connection does that).
+        self.deadline = deadline or Deadline()
+        self._sock = tls.transport.socket
         self.peer = peer
         self._not_after = peer.not_after.timestamp()
         # What the peer presented and the credentials it was verified under: after a
@@ -130,17 +138,19 @@ class HttpSession:
 
     # --- client I/O -------------------------------------------------------------------
 
-    async def _receive(self, deadline: float) -> None:
-        """Read from the client into h11; ``TooSlowError`` past ``deadline``. (The wait
-        for a next request, which a drain may cut short, is in ``run``.)"""
-        data = None
+    async def _receive(self, at: float) -> None:
+        """Read from the client into h11; ``TooSlowError`` past ``at`` (trio's clock).
+        (The wait for a next request, which a drain may cut short, is in ``run``.)"""
+        deadline = self.deadline
+        deadline.arm(at, self._sock)
         try:
-            with trio.CancelScope(deadline=deadline):
-                data = await self.tls.receive_some()
+            data = await self.tls.receive_some()
         except BROKEN as exc:
+            if deadline.expired:
+                raise trio.TooSlowError from None
             raise ClientGone(str(exc)) from exc
-        if data is None:
-            raise trio.TooSlowError
+        finally:
+            deadline.at = INF
         self.h.receive_data(data)
 
     def queue(self, event: h11.Event) -> bool:
@@ -170,16 +180,17 @@ class HttpSession:
     async def write(self, data: bytes) -> None:
         """Send to the client; a client that takes none of it for ``timeouts.client_write``
         (it stopped reading) is cut off, releasing the upstream connection too."""
-        done = False
+        deadline = self.deadline
+        deadline.arm(trio.current_time() + self._write_timeout, self._sock)
         try:
-            with trio.CancelScope(deadline=trio.current_time() + self._write_timeout):
-                await self.tls.send_all(data)
-                done = True
+            await self.tls.send_all(data)
         except BROKEN as exc:
+            if deadline.expired:
+                self.truncated = True
+                raise ClientGone("client_write_timeout") from None
             raise ClientGone(str(exc)) from exc
-        if not done:
-            self.truncated = True
-            raise ClientGone("client_write_timeout")
+        finally:
+            deadline.at = INF
 
     @property
     def closing(self) -> bool:
@@ -317,20 +328,16 @@ class HttpSession:
                         # frames of its wait, and this is one less.
                         if self.rt.draining:
                             return
-                        data = None
-                        idle = trio.CancelScope(
-                            deadline=trio.current_time() + self.rt.config.timeouts.idle
-                        )
-                        self.rt.idle_scopes.add(idle)  # a drain cancels it
+                        deadline = self.deadline
+                        deadline.arm(trio.current_time() + self.rt.config.timeouts.idle, self._sock)
+                        deadline.idle = True  # a drain ends the wait too
                         try:
-                            with idle:
-                                data = await self.tls.receive_some()
+                            data = await self.tls.receive_some()
                         except BROKEN:
-                            return  # the client left between requests
+                            return  # the idle timeout, a drain, or the client left
                         finally:
-                            self.rt.idle_scopes.discard(idle)
-                        if data is None:
-                            return  # the idle timeout, or a drain
+                            deadline.at = INF
+                            deadline.idle = False
                         if not data and self.h is _NO_REQUEST:
                             return  # it closed between requests
                         if self.h is _NO_REQUEST:

@@ -158,3 +158,52 @@ async def test_max_connection_age_closes_after_the_request_in_progress(
     first, second = out.split(b"HTTP/1.1 ")[1:]
     assert b"connection: close" not in first.lower()
     assert b"connection: close" in second.lower()
+
+
+async def test_sockets_that_never_finish_tls_are_cut_at_the_handshake_timeout(
+    nursery: trio.Nursery, tmp_path: Path, pki: Pki
+) -> None:
+    # One sends nothing, one half a ClientHello: each is closed once the 1 s handshake
+    # timeout passed (checked by the deadline sweeper, within a tick), and logged.
+    proxy = await start(nursery, tmp_path, pki, timeouts="timeouts: {handshake: 1s}\n")
+    silent, partial = _idle_sockets(proxy.port, ["127.0.0.1", "127.0.0.1"])
+    partial.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+    t0 = time.monotonic()
+
+    def closed_after(s: socket.socket) -> float:
+        s.settimeout(10)
+        with s:
+            assert s.recv(4096) == b""
+        return time.monotonic() - t0
+
+    for s in (silent, partial):
+        assert 0.8 < await trio.to_thread.run_sync(closed_after, s) < 3
+    await wait_until(
+        lambda: sum(e.get("reason") == "handshake_timeout" for e in proxy.events()) == 2
+    )
+    assert (await curl(proxy, "/orders")).status == 200
+
+
+async def test_idle_keepalive_connection_is_closed_after_the_idle_timeout(
+    nursery: trio.Nursery, tmp_path: Path, pki: Pki
+) -> None:
+    proxy = await start(nursery, tmp_path, pki, timeouts="timeouts: {idle: 1s}\n")
+    ctx = tls_client(pki)
+
+    def served_then_closed() -> tuple[bytes, float]:
+        with ctx.wrap_socket(
+            socket.create_connection(("127.0.0.1", proxy.port), timeout=10),
+            server_hostname="localhost",
+        ) as s:
+            s.sendall(b"GET /orders HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            first = s.recv(65536)
+            t0 = time.monotonic()
+            while s.recv(65536):  # the rest of the response, then the close
+                pass
+            return first, time.monotonic() - t0
+
+    first, idle_for = await trio.to_thread.run_sync(served_then_closed)
+    assert first.startswith(b"HTTP/1.1 200")
+    assert 0.8 < idle_for < 3
+    await wait_until(lambda: proxy.rt.open_connections == 0)
+    assert len(proxy.decisions()) == 1  # an idle close is no request: no line
