@@ -118,7 +118,7 @@ async def handle_connection(rt: Runtime, stream: trio.SocketStream) -> None:
                 await tls.abort()
         finally:
             rt.metrics.open_connections.dec()
-            await tls.aclose()
+            await tls.aclose(deadline=deadline)
     finally:
         rt.sweeper.discard(deadline)
 

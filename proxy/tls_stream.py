@@ -14,6 +14,8 @@ from OpenSSL import SSL
 from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib
 
+from proxy.deadlines import INF, Deadline
+
 _BIO_CHUNK = 256 * 1024
 _RECV_CHUNK = 64 * 1024
 # Ciphertext moved through the memory BIOs since they were last renewed, past which they
@@ -208,17 +210,29 @@ class TLSStream:
         self._closed = True
         await self.transport.aclose()
 
-    async def aclose(self, grace: float = 1.0) -> None:
-        """Send close_notify (bounded by ``grace`` seconds), then close the socket."""
+    async def aclose(self, grace: float = 1.0, deadline: Deadline | None = None) -> None:
+        """Send close_notify (bounded by ``grace`` seconds), then close the socket. With a
+        ``deadline`` (registered with a running ``Sweeper``) the bound is kept by it
+        instead of a cancel scope of its own."""
         if self._closed:
             return
         self._closed = True
         try:
-            with trio.move_on_after(grace):
-                with contextlib.suppress(SSL.Error):
-                    self.conn.shutdown()
-                await self._flush()
+            if deadline is None:
+                with trio.move_on_after(grace):
+                    await self._close_notify()
+            else:
+                deadline.arm(trio.current_time() + grace, self.transport.socket)
+                try:
+                    await self._close_notify()
+                finally:
+                    deadline.at = INF
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
         finally:
             await self.transport.aclose()
+
+    async def _close_notify(self) -> None:
+        with contextlib.suppress(SSL.Error):
+            self.conn.shutdown()
+        await self._flush()

@@ -142,3 +142,32 @@ async def test_the_sweeper_sleeps_while_nothing_is_registered() -> None:
         sweeper.discard(d)
         assert len(sweeper) == 0 and d.at == INF
         nursery.cancel_scope.cancel()
+
+
+async def test_close_notify_to_a_peer_that_reads_nothing_is_bounded_by_the_deadline() -> None:
+    # A client that stopped reading, its socket buffers full: the TLS close must not
+    # wait for it longer than its grace, kept by the connection's deadline (no scope).
+    from proxy.tls_stream import TLSStream
+    from tests.unit.test_tls import _handshake_in_memory
+
+    server, _client = _handshake_in_memory()
+    raw, theirs = socket.socketpair()
+    raw.setblocking(False)
+    while True:  # fill the kernel's buffers on the way to the peer
+        try:
+            raw.send(b"x" * 65536)
+        except BlockingIOError:
+            break
+    ours = trio.socket.from_stdlib_socket(raw)
+    sweeper = Sweeper(0.01)
+    d = Deadline()
+    sweeper.add(d)
+    tls = TLSStream(trio.SocketStream(ours), server)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sweeper.run)
+        t0 = trio.current_time()
+        await tls.aclose(grace=0.2, deadline=d)
+        assert 0.2 <= trio.current_time() - t0 < 1.0
+        assert d.expired and d.at == INF and ours.fileno() == -1
+        nursery.cancel_scope.cancel()
+    theirs.close()
