@@ -5,7 +5,6 @@ X.509-SVID check; a verified peer's connection then goes to ``session.HttpSessio
 from __future__ import annotations
 
 import contextlib
-import socket
 from collections.abc import Iterator
 
 import trio
@@ -127,9 +126,9 @@ async def _open(
     rt: Runtime, stream: trio.SocketStream, peer_ip: str, peer_addr: str, deadline: Deadline
 ) -> tuple[TLSStream, svid.PeerSvid, Presented, Credentials, str, str] | None:
     """PROXY header (if configured), TLS handshake and SVID check: the verified
-    connection, or None (logged, and the TLS side closed)."""
-    with contextlib.suppress(OSError):
-        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+    connection, or None (logged, and the TLS side closed). (TCP_NODELAY, without which
+    a client that leaves Nagle on waits for a delayed ACK, trio's SocketStream sets
+    already: tests/unit/test_sockets.py.)"""
     early = b""
     if rt.config.proxy_protocol:
         got = await _read_proxy_header(rt, stream, peer_addr)
