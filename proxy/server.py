@@ -5,10 +5,12 @@ X.509-SVID check; a verified peer's connection then goes to ``session.HttpSessio
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Iterator
 
 import trio
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL
 
 from proxy import proxyproto, svid
@@ -180,12 +182,12 @@ class _PeerCheck:
 
     def __init__(self, creds: Credentials) -> None:
         self.creds = creds
-        self.chain: list[x509.Certificate] = []
+        self.chain: list[bytes] = []  # as presented, DER
         self.peer: svid.PeerSvid | None = None
         self.presented: Presented = ()
         self.error: SvidError | None = None
 
-    def __call__(self, chain: list[x509.Certificate]) -> str | None:
+    def __call__(self, chain: list[bytes]) -> str | None:
         self.chain = chain
         try:
             self.peer, self.presented = verify_presented(self.creds, chain)
@@ -235,11 +237,12 @@ async def _handshake(
         return check.peer, check.presented
     # OpenSSL did not run the check (never expected): verify what the peer sent, here.
     leaf = tls.conn.get_peer_certificate(as_cryptography=True)
-    chain = [leaf] if leaf is not None else []
+    certs = [leaf] if leaf is not None else []
     # On the server side OpenSSL's peer chain may or may not repeat the leaf: de-dupe.
     for cert in tls.conn.get_peer_cert_chain(as_cryptography=True) or []:
-        if cert not in chain:
-            chain.append(cert)
+        if cert not in certs:
+            certs.append(cert)
+    chain = [c.public_bytes(Encoding.DER) for c in certs]
     try:
         return verify_presented(check.creds, chain)
     except SvidError as exc:
@@ -247,15 +250,17 @@ async def _handshake(
         return None
 
 
-def _svid_refused(
-    rt: Runtime, exc: SvidError, chain: list[x509.Certificate], peer_addr: str
-) -> None:
-    leaf = chain[0] if chain else None
+def _svid_refused(rt: Runtime, exc: SvidError, chain: list[bytes], peer_addr: str) -> None:
+    """Log a refused chain (DER, leaf first) with what its leaf claimed, when it parses."""
+    claimed: list[str] = []
+    if chain:
+        with contextlib.suppress(ValueError, SvidError):
+            claimed = svid.uri_sans(x509.load_der_x509_certificate(chain[0]))
     _handshake_failed(
         rt,
         exc.reason,
         peer_addr,
         detail=exc.detail,
-        leaf_sha256=svid.fingerprint(leaf) if leaf is not None else None,
-        claimed_ids=svid.uri_sans(leaf) if leaf is not None else [],
+        leaf_sha256=hashlib.sha256(chain[0]).hexdigest() if chain else None,
+        claimed_ids=claimed,
     )

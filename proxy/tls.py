@@ -94,9 +94,10 @@ def _accept_any(conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int,
 
 
 # A connection's verification of its client's chain (leaf first, as OpenSSL built it from
-# what the client sent): None to accept, else the reason code that refuses it. Set on the
-# server-side ``SSL.Connection`` with ``set_app_data``; without one, any chain passes.
-ChainCheck = Callable[[list[x509.Certificate]], "str | None"]
+# what the client sent, each certificate DER-encoded): None to accept, else the reason code
+# that refuses it. Set on the server-side ``SSL.Connection`` with ``set_app_data``;
+# without one, any chain passes.
+ChainCheck = Callable[[list[bytes]], "str | None"]
 
 # The TLS alert a refused client gets, by reason: OpenSSL sends the alert it maps the
 # verify error to (``ssl_x509err2alert``). Any other reason: bad_certificate.
@@ -116,14 +117,19 @@ def alert_error(reason: str) -> int:
     return int(getattr(_lib, _ALERT_BY_REASON.get(reason, _BAD_CERTIFICATE)))
 
 
-def _built_chain(store_ctx: Any) -> list[x509.Certificate]:
+def _built_chain(store_ctx: Any) -> list[bytes]:
+    """The chain OpenSSL built, as DER: a chain seen before is then recognised without
+    parsing it (peer.verify_presented), a third of the cost of a conversion to
+    ``cryptography`` objects."""
     stack = _lib.X509_STORE_CTX_get1_chain(store_ctx)
     if stack == _ffi.NULL:
         return []
     try:
         # get1: every certificate was up-referenced; pyOpenSSL's X509 frees its own.
         return [
-            crypto.X509._from_raw_x509_ptr(_lib.sk_X509_value(stack, i)).to_cryptography()
+            crypto.dump_certificate(
+                crypto.FILETYPE_ASN1, crypto.X509._from_raw_x509_ptr(_lib.sk_X509_value(stack, i))
+            )
             for i in range(_lib.sk_X509_num(stack))
         ]
     finally:

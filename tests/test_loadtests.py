@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import trio
 
 from proxy import demo_upstream
@@ -252,3 +253,19 @@ def test_revocation_benchmark_runs(tmp_path: Path) -> None:
         assert 0 < k["all"]["p50_ms"] <= k["all"]["max_ms"]
         assert k["by_id"]["n"] == k["by_cert_sha256"]["n"] == 1
     assert "p99 ms" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("text", "total"),
+    [
+        ("events: Ir\nsummary: 3029007466\n", 3029007466),
+        ("fn=main\n1 5\ntotals: 42\n", 42),
+    ],
+)
+def test_instruction_totals_are_read_from_callgrind_output(text: str, total: int) -> None:
+    from loadtests.instructions import callgrind_total, per_request
+
+    assert callgrind_total(text) == total
+    assert per_request(1_000, 6_000, 100, 600) == 10.0
+    with pytest.raises(ValueError):
+        callgrind_total("events: Ir\n")
