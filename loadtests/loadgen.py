@@ -197,13 +197,19 @@ async def _connect(
     again, counting the error."""
     parts = urlsplit(o.url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 443
-    with contextlib.suppress(trio.TooSlowError, ssl.SSLError, trio.BrokenResourceError, OSError):
+    stream = None
+    try:
         with trio.fail_after(o.timeout):
             stream = trio.SSLStream(
                 await trio.open_tcp_stream(host, port), ctx, server_hostname=host
             )
             await stream.do_handshake()
-            streams[i] = stream
+            streams[i], stream = stream, None
+    except (trio.TooSlowError, ssl.SSLError, trio.BrokenResourceError, OSError):
+        pass
+    finally:
+        if stream is not None:  # opened, but the handshake failed
+            await _drop(stream)
 
 
 async def _close(stream: trio.SSLStream[trio.SocketStream]) -> None:

@@ -11,8 +11,11 @@ calls ``trio.lowlevel.notify_closing`` on the socket the wait blocks on, which r
 ``ClosedResourceError`` in that wait without closing the socket. The waiting code turns
 that into its timeout (408, 504, a cut connection), and can still answer on the socket.
 
-A deadline fires between its time and one tick later; the tick is a twentieth of the
-shortest configured timeout, at most 250 ms (``tick_for``).
+A deadline fires at the first tick after its time at which its wait is blocked (a task
+busy at that tick is woken at a later one); the tick is a twentieth of the shortest
+configured timeout, at most 250 ms (``tick_for``). A wait that never blocks, because its
+bytes are always there already, is never woken: loops of such waits (a request head
+read in pieces, the handshake) compare the deadline with the clock themselves.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import trio
 from proxy import audit, headers, http1, rewrite
 from proxy.canonical import CanonicalRequest
 from proxy.errors import ClientGone, HttpError, UpstreamError
-from proxy.forward import UpstreamConnection
+from proxy.forward import TIMEOUT, UpstreamConnection
 from proxy.policy.evaluate import Decision
 from proxy.policy.model import Policy, Route
 from proxy.tls_stream import BROKEN
@@ -103,13 +103,14 @@ async def forward(f: Forward) -> bool:
         try:
             await _send_request(client, conn, up_req, ex, first)
             response = await _response_head(client, conn)
-        except UpstreamError:
+        except UpstreamError as exc:
             # A pooled connection the upstream closed just as we reused it fails before
             # any response byte. Retry once on a fresh connection, but only when that
             # cannot repeat a side effect: an idempotent method and no body (RFC 9110
-            # section 9.2.2).
+            # section 9.2.2). Never after a timeout: the upstream has the request and is
+            # working on it (a second copy would double its load, and the wait).
             retryable = request.method in IDEMPOTENT and not request.has_body
-            if not (retryable and conn.reused):
+            if not (retryable and conn.reused) or exc.reason == TIMEOUT:
                 raise
             await conn.aclose()
             conn = await pool.connect(creds)

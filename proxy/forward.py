@@ -49,6 +49,10 @@ PROTOCOL_VIOLATION = "upstream_protocol_violation"
 BYTES_AFTER_RESPONSE = "bytes_after_response"
 BYTES_WHILE_IDLE = "bytes_while_idle"
 
+# What sending to or reading from an upstream raises when it is gone or broke the
+# connection: a socket error, or over mTLS a TLS error (a bad record, an alert).
+_GONE = (TLSError, SSL.Error, trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
 # on_violation(upstream name, kind, the surplus bytes read): the pool closed a connection.
 ViolationHook = Callable[[str, str, bytes], None]
 
@@ -91,7 +95,7 @@ class UpstreamConnection:
         if data:
             try:
                 await self.stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            except _GONE as exc:
                 raise UpstreamError(502, BROKEN, str(exc) or type(exc).__name__) from exc
 
     async def next_event(
@@ -115,7 +119,7 @@ class UpstreamConnection:
             self.sweeper.add(deadline)
             try:
                 data = await self.stream.receive_some(_CHUNK)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            except _GONE as exc:
                 if deadline.expired:
                     raise UpstreamError(504, TIMEOUT, "no answer in time") from None
                 raise UpstreamError(502, BROKEN, str(exc) or type(exc).__name__) from exc

@@ -208,7 +208,7 @@ async def _handshake(
     """The verified peer and the chain it presented, or None (logged) on failure."""
     deadline.arm(trio.current_time() + rt.config.timeouts.handshake, tls.transport.socket)
     try:
-        await tls.do_handshake()
+        await tls.do_handshake(deadline)
     except TLSError as exc:
         if check.error is not None:  # refused by the SVID rules; the client got the alert
             _svid_refused(rt, check.error, check.chain, peer_addr)

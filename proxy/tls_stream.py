@@ -136,13 +136,19 @@ class TLSStream:
         self.conn.bio_write(data)
         return True
 
-    async def do_handshake(self) -> None:
-        """Run the handshake; raise :class:`TLSError` with OpenSSL's reason on failure."""
+    async def do_handshake(self, deadline: Deadline | None = None) -> None:
+        """Run the handshake; raise :class:`TLSError` with OpenSSL's reason on failure.
+        With an armed ``deadline``: ``ClosedResourceError`` once it has passed, and
+        ``deadline.expired`` set (checked between reads too: a peer whose bytes are
+        always there never blocks, and the sweeper only wakes a blocked wait)."""
         while True:
             try:
                 self.conn.do_handshake()
                 break
             except SSL.WantReadError:
+                if deadline is not None and trio.current_time() >= deadline.at:
+                    deadline.expired = True
+                    raise trio.ClosedResourceError("the handshake deadline passed") from None
                 await self._flush()
                 if not await self._fill():
                     raise TLSError("peer closed the connection during the handshake") from None

@@ -207,3 +207,30 @@ async def test_idle_keepalive_connection_is_closed_after_the_idle_timeout(
     assert 0.8 < idle_for < 3
     await wait_until(lambda: proxy.rt.open_connections == 0)
     assert len(proxy.decisions()) == 1  # an idle close is no request: no line
+
+
+async def test_endless_empty_lines_before_a_head_are_cut_at_request_head(
+    nursery: trio.Nursery, tmp_path: Path, pki: Pki
+) -> None:
+    # Empty lines before a request line are skipped (RFC 9112 section 2.2), so they never
+    # reach max_header_bytes; sent faster than the proxy reads them, the socket always
+    # has bytes and the read never blocks. request_head must still end it.
+    proxy = await start(nursery, tmp_path, pki, timeouts="timeouts: {request_head: 1s}\n")
+    ctx = tls_client(pki)
+
+    def flood() -> float:
+        t0 = time.monotonic()
+        with ctx.wrap_socket(
+            socket.create_connection(("127.0.0.1", proxy.port), timeout=10),
+            server_hostname="localhost",
+        ) as s:
+            try:
+                while time.monotonic() - t0 < 8:
+                    s.sendall(b"\r\n" * 8192)
+            except (OSError, ssl.SSLError):
+                pass
+        return time.monotonic() - t0
+
+    assert await trio.to_thread.run_sync(flood) < 4
+    await wait_until(proxy.decisions)
+    assert proxy.decisions()[-1]["reason"] == "request_head_timeout"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import ssl
+import time
 from pathlib import Path
 
 import h11
@@ -12,7 +13,7 @@ import pytest
 import trio
 
 from tests.conftest import SERVER_ID, Pki
-from tests.integration.harness import Proxy, curl, serve, write_config
+from tests.integration.harness import Proxy, curl, serve, wait_until, write_config
 
 
 async def _read_request(conn: h11.Connection, stream: trio.SocketStream) -> bool:
@@ -54,13 +55,18 @@ class FlakyUpstream:
 
 
 async def _start(
-    nursery: trio.Nursery, tmp: Path, pki: Pki, handler: object, mtls: bool = False
+    nursery: trio.Nursery,
+    tmp: Path,
+    pki: Pki,
+    handler: object,
+    mtls: bool = False,
+    timeouts: str = "",
 ) -> Proxy:
     listeners = await nursery.start(
         functools.partial(trio.serve_tcp, handler, 0, host="127.0.0.1")  # type: ignore[arg-type]
     )
     port = listeners[0].socket.getsockname()[1]
-    cfg = write_config(tmp, pki, port)
+    cfg = write_config(tmp, pki, port, timeouts=timeouts)
     if mtls:
         text = cfg.read_text().replace(
             f'url: "http://127.0.0.1:{port}"',
@@ -216,3 +222,86 @@ async def test_pool_poisoning_never_reaches_another_identity(
     assert event["upstream"] == "app" and event["kind"] == kind and event["bytes"] > 0
     counter = f'spiffe_pep_upstream_protocol_violations_total{{kind="{kind}",upstream="app"}}'
     assert f"{counter} 1.0" in await proxy.metrics()
+
+
+def _upstream_tls(pki: Pki) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(pki.dir / "server.pem", pki.dir / "server_key.pem")
+    return ctx
+
+
+async def test_upstream_timeout_on_a_pooled_connection_is_not_retried(
+    nursery: trio.Nursery, tmp_path: Path, pki: Pki
+) -> None:
+    # The upstream has the request and is still working on it: a retry would send it a
+    # second copy (and double the client's wait) instead of answering 504.
+    seen: list[float] = []
+
+    async def handle(stream: trio.SocketStream) -> None:
+        buf = b""
+        while True:
+            while b"\r\n\r\n" not in buf:
+                data = await stream.receive_some(65536)
+                if not data:
+                    return
+                buf += data
+            _, _, buf = buf.partition(b"\r\n\r\n")
+            seen.append(time.monotonic())
+            if len(seen) > 1:
+                await trio.sleep(30)  # hung on every request after the first
+            await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    proxy = await _start(
+        nursery, tmp_path, pki, handle, timeouts="timeouts: {upstream_response: 1s}\n"
+    )
+    assert (await curl(proxy, "/orders")).status == 200  # the connection is pooled
+    t0 = time.monotonic()
+    r = await curl(proxy, "/orders")  # a GET on the reused connection, never answered
+    assert r.status == 504 and time.monotonic() - t0 < 1.9
+    assert len(seen) == 2  # one copy reached the upstream
+    assert proxy.decisions()[-1]["reason"] == "upstream_timeout"
+
+
+async def test_silent_mtls_upstream_is_504_on_time(
+    nursery: trio.Nursery, tmp_path: Path, pki: Pki
+) -> None:
+    ctx = _upstream_tls(pki)
+
+    async def handle(tcp: trio.SocketStream) -> None:
+        s = trio.SSLStream(tcp, ctx, server_side=True)
+        with contextlib.suppress(trio.BrokenResourceError):
+            await s.do_handshake()
+            await s.receive_some(65536)
+            await trio.sleep(30)
+
+    proxy = await _start(
+        nursery, tmp_path, pki, handle, mtls=True, timeouts="timeouts: {upstream_response: 1s}\n"
+    )
+    t0 = time.monotonic()
+    r = await curl(proxy, "/orders")
+    assert r.status == 504 and 0.9 < time.monotonic() - t0 < 2.5
+    assert proxy.decisions()[-1]["reason"] == "upstream_timeout"
+
+
+async def test_mtls_upstream_sending_a_bad_record_is_502_not_an_internal_error(
+    nursery: trio.Nursery, tmp_path: Path, pki: Pki
+) -> None:
+    ctx = _upstream_tls(pki)
+
+    async def handle(tcp: trio.SocketStream) -> None:
+        s = trio.SSLStream(tcp, ctx, server_side=True)
+        with contextlib.suppress(trio.BrokenResourceError):
+            await s.do_handshake()
+            await s.receive_some(65536)
+            # An application-data record whose MAC cannot be right.
+            await tcp.send_all(b"\x17\x03\x03\x00\x10" + b"garbage-garbage!")
+            await trio.sleep(5)
+
+    proxy = await _start(
+        nursery, tmp_path, pki, handle, mtls=True, timeouts="timeouts: {upstream_response: 2s}\n"
+    )
+    r = await curl(proxy, "/orders")
+    await wait_until(proxy.decisions)
+    assert r.status == 502
+    assert proxy.decisions()[-1]["reason"] == "upstream_connection_broken"
+    assert not [e for e in proxy.events() if e["event"] == "internal_error"]
