@@ -164,7 +164,7 @@ async def _open(
     return tls, peer, chain, creds, peer_ip, peer_addr
 
 
-def _verified_already(chain: list[x509.Certificate]) -> str:
+def _verified_already(chain: list[bytes]) -> str:
     return "verified_already"
 
 
@@ -254,7 +254,8 @@ def _svid_refused(rt: Runtime, exc: SvidError, chain: list[bytes], peer_addr: st
     """Log a refused chain (DER, leaf first) with what its leaf claimed, when it parses."""
     claimed: list[str] = []
     if chain:
-        with contextlib.suppress(ValueError, SvidError):
+        # Whatever the leaf holds, the refusal is logged: reading what it claims may fail.
+        with contextlib.suppress(Exception):
             claimed = svid.uri_sans(x509.load_der_x509_certificate(chain[0]))
     _handshake_failed(
         rt,

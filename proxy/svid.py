@@ -128,7 +128,9 @@ def _extension(cert: x509.Certificate, kind: type[x509.ExtensionType]) -> x509.E
         return cert.extensions.get_extension_for_class(kind).value
     except x509.ExtensionNotFound:
         return None
-    except ValueError as exc:  # a malformed or duplicated extension
+    # A malformed or duplicated extension, or a name form cryptography cannot represent
+    # (an x400Address in the SAN): not an SVID this proxy can read.
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
         raise SvidError(MALFORMED, f"cannot parse certificate extensions: {exc}") from exc
 
 

@@ -63,7 +63,7 @@ def test_header_list_reads_h11s_private_items() -> None:
         (b"\r\n\r\nGET / HTTP/1.1\r\n", b"GET / HTTP/1.1\r\n"),
         (b"\r\n" * 100_000, b""),
         (b"\r\n\nGET", b"\nGET"),  # a bare LF is not an empty line: left for h11 to refuse
-        (b"\r", b"\r"),  # half of one: wait for the rest
+        (b"\r", b"\r"),  # half of one is left as it is
     ],
 )
 def test_empty_lines_before_a_request_line_are_skipped(data: bytes, left: bytes) -> None:
