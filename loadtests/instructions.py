@@ -23,7 +23,6 @@ import ssl
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from loadtests import compare as c
@@ -50,18 +49,6 @@ def callgrind_total(text: str) -> int:
 
 def per_request(total_small: int, total_large: int, small: int, large: int) -> float:
     return (total_large - total_small) / (large - small)
-
-
-def _wait_listening(port: int, proc: subprocess.Popen[bytes], seconds: float = 120) -> None:
-    deadline = time.monotonic() + seconds  # start-up under valgrind takes a while
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the target exited with {proc.returncode} under valgrind")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise SystemExit(f"the target did not listen on {port} under valgrind")
 
 
 def _response(s: ssl.SSLSocket, keep_alive: bool) -> bytes:
@@ -111,7 +98,7 @@ def count(lab: c.Lab, kind: str, upstream: int, n: int, request: bytes, handshak
             [*valgrind, f"--callgrind-out-file={out}", *cmd], stdout=log, stderr=subprocess.STDOUT
         )
         lab.procs.append(proc)
-        _wait_listening(port, proc)
+        c.wait_port(port, proc, f"{kind} under valgrind", seconds=120)  # a slow start
         _requests(lab, port, WARM_UP + n, request, handshake)
         proc.send_signal(signal.SIGINT if kind == "floor" else signal.SIGTERM)
         proc.wait(300)

@@ -158,9 +158,7 @@ async def _worker(
         try:
             with trio.fail_after(o.timeout):
                 if stream is None:
-                    sock = await trio.open_tcp_stream(host, port)
-                    stream = trio.SSLStream(sock, ctx, server_hostname=host)
-                    await stream.do_handshake()
+                    stream = await _open_stream(host, port, ctx)
                     buf.clear()
                 await stream.send_all(request)
                 status, keep = await read_response(stream, buf)
@@ -187,29 +185,31 @@ async def _worker(
         await _close(stream)
 
 
+async def _open_stream(
+    host: str, port: int, ctx: ssl.SSLContext
+) -> trio.SSLStream[trio.SocketStream]:
+    """A TCP connection and its mTLS handshake; closed again if the handshake fails."""
+    stream = trio.SSLStream(await trio.open_tcp_stream(host, port), ctx, server_hostname=host)
+    try:
+        await stream.do_handshake()
+    except BaseException:
+        await _drop(stream)
+        raise
+    return stream
+
+
 async def _connect(
     o: Options,
     ctx: ssl.SSLContext,
     streams: list[trio.SSLStream[trio.SocketStream] | None],
     i: int,
 ) -> None:
-    """Open ``streams[i]`` (TCP and TLS); on failure it stays None and the worker tries
-    again, counting the error."""
+    """Open ``streams[i]``; on failure it stays None and the worker tries again,
+    counting the error."""
     parts = urlsplit(o.url)
-    host, port = parts.hostname or "127.0.0.1", parts.port or 443
-    stream = None
-    try:
+    with contextlib.suppress(trio.TooSlowError, ssl.SSLError, trio.BrokenResourceError, OSError):
         with trio.fail_after(o.timeout):
-            stream = trio.SSLStream(
-                await trio.open_tcp_stream(host, port), ctx, server_hostname=host
-            )
-            await stream.do_handshake()
-            streams[i], stream = stream, None
-    except (trio.TooSlowError, ssl.SSLError, trio.BrokenResourceError, OSError):
-        pass
-    finally:
-        if stream is not None:  # opened, but the handshake failed
-            await _drop(stream)
+            streams[i] = await _open_stream(parts.hostname or "127.0.0.1", parts.port or 443, ctx)
 
 
 async def _close(stream: trio.SSLStream[trio.SocketStream]) -> None:

@@ -63,6 +63,15 @@ def _pump(a: SSL.Connection, b: SSL.Connection) -> None:
             moved = True
 
 
+def handshake(c: SSL.Connection, s: SSL.Connection) -> None:
+    """Client ``c`` and server ``s`` through their handshake, in memory."""
+    for _ in range(10):
+        for conn in (c, s):
+            with contextlib.suppress(SSL.WantReadError):
+                conn.do_handshake()
+        _pump(c, s)
+
+
 def pyopenssl(
     server: Issued, client: Issued, release: bool, renew: bool = False
 ) -> Callable[[], Any]:
@@ -81,11 +90,7 @@ def pyopenssl(
         s.set_accept_state()
         c = SSL.Connection(cctx, None)
         c.set_connect_state()
-        for _ in range(10):
-            for conn in (c, s):
-                with contextlib.suppress(SSL.WantReadError):
-                    conn.do_handshake()
-            _pump(c, s)
+        handshake(c, s)
         c.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         _pump(c, s)
         s.recv(65536)

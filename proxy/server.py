@@ -10,8 +10,7 @@ from collections.abc import Iterator
 
 import trio
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 
 from proxy import proxyproto, svid
 from proxy.deadlines import INF, Deadline
@@ -236,13 +235,13 @@ async def _handshake(
     if check.peer is not None:
         return check.peer, check.presented
     # OpenSSL did not run the check (never expected): verify what the peer sent, here.
-    leaf = tls.conn.get_peer_certificate(as_cryptography=True)
-    certs = [leaf] if leaf is not None else []
+    leaf = tls.conn.get_peer_certificate()
+    chain = [crypto.dump_certificate(crypto.FILETYPE_ASN1, leaf)] if leaf is not None else []
     # On the server side OpenSSL's peer chain may or may not repeat the leaf: de-dupe.
-    for cert in tls.conn.get_peer_cert_chain(as_cryptography=True) or []:
-        if cert not in certs:
-            certs.append(cert)
-    chain = [c.public_bytes(Encoding.DER) for c in certs]
+    for cert in tls.conn.get_peer_cert_chain() or []:
+        der = crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)
+        if der not in chain:
+            chain.append(der)
     try:
         return verify_presented(check.creds, chain)
     except SvidError as exc:

@@ -6,6 +6,7 @@ import contextlib
 import functools
 import ssl
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import h11
@@ -224,10 +225,22 @@ async def test_pool_poisoning_never_reaches_another_identity(
     assert f"{counter} 1.0" in await proxy.metrics()
 
 
-def _upstream_tls(pki: Pki) -> ssl.SSLContext:
+def _mtls_upstream(
+    pki: Pki, then: Callable[[trio.SocketStream], Awaitable[None]]
+) -> Callable[[trio.SocketStream], Awaitable[None]]:
+    """An mTLS upstream's connection handler: the handshake, one request read, then
+    ``then`` on the TCP stream underneath."""
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(pki.dir / "server.pem", pki.dir / "server_key.pem")
-    return ctx
+
+    async def handle(tcp: trio.SocketStream) -> None:
+        s = trio.SSLStream(tcp, ctx, server_side=True)
+        with contextlib.suppress(trio.BrokenResourceError):
+            await s.do_handshake()
+            await s.receive_some(65536)
+            await then(tcp)
+
+    return handle
 
 
 async def test_upstream_timeout_on_a_pooled_connection_is_not_retried(
@@ -265,15 +278,10 @@ async def test_upstream_timeout_on_a_pooled_connection_is_not_retried(
 async def test_silent_mtls_upstream_is_504_on_time(
     nursery: trio.Nursery, tmp_path: Path, pki: Pki
 ) -> None:
-    ctx = _upstream_tls(pki)
+    async def silent(tcp: trio.SocketStream) -> None:
+        await trio.sleep(30)
 
-    async def handle(tcp: trio.SocketStream) -> None:
-        s = trio.SSLStream(tcp, ctx, server_side=True)
-        with contextlib.suppress(trio.BrokenResourceError):
-            await s.do_handshake()
-            await s.receive_some(65536)
-            await trio.sleep(30)
-
+    handle = _mtls_upstream(pki, silent)
     proxy = await _start(
         nursery, tmp_path, pki, handle, mtls=True, timeouts="timeouts: {upstream_response: 1s}\n"
     )
@@ -286,17 +294,12 @@ async def test_silent_mtls_upstream_is_504_on_time(
 async def test_mtls_upstream_sending_a_bad_record_is_502_not_an_internal_error(
     nursery: trio.Nursery, tmp_path: Path, pki: Pki
 ) -> None:
-    ctx = _upstream_tls(pki)
+    async def bad_record(tcp: trio.SocketStream) -> None:
+        # An application-data record whose MAC cannot be right.
+        await tcp.send_all(b"\x17\x03\x03\x00\x10" + b"garbage-garbage!")
+        await trio.sleep(5)
 
-    async def handle(tcp: trio.SocketStream) -> None:
-        s = trio.SSLStream(tcp, ctx, server_side=True)
-        with contextlib.suppress(trio.BrokenResourceError):
-            await s.do_handshake()
-            await s.receive_some(65536)
-            # An application-data record whose MAC cannot be right.
-            await tcp.send_all(b"\x17\x03\x03\x00\x10" + b"garbage-garbage!")
-            await trio.sleep(5)
-
+    handle = _mtls_upstream(pki, bad_record)
     proxy = await _start(
         nursery, tmp_path, pki, handle, mtls=True, timeouts="timeouts: {upstream_response: 2s}\n"
     )

@@ -27,9 +27,7 @@ def test_each_refusal_reason_maps_to_its_alert() -> None:
 
 
 def _handshake_in_memory() -> tuple[SSL.Connection, SSL.Connection]:
-    import contextlib
-
-    from loadtests.tls_idle_floor import _pump
+    from loadtests.tls_idle_floor import handshake
     from proxy.devcerts import issue_ca, issue_svid
 
     root = issue_ca("example.org")
@@ -40,11 +38,7 @@ def _handshake_in_memory() -> tuple[SSL.Connection, SSL.Connection]:
     s.set_app_data(lambda chain: None)  # accept: only the BIOs are under test here
     c = SSL.Connection(tls.client_context([client.cert], client.key, "client key"), None)
     c.set_connect_state()
-    for _ in range(10):
-        for conn in (c, s):
-            with contextlib.suppress(SSL.WantReadError):
-                conn.do_handshake()
-        _pump(c, s)
+    handshake(c, s)
     return s, c
 
 
