@@ -18,7 +18,15 @@ from proxy.errors import SvidError
 from proxy.spiffe_id import SpiffeId, TrustDomain
 from proxy.trust import TrustStore
 
-NOW = dt.datetime.now(dt.UTC)
+NOW = dt.datetime.now(dt.UTC)  # at import: the fixed validity windows of the rows
+
+
+def _now() -> dt.datetime:
+    """When a chain is verified: the leaves are issued during the tests, valid from five
+    minutes before that, which may be more than five minutes after NOW in a long run."""
+    return dt.datetime.now(dt.UTC)
+
+
 A = TrustDomain("a.org")
 B = TrustDomain("b.org")
 C = TrustDomain("c.org")
@@ -234,7 +242,7 @@ REJECT: list[tuple[str, Callable[[World], Issued], str]] = [
 @pytest.mark.parametrize(("make", "expected"), [r[1:] for r in ACCEPT], ids=[r[0] for r in ACCEPT])
 def test_accept(world: World, make: Callable[[World], Issued], expected: str) -> None:
     issued = make(world)
-    peer = svid.verify_peer(world.chain(issued), world.store, NOW)
+    peer = svid.verify_peer(world.chain(issued), world.store, _now())
     assert peer.spiffe_id == SpiffeId.parse(expected)
     assert peer.fingerprint == svid.fingerprint(issued.cert)
     assert len(peer.fingerprint) == 64
@@ -244,32 +252,32 @@ def test_accept(world: World, make: Callable[[World], Issued], expected: str) ->
 def test_reject(world: World, make: Callable[[World], Issued], reason: str) -> None:
     issued = make(world)
     with pytest.raises(SvidError) as exc:
-        svid.verify_peer(world.chain(issued), world.store, NOW)
+        svid.verify_peer(world.chain(issued), world.store, _now())
     assert exc.value.reason == reason
 
 
 def test_empty_chain(world: World) -> None:
     with pytest.raises(SvidError) as exc:
-        svid.verify_peer([], world.store, NOW)
+        svid.verify_peer([], world.store, _now())
     assert exc.value.reason == svid.NO_CERTIFICATE
 
 
 def test_revoked_domain_with_empty_bundle(world: World) -> None:
     store = TrustStore({A: Bundle(A, ())})
     with pytest.raises(SvidError) as exc:
-        svid.verify_peer(world.chain(good(world)), store, NOW)
+        svid.verify_peer(world.chain(good(world)), store, _now())
     assert exc.value.reason == svid.EMPTY_BUNDLE
 
 
 def test_missing_intermediate_fails(world: World) -> None:
     with pytest.raises(SvidError) as exc:
-        svid.verify_peer([good(world).cert], world.store, NOW)
+        svid.verify_peer([good(world).cert], world.store, _now())
     assert exc.value.reason == svid.UNTRUSTED
 
 
 def test_bundle_anchored_on_intermediate(world: World) -> None:
     store = TrustStore({A: Bundle(A, (world.int_a.cert,))})
-    peer = svid.verify_peer([good(world).cert], store, NOW)
+    peer = svid.verify_peer([good(world).cert], store, _now())
     assert str(peer.spiffe_id) == "spiffe://a.org/ns/prod/sa/web"
 
 
@@ -298,7 +306,7 @@ def test_signing_cert_with_path_rejected(world: World) -> None:
         .sign(world.root_a.key, hashes.SHA256())
     )
     with pytest.raises(SvidError) as exc:
-        svid.verify_peer([leaf.cert, rogue_int], world.store, NOW)
+        svid.verify_peer([leaf.cert, rogue_int], world.store, _now())
     assert exc.value.reason == svid.BAD_SIGNING_CERT
 
 
@@ -317,7 +325,7 @@ def test_peer_chain_is_the_verified_path_not_what_was_sent(
         else issue_ca("a.org", parent=world.root_a, common_name="stray").cert
     )
     store = TrustStore({A: Bundle(A, (world.int_a.cert,))}) if anchor_on_intermediate else None
-    peer = svid.verify_peer([*world.chain(issued), appended], store or world.store, NOW)
+    peer = svid.verify_peer([*world.chain(issued), appended], store or world.store, _now())
     # Leaf, then intermediates up to, not including, the trust anchor.
     expected = (issued.cert,) if anchor_on_intermediate else (issued.cert, world.int_a.cert)
     assert peer.chain == expected
@@ -327,6 +335,6 @@ def test_trust_anchor_without_key_usage_rejected() -> None:
     root = _ca_without_key_usage("no-KU root", None)
     store = TrustStore({A: Bundle(A, (root.cert,))})
     with pytest.raises(SvidError) as exc:
-        svid.verify_peer([issue_svid(root, ["spiffe://a.org/x"]).cert], store, NOW)
+        svid.verify_peer([issue_svid(root, ["spiffe://a.org/x"]).cert], store, _now())
     assert exc.value.reason == svid.SIGNING_NO_KEY_USAGE
     assert "no-KU root" in exc.value.detail
