@@ -79,6 +79,10 @@ async def test_load_generator_against_a_live_proxy(
     lat = result["latency_ms"]
     assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
     assert b"requests/s" in done.stdout and b"requests" in done.stderr  # final line, progress
+    # One request per connection before the clock (the server's side of each handshake
+    # done by then), not counted: 4 connections, 4 more decision lines than requests.
+    warm = (tmp_path / "decisions.jsonl").read_text().splitlines()
+    assert len(warm) == result["completed"] + 4
     out = tmp_path / "hs.json"
     await trio.run_process(
         [*base, "-n", "20", "--mode", "handshake", "--json", str(out)],
