@@ -261,7 +261,7 @@ def write_file(job: tuple[Path, int, int, int, int, int, float, float, bool]) ->
                         break
             host, method, template, _ = ENDPOINTS[ei]
             rid = int(rng.paretovariate(1.1)) % POOL
-            path = template.replace("{id}", str(1000 + rid)).replace("{year}", str(2020 + rid % 7))
+            url = template.replace("{id}", str(1000 + rid)).replace("{year}", str(2020 + rid % 7))
             origin = w.spiffe_id if w.namespace == "partner" else None  # via the edge hop
             peer_id = EDGE if origin else w.spiffe_id
             decision, route, rule, reason = table[(w.spiffe_id, ei)]
@@ -296,7 +296,7 @@ def write_file(job: tuple[Path, int, int, int, int, int, float, float, bool]) ->
                     ISSUER,
                     method,
                     host,
-                    path,
+                    url,
                     _j(route),
                     _j(rule or None),
                     decision,

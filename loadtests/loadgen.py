@@ -178,14 +178,17 @@ async def _worker(
                 stream = None
         except trio.TooSlowError:
             result.error("timeout")
-            stream = await _drop(stream)
+            await _drop(stream)
+            stream = None
         except ssl.SSLError as exc:
             result.error(f"tls_{exc.reason or 'error'}".lower())
-            stream = await _drop(stream)
+            await _drop(stream)
+            stream = None
         except (trio.BrokenResourceError, ConnectionError, OSError) as exc:
             result.error("connect_error" if stream is None else "connection_broken")
             del exc
-            stream = await _drop(stream)
+            await _drop(stream)
+            stream = None
     if stream is not None:
         await _close(stream)
 
@@ -244,7 +247,6 @@ async def _drop(stream: trio.SSLStream[trio.SocketStream] | None) -> None:
         with trio.move_on_after(0.5):
             with contextlib.suppress(Exception):
                 await trio.aclose_forcefully(stream)
-    return None
 
 
 def _run_process(
