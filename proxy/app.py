@@ -228,6 +228,7 @@ async def serve(
             follow_credentials(services, rt, creds_reloader)
             services.start_soon(rt.drift.run, lambda: rt.changed, lambda: rt.policy)
             services.start_soon(rt.sweeper.run)
+            services.start_soon(rt.metrics.flusher)
             services.start_soon(on_signals, config_reloader, reloader, creds_reloader)
 
             # A partial, not a closure: an idle connection's task keeps one coroutine
@@ -268,6 +269,7 @@ async def serve(
             rt.events.event("drained", cut_connections=rt.open_connections)
             services.cancel_scope.cancel()
     finally:
+        rt.metrics.flush()  # requests tallied since the last flush
         rt.drift.flush()  # what was learned and not yet written
         rt.drift.close()
         for pool in rt.pools.values():

@@ -1,9 +1,10 @@
 """What the admin page (``/ui``) shows of the recent past: the last decisions, the
 client credentials seen, reload history and drift alerts. Bounded, in memory, no I/O.
 
-The request path pays one ``deque.append`` of a small tuple per decision (``add``,
-called once from ``session._log``) and, the first time a client certificate is seen, a
-few attribute reads for its subject. Operational events reach ``event`` through the
+The request path pays one ``deque.append`` of its decision line, already encoded
+(``add_line``, from ``session._log``; the admin page parses the lines it shows), and a
+connection one dictionary lookup for its client certificate (``seen``; the first time,
+a few attribute reads for its subject). Operational events reach ``event`` through the
 event log's tap (``JsonLines.tap``). The supervisor of ``--workers`` builds one from its
 workers' log files instead (``from_logs``), so ``/ui`` renders from the same object
 either way.
@@ -11,6 +12,7 @@ either way.
 
 from __future__ import annotations
 
+import json
 import operator
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
@@ -19,6 +21,7 @@ from typing import Any, NamedTuple
 
 from cryptography import x509
 
+from proxy.audit import iso
 from proxy.svid import PEERS_KEPT, PeerSvid
 
 DECISIONS = 1000  # decisions kept
@@ -113,7 +116,8 @@ class Recent:
     """The bounded recent past of one process (or, ``from_logs``, of all workers)."""
 
     def __init__(self) -> None:
-        self.decisions: deque[tuple[Any, ...]] = deque(maxlen=DECISIONS)
+        # A decision line as written (``add_line``) or its ``FIELDS`` (``add_record``)
+        self.decisions: deque[str | tuple[Any, ...]] = deque(maxlen=DECISIONS)
         self.reloads: deque[dict[str, Any]] = deque(maxlen=EVENTS)
         self.drift: deque[dict[str, Any]] = deque(maxlen=EVENTS)
         self.credentials: dict[str, Credential] = {}
@@ -121,18 +125,21 @@ class Recent:
         # supervisor reading the event log learns subjects too).
         self.announce: Callable[[Credential], None] | None = None
 
-    def add(self, row: tuple[Any, ...], peer: PeerSvid | None) -> None:
-        """One decision, as a tuple in ``FIELDS`` order (the request path: keep it
-        cheap; ``row_of`` makes one from a decision line)."""
-        self.decisions.append(row)
-        if peer is not None and peer.fingerprint not in self.credentials:
+    def add_line(self, line: str) -> None:
+        """One decision line, as written to the decision log (the request path: keep it
+        cheap)."""
+        self.decisions.append(line)
+
+    def seen(self, peer: PeerSvid) -> None:
+        """The client credential of a connection (once per connection, not per request)."""
+        if peer.fingerprint not in self.credentials:
             self._learn(
                 Credential(
                     str(peer.spiffe_id),
                     peer.fingerprint,
                     name_text(peer.leaf.subject),
                     name_text(peer.leaf.issuer),
-                    row[-1] or "",
+                    iso(peer.not_after),
                 ),
                 announce=True,
             )
@@ -181,7 +188,10 @@ class Recent:
 
     def recent_decisions(self) -> list[Decision]:
         """The decisions kept, oldest first."""
-        return [Decision._make(t) for t in self.decisions]
+        return [
+            Decision._make(row_of(json.loads(d)) if isinstance(d, str) else d)
+            for d in self.decisions
+        ]
 
     def copy(self) -> Recent:
         """A copy to read in another thread while this one goes on changing."""

@@ -78,6 +78,7 @@ class HttpSession(ClientConnection):
         self.peer_addr = peer_addr
         self.identity = rewrite.for_peer(rt.config, rt.credentials.own_id, peer)
         self._drift: ConnectionDrift | None = None  # judged at the first request
+        rt.recent.seen(peer)
 
     # --- the loop -----------------------------------------------------------------------
 
@@ -191,20 +192,19 @@ class HttpSession(ClientConnection):
                 ex.status = 499
             else:
                 ex.status = 503 if ex.reason == STOPPED else 500
-        line = audit.for_peer(self.peer)
-        when = audit.iso_wall(started)
-        self.rt.decisions.write_line(line.encode(ex, policy_sha256, when, elapsed, extra))
+        text = audit.for_peer(self.peer).encode(
+            ex, policy_sha256, audit.iso_wall(started), elapsed, extra
+        )
+        self.rt.decisions.write_line(text)
+        self.rt.recent.add_line(text)
         d = ex.decision
-        route = d.route_name if d else None
-        mode = "audit" if d and d.audit else "enforce"
-        peer = self.peer
-        self.rt.recent.add(
-            (when, audit.PID, line.spiffe_id, self.peer_addr, ex.method, ex.host, ex.path,
-             route, ex.outcome, mode, ex.reason, ex.status,
-             peer.fingerprint if peer else None, line.not_after),
-            peer,
-        )  # fmt: skip
-        self.rt.metrics.count_request(route or "", ex.outcome, ex.reason, mode, elapsed)
+        self.rt.metrics.count_request(
+            (d.route_name or "") if d else "",
+            ex.outcome,
+            ex.reason,
+            "audit" if d and d.audit else "enforce",
+            elapsed,
+        )
 
     def still_trusted(self) -> str | None:
         """None while the peer verifies against the trust store in force (checked again
@@ -228,6 +228,7 @@ class HttpSession(ClientConnection):
             return "peer_no_longer_trusted"
         self.creds, self.peer = creds, peer
         self._not_after = peer.not_after.timestamp()
+        self.rt.recent.seen(peer)
         return None
 
     def verdict(

@@ -139,6 +139,7 @@ def local_page(rt: Runtime) -> admin.Page:
 
     def gather() -> Inputs:
         own_id, own_not_after, bundles = _credentials_view(rt.credentials)
+        rt.metrics.flush()  # the requests tallied since the last scrape
         return Inputs(
             rt.recent.copy(),
             own_id,

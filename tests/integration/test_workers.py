@@ -19,6 +19,16 @@ from tests.conftest import Pki
 from tests.integration.harness import POLICY, free_port, tls_client, wait_until, write_config
 
 
+async def _requests_counted(admin: int) -> float:
+    async with httpx.AsyncClient() as c:
+        metrics = (await c.get(f"http://127.0.0.1:{admin}/metrics")).text
+    return sum(
+        float(line.split()[-1])
+        for line in metrics.splitlines()
+        if line.startswith("spiffe_pep_requests_total{")
+    )
+
+
 async def _status(admin: int) -> dict[str, Any]:
     async with httpx.AsyncClient() as c:
         return (await c.get(f"http://127.0.0.1:{admin}/status")).json()  # type: ignore[no-any-return]
@@ -69,14 +79,10 @@ async def test_workers_share_port_restart_reload_and_drain(
             for line in (tmp_path / "decisions.jsonl").read_text().splitlines()
         }
         assert served == pids
-        async with httpx.AsyncClient() as c:
-            metrics = (await c.get(f"http://127.0.0.1:{admin}/metrics")).text
-        total = sum(
-            float(line.split()[-1])
-            for line in metrics.splitlines()
-            if line.startswith("spiffe_pep_requests_total{")
-        )
-        assert total >= len(codes) + 1  # every request, counted across workers
+        # Every request, counted across workers: each writes its counts out every second.
+        with trio.fail_after(5):
+            while await _requests_counted(admin) < len(codes) + 1:
+                await trio.sleep(0.1)
 
         # Kill one worker: the supervisor starts a new one; service goes on meanwhile, and
         # goes on until the replacement has served requests itself.

@@ -5,6 +5,7 @@ reload history, expiry order; and the page without Graphviz."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 import textwrap
 from typing import Any
 
@@ -12,7 +13,7 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from proxy import identity_map, recent, ui, ui_page
+from proxy import audit, identity_map, recent, ui, ui_page
 from proxy.devcerts import issue_ca, issue_svid
 from proxy.policy import load_policy
 from proxy.recent import Credential, Decision, Recent
@@ -246,13 +247,17 @@ def test_recent_is_bounded_and_learns_a_credential_once() -> None:
     announced: list[Credential] = []
     r = Recent()
     r.announce = announced.append
-    for _ in range(recent.DECISIONS + 5):
-        r.add(recent.row_of(record()), peer)
+    for i in range(recent.DECISIONS + 5):
+        r.seen(peer)
+        r.add_line(json.dumps(record(path=f"/{i}")))
     assert len(r.decisions) == recent.DECISIONS
     assert [c.subject for c in announced] == ["CN=" + EVIL]  # as in the certificate
+    assert announced[0].not_after == audit.iso(leaf.not_valid_after_utc)
     copy = r.copy()
-    r.add(recent.row_of(record(path="/later")), peer)
-    assert len(copy.recent_decisions()) == recent.DECISIONS and copy.credentials
+    r.add_line(json.dumps(record(path="/later")))
+    kept = copy.recent_decisions()
+    assert len(kept) == recent.DECISIONS and copy.credentials
+    assert kept[0] == decision(path="/5") and kept[-1] == decision(path=f"/{recent.DECISIONS + 4}")
 
 
 def test_recent_from_logs() -> None:
