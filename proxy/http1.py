@@ -52,18 +52,15 @@ def check_head(head: bytes | bytearray) -> None:
     answer 501 for every coding it does not implement)."""
     if head.count(b"\n") != head.count(b"\r\n"):
         raise h11.LocalProtocolError("bare LF line ending in the request head", 400)
-    if b"\n " in head or b"\n\t" in head:
+    # find, not ``in``: see canonical.BYTES_IN
+    if head.find(b"\n ") >= 0 or head.find(b"\n\t") >= 0:
         raise h11.LocalProtocolError("obsolete line folding in the request head", 400)
     if _CONTROL.search(head):
         raise h11.LocalProtocolError("control character in the request head", 400)
-    if b"transfer-encoding" not in head.lower():
+    values = _TRANSFER_ENCODING.findall(head)
+    if not values:
         return
-    codings = [
-        c.strip().lower()
-        for value in _TRANSFER_ENCODING.findall(head)
-        for c in value.split(b",")
-        if c.strip()
-    ]
+    codings = [c.strip().lower() for value in values for c in value.split(b",") if c.strip()]
     if codings and codings[-1] != b"chunked":
         raise h11.LocalProtocolError("the final transfer coding is not chunked", 400)
 
