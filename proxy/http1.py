@@ -6,8 +6,8 @@ smuggling material when two parsers in a chain disagree about them, so a PEP ref
 them with 400 (RFC 9112 sections 2.2 and 5.2 permit that). So are control characters
 other than HTAB, which h11 passes through in header values. The check runs on the head
 bytes h11 has just cut out of its buffer (request line, headers, trailers): two
-``bytes.count`` calls, two ``in`` tests, one regex search and one ``in`` test of the
-lower-cased head (for Transfer-Encoding, whose codings are then read).
+``bytes.count`` calls, two ``find`` calls and two regex searches (control characters,
+and Transfer-Encoding, whose codings are then read).
 
 It hooks h11's private ``ReceiveBuffer``; h11 is pinned below 0.17 for that reason, and
 tests/integration/test_http_attacks.py pins the behaviour.

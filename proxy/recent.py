@@ -51,7 +51,7 @@ _pick = operator.itemgetter(*FIELDS)
 
 
 def row_of(record: Mapping[str, Any]) -> tuple[Any, ...]:
-    """A decision line's ``FIELDS``, as ``Recent.add`` keeps them."""
+    """A decision line's ``FIELDS``, as ``Recent.recent_decisions`` reads them."""
     return _pick(record)  # type: ignore[no-any-return]
 
 
