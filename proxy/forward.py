@@ -242,13 +242,17 @@ class UpstreamPool:
                 await tls.do_handshake()
         except trio.TooSlowError as exc:
             raise UpstreamError(504, TIMEOUT, "TLS handshake with the upstream timed out") from exc
-        except (TLSError, trio.BrokenResourceError, OSError) as exc:
+        except _GONE as exc:
             raise UpstreamError(502, TLS_FAILED, str(exc)) from exc
-        chain = conn.get_peer_cert_chain(as_cryptography=True) or []
         try:
+            # OpenSSL reads some encodings cryptography refuses (BER lengths): such a
+            # chain is an invalid SVID, not an internal error.
+            chain = conn.get_peer_cert_chain(as_cryptography=True) or []
             peer = svid.verify_peer(chain, creds.trust, dt.datetime.now(dt.UTC))
         except SvidError as exc:
             raise UpstreamError(502, SVID_INVALID, str(exc)) from exc
+        except ValueError as exc:
+            raise UpstreamError(502, SVID_INVALID, f"unreadable certificate: {exc}") from exc
         if not any(p.matches(peer.spiffe_id) for p in up.expect):
             expected = ", ".join(p.text for p in up.expect)
             raise UpstreamError(

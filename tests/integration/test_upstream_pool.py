@@ -12,8 +12,11 @@ from pathlib import Path
 import h11
 import pytest
 import trio
+from cryptography.hazmat.primitives.serialization import Encoding
 
+from proxy.devcerts import issue_svid
 from tests.conftest import SERVER_ID, Pki
+from tests.der_edit import non_minimal_validity
 from tests.integration.harness import Proxy, curl, serve, wait_until, write_config
 
 
@@ -226,12 +229,15 @@ async def test_pool_poisoning_never_reaches_another_identity(
 
 
 def _mtls_upstream(
-    pki: Pki, then: Callable[[trio.SocketStream], Awaitable[None]]
+    pki: Pki,
+    then: Callable[[trio.SocketStream], Awaitable[None]],
+    chain: tuple[Path, Path] | None = None,
 ) -> Callable[[trio.SocketStream], Awaitable[None]]:
-    """An mTLS upstream's connection handler: the handshake, one request read, then
+    """An mTLS upstream's connection handler: the handshake (presenting ``chain``, a
+    certificate and key file, else the PKI's server SVID), one request read, then
     ``then`` on the TCP stream underneath."""
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(pki.dir / "server.pem", pki.dir / "server_key.pem")
+    ctx.load_cert_chain(*(chain or (pki.dir / "server.pem", pki.dir / "server_key.pem")))
 
     async def handle(tcp: trio.SocketStream) -> None:
         s = trio.SSLStream(tcp, ctx, server_side=True)
@@ -307,4 +313,30 @@ async def test_mtls_upstream_sending_a_bad_record_is_502_not_an_internal_error(
     await wait_until(proxy.decisions)
     assert r.status == 502
     assert proxy.decisions()[-1]["reason"] == "upstream_connection_broken"
+    assert not [e for e in proxy.events() if e["event"] == "internal_error"]
+
+
+async def test_mtls_upstream_with_an_unreadable_certificate_is_502_not_an_internal_error(
+    nursery: trio.Nursery, tmp_path: Path, pki: Pki
+) -> None:
+    # OpenSSL reads the chain (a BER length in the intermediate), cryptography does not.
+    issued = issue_svid(pki.intermediate, [SERVER_ID], dns=["localhost"], ips=["127.0.0.1"])
+    inter = non_minimal_validity(pki.intermediate.cert.public_bytes(Encoding.DER))
+    cert, key = tmp_path / "upstream.pem", tmp_path / "upstream_key.pem"
+    cert.write_text(
+        "".join(
+            ssl.DER_cert_to_PEM_cert(c) for c in (issued.cert.public_bytes(Encoding.DER), inter)
+        )
+    )
+    key.write_bytes(issued.key_pem())
+
+    async def answer(tcp: trio.SocketStream) -> None:
+        await trio.sleep(5)  # never reached: the proxy refuses the upstream
+
+    handle = _mtls_upstream(pki, answer, (cert, key))
+    proxy = await _start(nursery, tmp_path, pki, handle, mtls=True)
+    r = await curl(proxy, "/orders")
+    await wait_until(proxy.decisions)
+    assert r.status == 502
+    assert proxy.decisions()[-1]["reason"] == "upstream_svid_invalid"
     assert not [e for e in proxy.events() if e["event"] == "internal_error"]
