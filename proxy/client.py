@@ -161,7 +161,7 @@ class ClientConnection:
         if data is None:
             return data
         has_length = response.status_code in (204, 304) or self._method == b"HEAD"
-        for n, v in http1.header_list(response):
+        for _, n, v in response.headers._full_items:  # as http1.header_list reads them
             if n == b"content-length":
                 has_length = True
             elif n == b"connection" and b"close" in v.lower():

@@ -132,9 +132,9 @@ class HttpSession(ClientConnection):
                     return
                 if event is None or not isinstance(event, h11.Request):
                     return
-                self._http10_keepalive = event.http_version == b"1.0" and (
-                    b"keep-alive" in headers.connection_tokens(http1.header_list(event))
-                )
+                # Set from the canonical request's Connection tokens in ``handle``; every
+                # reply before that closes the connection anyway.
+                self._http10_keepalive = False
                 self._reuse_http10 = False
                 self._method = event.method
                 keep = await self.handle(event)
@@ -348,6 +348,9 @@ class HttpSession(ClientConnection):
                     self.rt.config, self.rt.credentials.own_id, self.peer
                 )
             request = self.canonical(req, hdrs)
+            self._http10_keepalive = (
+                request.http_version == b"1.0" and b"keep-alive" in request.connection
+            )
             ex.host, ex.path = request.host, request.path
             if request.dropped:
                 extra = {"dropped_headers": ",".join(n.decode("latin-1") for n in request.dropped)}
