@@ -116,7 +116,7 @@ class PeerHeaders:
         that element's ``Hash`` (the origin's leaf). From any other peer, XFCC never
         counts. An XFCC that cannot be read raises ``OriginRefused``."""
         if request.xfcc is None or not self.trusted_forwarder:
-            return Origin()
+            return NO_ORIGIN
         try:
             elements = xfcc.parse(request.xfcc)
         except XfccError as exc:
@@ -155,6 +155,9 @@ class Origin:
     sha256: str | None = None
 
 
+NO_ORIGIN = Origin()  # the usual case, one instance: a frozen dataclass is not free to build
+
+
 class OriginRefused(Exception):
     """A trusted forwarder sent an XFCC that cannot be read."""
 
@@ -163,9 +166,10 @@ class OriginRefused(Exception):
         self.refusal = refusal
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Forwarding:
-    """Per-request facts the rewrite needs beside the canonical request."""
+    """Per-request facts the rewrite needs beside the canonical request (built and
+    consumed once per request: not frozen, whose ``__init__`` costs a call per field)."""
 
     request_id: str
     peer_ip: str
