@@ -47,6 +47,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 Headers = Sequence[tuple[bytes, bytes]]
 
@@ -139,9 +140,10 @@ class Rules:
         object.__setattr__(self, "always", frozenset(names))
 
 
-@dataclass(frozen=True, slots=True)
-class CanonicalRequest:
-    """What the policy judges and what goes upstream (before the proxy's own headers)."""
+class CanonicalRequest(NamedTuple):
+    """What the policy judges and what goes upstream (before the proxy's own headers).
+    Immutable: a NamedTuple, not a frozen dataclass, whose ``__init__`` sets each of the
+    15 fields through ``object.__setattr__`` on every request."""
 
     method: str
     host: str  # lower-case, no trailing dot, no port: what routes match

@@ -314,3 +314,15 @@ def test_memo_keeps_no_long_input_and_no_refusal() -> None:
     assert b"a..b" not in c._hosts
     assert c.parse_host(b"Example.org.:8443") == ("example.org", 8443)
     assert c.parse_host(b"Example.org.:8443") == c._parse_host(b"Example.org.:8443")
+
+
+def test_the_judged_request_cannot_be_changed_after_the_verdict() -> None:
+    # The policy judges the CanonicalRequest and the upstream head is serialised from
+    # the same object: nothing may rewrite it in between.
+    got = build(b"GET", b"/orders/1", [(b"host", b"app")], Rules())
+    assert isinstance(got, CanonicalRequest)
+    with pytest.raises(AttributeError):
+        got.path = "/admin"  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        got[3] = "/admin"  # type: ignore[index]
+    assert got.path == "/orders/1" and got.authority == "app"
