@@ -12,7 +12,7 @@ import h11
 import trio
 
 from proxy import headers, http1
-from proxy.deadlines import INF, Deadline
+from proxy.deadlines import INF, Deadline, clock
 from proxy.errors import ClientGone, HttpError
 from proxy.runtime import Runtime
 from proxy.tls_stream import BROKEN, TLSStream
@@ -71,7 +71,7 @@ class ClientConnection:
         # rt.sweeper for the connection's life (handle_connection does that).
         self.deadline = deadline or Deadline()
         self._sock = tls.transport.socket
-        self.opened = trio.current_time()
+        self.opened = clock()
         self._write_timeout = rt.config.timeouts.client_write
         # The body of the request in progress: when it started and what arrived, for
         # limits.min_body_rate.
@@ -87,9 +87,9 @@ class ClientConnection:
         self.truncated = False
 
     async def _receive(self, at: float) -> None:
-        """Read from the client into h11; ``TooSlowError`` past ``at`` (trio's clock).
+        """Read from the client into h11; ``TooSlowError`` past ``at`` (``deadlines.clock``).
         (The wait for a next request, which a drain may cut short, is in ``run``.)"""
-        if trio.current_time() >= at:
+        if clock() >= at:
             # The sweeper wakes only a blocked wait: a client whose bytes are always
             # there already (a stream of empty lines before a head) never blocks.
             raise trio.TooSlowError
@@ -133,7 +133,7 @@ class ClientConnection:
         """Send to the client; a client that takes none of it for ``timeouts.client_write``
         (it stopped reading) is cut off, releasing the upstream connection too."""
         deadline = self.deadline
-        deadline.arm(trio.current_time() + self._write_timeout, self._sock)
+        deadline.arm(clock() + self._write_timeout, self._sock)
         try:
             await self.tls.send_all(data)
         except BROKEN as exc:
@@ -150,7 +150,7 @@ class ClientConnection:
         SIGTERM): this connection's response carries ``Connection: close`` and it ends
         after it, so the client's next request goes through the load balancer again."""
         return (
-            trio.current_time() - self.opened > self.rt.config.timeouts.max_connection_age
+            clock() - self.opened > self.rt.config.timeouts.max_connection_age
             or self.rt.drain_requested.is_set()
         )
 
@@ -199,7 +199,7 @@ class ClientConnection:
         rate = self.rt.config.limits.min_body_rate
         grace = self.rt.config.timeouts.request_head
         allowed = grace + (self._body_bytes / rate if rate else float("inf"))
-        idle = trio.current_time() + self.rt.config.timeouts.idle
+        idle = clock() + self.rt.config.timeouts.idle
         return min(self._body_started + allowed, idle)
 
     async def next_body_event(self) -> h11.Event:

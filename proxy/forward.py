@@ -30,7 +30,7 @@ from OpenSSL import SSL
 
 from proxy import svid
 from proxy.config import Timeouts, Upstream
-from proxy.deadlines import Deadline, Sweeper
+from proxy.deadlines import Deadline, Sweeper, clock
 from proxy.errors import SvidError, UpstreamError
 from proxy.tls import Credentials
 from proxy.tls_stream import TLSError, TLSStream
@@ -115,7 +115,7 @@ class UpstreamConnection:
             # A deadline the sweeper checks, not a cancel scope (proxy.deadlines): this
             # runs for every read of every response.
             deadline = self.deadline
-            deadline.arm(trio.current_time() + timeout, self.sock.socket)
+            deadline.arm(clock() + timeout, self.sock.socket)
             self.sweeper.add(deadline)
             try:
                 data = await self.stream.receive_some(_CHUNK)

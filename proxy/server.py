@@ -13,7 +13,7 @@ from cryptography import x509
 from OpenSSL import SSL, crypto
 
 from proxy import proxyproto, svid
-from proxy.deadlines import INF, Deadline
+from proxy.deadlines import INF, Deadline, clock
 from proxy.errors import SvidError
 from proxy.peer import Presented, verify_presented
 from proxy.runtime import Runtime
@@ -205,7 +205,7 @@ async def _handshake(
     rt: Runtime, check: _PeerCheck, tls: TLSStream, peer_addr: str, deadline: Deadline
 ) -> tuple[svid.PeerSvid, Presented] | None:
     """The verified peer and the chain it presented, or None (logged) on failure."""
-    deadline.arm(trio.current_time() + rt.config.timeouts.handshake, tls.transport.socket)
+    deadline.arm(clock() + rt.config.timeouts.handshake, tls.transport.socket)
     try:
         await tls.do_handshake(deadline)
     except TLSError as exc:

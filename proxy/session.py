@@ -25,7 +25,7 @@ import trio
 from proxy import audit, canonical, drift, exchange, headers, http1, rewrite, svid
 from proxy.canonical import CanonicalRequest, Refusal
 from proxy.client import NO_REQUEST, ClientConnection
-from proxy.deadlines import INF, Deadline
+from proxy.deadlines import INF, Deadline, clock
 from proxy.decide import Verdict, decide
 from proxy.drift_store import ConnectionDrift
 from proxy.errors import ClientGone, HttpError, SvidError, UpstreamError
@@ -85,7 +85,7 @@ class HttpSession(ClientConnection):
     async def _finish_head(self) -> object:
         """The rest of a request head whose first bytes arrived, within
         ``timeouts.request_head``; None after answering 408."""
-        deadline = trio.current_time() + self.rt.config.timeouts.request_head
+        deadline = clock() + self.rt.config.timeouts.request_head
         while True:
             event = self._head_event()
             if event is not h11.NEED_DATA:
@@ -108,7 +108,7 @@ class HttpSession(ClientConnection):
                         if self.rt.draining:
                             return
                         deadline = self.deadline
-                        deadline.arm(trio.current_time() + self.rt.config.timeouts.idle, self._sock)
+                        deadline.arm(clock() + self.rt.config.timeouts.idle, self._sock)
                         deadline.idle = True  # a drain ends the wait too
                         try:
                             data = await self.tls.receive_some()
@@ -328,7 +328,7 @@ class HttpSession(ClientConnection):
         """Serve one request; return whether the connection may carry another."""
         t0 = time.perf_counter()
         started = time.time()
-        self._body_started, self._body_bytes = trio.current_time(), 0
+        self._body_started, self._body_bytes = clock(), 0
         # h11's Headers iterates in Python, item by item: read once per request.
         hdrs = http1.header_list(req)
         rid = headers.request_id(hdrs)

@@ -14,7 +14,7 @@ from OpenSSL import SSL
 from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib
 
-from proxy.deadlines import INF, Deadline
+from proxy.deadlines import INF, Deadline, clock
 
 _BIO_CHUNK = 256 * 1024
 _RECV_CHUNK = 64 * 1024
@@ -146,7 +146,7 @@ class TLSStream:
                 self.conn.do_handshake()
                 break
             except SSL.WantReadError:
-                if deadline is not None and trio.current_time() >= deadline.at:
+                if deadline is not None and clock() >= deadline.at:
                     deadline.expired = True
                     raise trio.ClosedResourceError("the handshake deadline passed") from None
                 await self._flush()
@@ -228,7 +228,7 @@ class TLSStream:
                 with trio.move_on_after(grace):
                     await self._close_notify()
             else:
-                deadline.arm(trio.current_time() + grace, self.transport.socket)
+                deadline.arm(clock() + grace, self.transport.socket)
                 try:
                     await self._close_notify()
                 finally:

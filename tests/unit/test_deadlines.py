@@ -8,7 +8,7 @@ import socket
 import pytest
 import trio
 
-from proxy.deadlines import INF, TICK_MAX, TICK_MIN, Deadline, Sweeper, tick_for
+from proxy.deadlines import INF, TICK_MAX, TICK_MIN, Deadline, Sweeper, clock, tick_for
 
 
 @pytest.mark.parametrize(
@@ -37,7 +37,7 @@ async def test_a_wait_past_its_deadline_is_woken_and_the_socket_still_works() ->
     sweeper.add(d)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(sweeper.run)
-        d.arm(trio.current_time() + 0.05, ours)
+        d.arm(clock() + 0.05, ours)
         t0 = trio.current_time()
         with pytest.raises(trio.ClosedResourceError):
             await ours.recv(10)
@@ -60,9 +60,9 @@ async def test_a_disarmed_or_later_deadline_does_not_fire() -> None:
     sweeper.add(d)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(sweeper.run)
-        d.arm(trio.current_time() + 0.02, ours)
+        d.arm(clock() + 0.02, ours)
         d.at = INF  # the wait ended in time
-        d.arm(trio.current_time() + 5, ours)  # the next one has its own deadline
+        d.arm(clock() + 5, ours)  # the next one has its own deadline
         with trio.move_on_after(0.2) as waited:
             await ours.recv(10)
         assert waited.cancelled_caught and not d.expired
@@ -106,9 +106,9 @@ async def test_a_drain_ends_only_the_waits_for_a_next_request() -> None:
     idle, busy = Deadline(), Deadline()
     for d in (idle, busy):
         sweeper.add(d)
-    idle.arm(trio.current_time() + 60, idle_sock)
+    idle.arm(clock() + 60, idle_sock)
     idle.idle = True
-    busy.arm(trio.current_time() + 60, busy_sock)
+    busy.arm(clock() + 60, busy_sock)
     woken = []
 
     async def wait(sock: trio.socket.SocketType, name: str) -> None:
@@ -136,7 +136,7 @@ async def test_the_sweeper_sleeps_while_nothing_is_registered() -> None:
         nursery.start_soon(sweeper.run)
         await trio.testing.wait_all_tasks_blocked()  # parked on "someone", not ticking
         sweeper.add(d)
-        d.arm(trio.current_time(), None)  # type: ignore[arg-type]
+        d.arm(clock(), None)  # type: ignore[arg-type]
         await trio.sleep(0.05)
         assert d.expired  # woke, ticked, fired
         sweeper.discard(d)
