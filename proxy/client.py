@@ -21,6 +21,7 @@ from proxy.tls_stream import BROKEN, TLSStream
 # never sent to or read from, replaced as soon as a next request's bytes arrive.
 NO_REQUEST = h11.Connection(h11.SERVER)
 _OUT_HIGH_WATER = 64 * 1024  # buffered response bytes are written out at least this often
+_END = h11.EndOfMessage()  # immutable: one instance
 
 
 def _json_body(error: str, reason: str, request_id: str) -> bytes:
@@ -251,4 +252,4 @@ class ClientConnection:
         )
         self.queue(response)
         self.queue(h11.Data(data=body))
-        await self.send(h11.EndOfMessage())
+        await self.send(_END)
