@@ -13,6 +13,7 @@ from tests.integration.harness import (
     Proxy,
     curl,
     raw,
+    raw_exchange,
     start,
     statuses,
     tls_client,
@@ -300,6 +301,26 @@ async def test_http10_keep_alive_for_ab(proxy: Proxy) -> None:
     # A denied HTTP/1.0 keep-alive request keeps the connection too (its 403 has a length).
     out = await raw(proxy, req, last, cert="denied")
     assert statuses(out) == [403, 403]
+    # An allowed one with a body, then the next request on the same connection.
+    post = (
+        b"POST /x HTTP/1.0\r\nHost: localhost\r\nConnection: Keep-Alive\r\n"
+        b"Content-Length: 2\r\n\r\nok"
+    )
+    out = await raw(proxy, post, last)
+    assert statuses(out) == [200, 200]
+
+
+async def test_http10_keep_alive_request_refused_before_the_policy_closes(
+    proxy: Proxy,
+) -> None:
+    # Refused while the canonical request is built (before keep-alive is decided): the
+    # 400 says close and the connection ends; the next request is never read.
+    bad = b"GET /orders HTTP/1.0\r\nHost: a..b\r\nConnection: Keep-Alive\r\n\r\n"
+    nxt = b"GET /orders HTTP/1.0\r\nHost: localhost\r\n\r\n"
+    out, closed = await raw_exchange(proxy, bad, nxt, pause=0.2)
+    assert statuses(out) == [400] and closed
+    assert b"Connection: close" in out
+    assert [d["reason"] for d in proxy.decisions()] == ["malformed_host"]
 
 
 async def test_keep_alive_survives_a_denied_request(proxy: Proxy) -> None:
