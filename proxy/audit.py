@@ -123,17 +123,15 @@ class LineFormat:
     largest part of the proxy's own work per request). ``for_peer`` shares one between
     the connections of a peer (the peer cache hands them one ``PeerSvid``)."""
 
-    __slots__ = ("_after_id", "_after_origin", "_routes", "not_after", "peer", "spiffe_id")
+    __slots__ = ("_after_id", "_after_origin", "_routes", "peer")
 
     def __init__(self, peer: PeerSvid | None) -> None:
         self.peer = peer
-        self.not_after = iso(peer.not_after) if peer else None
-        self.spiffe_id = str(peer.spiffe_id) if peer else None
-        self._after_id = f',"spiffe_id":{_s(self.spiffe_id)}'
+        self._after_id = f',"spiffe_id":{_s(str(peer.spiffe_id) if peer else None)}'
         self._after_origin = (
             f',"leaf_sha256":{_s(peer.fingerprint if peer else None)}'
             f',"leaf_not_before":{_s(iso(peer.not_before) if peer else None)}'
-            f',"leaf_not_after":{_s(self.not_after)}'
+            f',"leaf_not_after":{_s(iso(peer.not_after) if peer else None)}'
             f',"leaf_issuer":{_s(peer.issuer if peer else None)}'
         )
         # "route" .. "reason" for the (decision, outcome, reason) seen on this connection

@@ -21,7 +21,6 @@ from proxy.tls_stream import BROKEN, TLSStream
 # never sent to or read from, replaced as soon as a next request's bytes arrive.
 NO_REQUEST = h11.Connection(h11.SERVER)
 _OUT_HIGH_WATER = 64 * 1024  # buffered response bytes are written out at least this often
-_END = h11.EndOfMessage()  # immutable: one instance
 
 
 def _json_body(error: str, reason: str, request_id: str) -> bytes:
@@ -252,4 +251,4 @@ class ClientConnection:
         )
         self.queue(response)
         self.queue(h11.Data(data=body))
-        await self.send(_END)
+        await self.send(http1.END)

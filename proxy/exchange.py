@@ -26,10 +26,8 @@ if TYPE_CHECKING:
     from proxy.session import HttpSession
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-# h11's events are immutable: the end of a message (never with trailers: the peer's are
-# not relayed) is one instance, and a body's Data event is sent on as it was received
-# (h11 writes only its bytes, not its chunk boundaries), not rebuilt per piece.
-_END = h11.EndOfMessage()
+# A body's Data event is sent on as it was received (h11 writes only its bytes, not its
+# chunk boundaries), not rebuilt per piece; the end of a message is ``http1.END``.
 
 
 def upgrade_protocol(request: CanonicalRequest) -> bytes | None:
@@ -119,7 +117,7 @@ async def forward(f: Forward) -> bool:
             await conn.aclose()
             conn = await pool.connect(creds)
             await conn.send(up_req)
-            await conn.send(_END)
+            await conn.send(http1.END)
             response = await _response_head(client, conn)
         ex.upstream_status = ex.status = response.status_code
         back = headers.downstream_response_headers(http1.header_list(response), ex.request_id)
@@ -149,7 +147,7 @@ async def forward(f: Forward) -> bool:
                 if client.queue(event):
                     await client.flush()
             elif isinstance(event, h11.EndOfMessage):
-                await client.send(_END)
+                await client.send(http1.END)
                 break
             else:
                 raise ClientGone(f"unexpected upstream event {event!r}")
@@ -183,7 +181,7 @@ async def _send_request(
                 raise HttpError(413, "request_body_too_large")
             await conn.send(event)
         elif isinstance(event, h11.EndOfMessage):
-            await conn.send(_END)
+            await conn.send(http1.END)
             return
         else:
             raise HttpError(400, "malformed_request_body", repr(event))
@@ -229,7 +227,7 @@ async def upgrade(f: Forward) -> None:
     try:
         method = f.request.method.encode("ascii")
         await conn.send(h11.Request(method=method, target=f.request.target, headers=hdrs))
-        await conn.send(_END)
+        await conn.send(http1.END)
         response = await conn.next_event(timeout)
         if isinstance(response, h11.InformationalResponse) and response.status_code == 101:
             ex.status = ex.upstream_status = 101
@@ -268,7 +266,7 @@ async def upgrade(f: Forward) -> None:
                 ex.bytes_out += len(event.data)
                 await client.send(event)
             else:
-                await client.send(_END)
+                await client.send(http1.END)
                 return
     finally:
         await conn.aclose()

@@ -42,6 +42,10 @@ class _StrictReceiveBuffer(ReceiveBuffer):
         return out
 
 
+# h11's events are immutable: the end of a message the proxy sends (never with trailers:
+# a peer's are not relayed) is this one instance, not one built per message.
+END = h11.EndOfMessage()
+
 _TRANSFER_ENCODING = re.compile(rb"\r\ntransfer-encoding[ \t]*:([^\r]*)", re.IGNORECASE)
 
 

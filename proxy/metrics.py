@@ -18,7 +18,7 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
 DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
-FLUSH_INTERVAL = 1.0  # seconds between tally flushes in a worker (``flush``)
+FLUSH_INTERVAL = 1.0  # seconds between tally flushes (``flusher``)
 
 
 class Metrics:
@@ -157,9 +157,9 @@ class Metrics:
 
     def flush(self) -> None:
         """Move the tallied requests into the request counter and duration histogram.
-        Before every scrape of this process's registry (``exposition``, the admin page);
-        a worker also flushes every ``FLUSH_INTERVAL`` and when it stops (``flusher``),
-        so the supervisor's aggregate is at most that much behind."""
+        Before every scrape of this process's registry (``exposition``, the admin page),
+        every ``FLUSH_INTERVAL`` (``flusher``) and when the proxy stops (``app.serve``):
+        a supervisor's aggregate of its workers is at most that much behind."""
         if not self._tally:
             return
         tally, self._tally = self._tally, {}
