@@ -437,8 +437,12 @@ def run(reps: int, ab_ka: int, ab_hs: int, seconds: float) -> dict[str, Any]:
 
         for rep in range(reps):  # interleaved, so drift hits both alike
             for t in targets if rep % 2 == 0 else reversed(targets):
+                # Two keep-alive samples per repetition, around the handshake run: CPU
+                # per request moves by up to 15% between single runs on a shared host,
+                # and the ratio is read from the medians.
                 add(f"{t.name}|ab keep-alive", ab(lab, t, True, ab_ka))
                 add(f"{t.name}|ab handshake", ab(lab, t, False, ab_hs))
+                add(f"{t.name}|ab keep-alive", ab(lab, t, True, ab_ka))
             print(
                 f"  repetition {rep + 1}/{reps} done ({time.monotonic() - t0:.0f}s)",
                 file=sys.stderr,
@@ -460,6 +464,9 @@ def run(reps: int, ab_ka: int, ab_hs: int, seconds: float) -> dict[str, Any]:
             add(f"{pep2.name}|ab keep-alive", ab(lab, pep2, True, ab_ka))
         lab.stop(pep2.proc)
         table = {key: {k: median(v) for k, v in vals.items()} for key, vals in rows.items()}
+        results["keepalive_cpu_us"] = {
+            t.name: rows[f"{t.name}|ab keep-alive"]["cpu_us"] for t in targets
+        }
         results["p99_ratios_at_half_rate"] = [
             p / n
             for p, n in zip(
@@ -529,9 +536,13 @@ def report(r: dict[str, Any]) -> Iterator[str]:
         yield ""
         yield "| target (spiffe-pep / floor forwarder, same run) | measured | goal |"
         yield "|---|---:|---:|"
+        samples = r.get("keepalive_cpu_us", {})
+        pairs = [a / b for a, b in zip(samples.get(p, []), samples.get(f, []), strict=True)]
+        spread = f"; single runs {min(pairs):.2f}-{max(pairs):.2f}x" if pairs else ""
         yield (
-            f"| keep-alive CPU/request | {ka_p['cpu_us']:,.0f} vs {ka_f['cpu_us']:,.0f} µs "
-            f"({ratio(ka_p['cpu_us'], ka_f['cpu_us'])}) | <= 1.2x |"
+            f"| keep-alive CPU/request (median of {len(pairs) or 'the'} runs each) | "
+            f"{ka_p['cpu_us']:,.0f} vs {ka_f['cpu_us']:,.0f} µs "
+            f"({ratio(ka_p['cpu_us'], ka_f['cpu_us'])}{spread}) | <= 1.2x |"
         )
         yield (f"| handshake req/s (ab, c=32) | {ratio(hs_p['rps'], hs_f['rps'])} | >= 1.0x |")
         if f in mem:

@@ -98,7 +98,9 @@ _ID_COUNTER = itertools.count(int.from_bytes(os.urandom(4), "big"))
 
 
 def new_request_id() -> str:
-    return f"{_ID_PREFIX}{next(_ID_COUNTER) & 0xFFFFFFFFFFFFFFFF:016x}"
+    # 8 bytes: the counter starts below 2**32, so it would take 2**64 - 2**32 requests to
+    # overflow them (half a million years at a million a second).
+    return _ID_PREFIX + next(_ID_COUNTER).to_bytes(8, "big").hex()
 
 
 def is_chunked(headers: Headers) -> bool:

@@ -9,8 +9,10 @@ import datetime as dt
 import json
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from proxy import audit
+from proxy import audit, headers
 from proxy.devcerts import issue_ca, issue_svid
 from proxy.jwtsvid import JwtSvid
 from proxy.policy import load_policy
@@ -105,3 +107,26 @@ def test_line_is_the_records_json(
 )  # fmt: skip
 def test_iso_wall_is_iso_of_the_datetime(t: float) -> None:
     assert audit.iso_wall(t) == audit.iso(dt.datetime.fromtimestamp(t, dt.UTC))
+
+
+@pytest.mark.parametrize(
+    "seconds",
+    [0.0, 4e-7, 5e-7, 6e-7, 0.000001, 0.0004567, 0.001, 0.00105, 0.0123, 0.1, 1.0, 1.5,
+     59.9999995, 12345.6789, 86400.0],
+)  # fmt: skip
+def test_duration_text_is_the_json_of_the_microsecond_value(seconds: float) -> None:
+    assert audit.duration_text(seconds) == json.dumps(round(seconds * 1e6) / 1000)
+
+
+@given(st.floats(min_value=0.0, max_value=1e7, allow_nan=False))
+def test_duration_text_matches_float_repr_for_any_duration(seconds: float) -> None:
+    text = audit.duration_text(seconds)
+    assert text == repr(round(seconds * 1e6) / 1000)
+    assert abs(float(text) - seconds * 1000) <= 0.0005 + 1e-9 * seconds * 1000
+
+
+def test_request_ids_are_32_hex_digits_and_distinct() -> None:
+    ids = [headers.new_request_id() for _ in range(1000)]
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    assert int(ids[1][16:], 16) == int(ids[0][16:], 16) + 1
