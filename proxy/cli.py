@@ -108,7 +108,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     events = JsonLines("stderr", fields=me)
     python_output_as_events(events)
     try:
-        file_config = read_config(Path(args.config))
+        copy = Path(args.config_copy) if args.config_copy else None
+        file_config = read_config(Path(args.config), source=copy)
         config = dataclasses.replace(
             file_config,
             listen_port=args.port,
@@ -123,6 +124,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             events,
             file_config=file_config,
             policy_source=Path(args.policy_copy) if args.policy_copy else None,
+            config_copy=copy,
             status_fd=args.status_fd,
         )
     except ConfigError as exc:
@@ -435,6 +437,7 @@ def worker_parser() -> argparse.ArgumentParser:
     worker.add_argument("--worker-id", type=int, default=0)
     worker.add_argument("--assertion-key")
     worker.add_argument("--policy-copy")
+    worker.add_argument("--config-copy")
     worker.add_argument("--status-fd", type=int)
     worker.set_defaults(func=cmd_worker)
     return worker

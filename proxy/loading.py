@@ -6,6 +6,7 @@ file (or the address, for listeners)."""
 from __future__ import annotations
 
 import datetime as dt
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -27,12 +28,27 @@ def _iso(t: dt.datetime) -> str:
     return t.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def read_config(path: Path) -> Config:
+def config_bytes(path: Path, source: Path | None = None) -> bytes:
+    """The configuration file's bytes: from ``source`` (a worker's copy of the last one a
+    worker applied), else from ``path``; a ConfigError names ``path``."""
     try:
-        data = path.read_bytes()
+        return (source or path).read_bytes()
     except OSError as exc:
         raise ConfigError(str(path), f"cannot read the configuration: {exc.strerror}") from exc
-    return load_config(data, str(path), path.parent)
+
+
+def read_config(path: Path, source: Path | None = None) -> Config:
+    """The configuration of file ``path`` (its relative paths are read from its
+    directory, its errors name it), read from ``source`` if given."""
+    return load_config(config_bytes(path, source), str(path), path.parent)
+
+
+def publish(path: Path, data: bytes) -> None:
+    """Write ``path`` whole for other processes: a complete file renamed into place (a
+    temporary name of this process's own), so a reader never sees half of one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 def read_policy(config: Config, data: bytes | None = None, source: Path | None = None) -> Policy:
@@ -113,11 +129,13 @@ def build_runtime(
     file_config: Config | None = None,
     *,
     policy_source: Path | None = None,
+    config_copy: Path | None = None,
     status_fd: int | None = None,
 ) -> Runtime:
     """Read every file the proxy needs; raise ConfigError naming the first bad one.
     ``file_config``: the configuration as its file says, when ``config`` overrides some
-    of it (a worker's); ``policy_source`` and ``status_fd``: a worker's (see ``Runtime``)."""
+    of it (a worker's); ``policy_source``, ``config_copy`` and ``status_fd``: a worker's
+    (see ``Runtime``)."""
     events = events or open_log(config.event_log, "event log")
     credentials, source = load_tls(config, events)
     policy = read_policy(config, source=policy_source)
@@ -137,6 +155,7 @@ def build_runtime(
         source,
         file_config,
         policy_source=policy_source,
+        config_copy=config_copy,
         status_fd=status_fd,
         sweeper=sweeper,
     )

@@ -19,12 +19,13 @@ import trio
 
 from proxy import filewatch
 from proxy.audit_sink import JsonLines
-from proxy.config import Config
+from proxy.config import Config, load_config
 from proxy.errors import ConfigError
 from proxy.loading import (
     _iso,
+    config_bytes,
     protocol_violation_hook,
-    read_config,
+    publish,
     read_policy,
     upstream_pools,
 )
@@ -330,7 +331,8 @@ class ConfigReloader:
         rt = self.rt
         path = Path(rt.config.source)
         try:
-            new = read_config(path)
+            data = config_bytes(path)
+            new = load_config(data, str(path), path.parent)
         except ConfigError as exc:
             return self._failed(trigger, exc)
         if new == self.file:
@@ -359,6 +361,11 @@ class ConfigReloader:
                 detail="these settings take effect when the proxy is restarted",
             )
         await self._apply(trigger, live, staged, changed)
+        if rt.config_copy is not None:
+            try:
+                publish(rt.config_copy, data)
+            except OSError as exc:
+                rt.events.event("config_copy_failed", path=str(rt.config_copy), error=str(exc))
         return True
 
     async def _apply(

@@ -49,6 +49,10 @@ class Runtime:
     # (named as config.policy_path in every message), and tells it what it serves by
     # writing JSON lines to status_fd.
     policy_source: Path | None = None
+    # A worker starts from this copy of the configuration file, and writes the file's
+    # bytes there when it applied a reload: a worker restarted after a bad edit runs the
+    # last good configuration, like the others, instead of failing to start in a loop.
+    config_copy: Path | None = None
     status_fd: int | None = None
     # The recent past the admin page shows: decisions, credentials seen, reloads.
     recent: Recent = field(default_factory=Recent)

@@ -14,7 +14,10 @@ against the one JWKS.
 The policy is the supervisor's: it watches the file (and reloads it on SIGHUP), validates
 every edit, logs and counts it once, and publishes the accepted file in its directory,
 which the workers read at start and follow. A worker restarted after a bad edit thus
-serves the last good policy. Each worker reports on a pipe when it serves and which policy
+serves the last good policy. Likewise the runtime configuration: each worker reloads it
+on SIGHUP, and one that applied an edit copies the file's bytes into the directory,
+from which a restarted worker starts, so a bad edit that every worker refused does not
+keep a restarted one from starting. Each worker reports on a pipe when it serves and which policy
 it serves; ``/status`` and ``/readyz`` are built from those reports.
 """
 
@@ -50,7 +53,9 @@ from proxy.app import (
     reopen_logs,
     start_admin,
 )
+from proxy.config import load_config
 from proxy.errors import ConfigError
+from proxy.loading import config_bytes, publish
 from proxy.metrics import CONTENT_TYPE
 from proxy.runtime import Runtime
 
@@ -83,12 +88,23 @@ class Supervisor:
         """The policy file the workers read: the last one this supervisor accepted."""
         return self.workdir / "policy.yaml"
 
+    @property
+    def config_copy(self) -> Path:
+        """The configuration file a worker starts from: the file as validated at start,
+        then as the last worker that applied a reload read it (``ConfigReloader``)."""
+        return self.workdir / "config.yaml"
+
     def _publish_policy(self, data: bytes) -> None:
-        """Hand an accepted policy to the workers: a complete file renamed into place, so
-        a worker reading it (at start, or following it) never sees half of one."""
-        tmp = self.workdir / ".policy.yaml.tmp"
-        tmp.write_bytes(data)
-        os.replace(tmp, self.policy_copy)
+        """Hand an accepted policy to the workers (``publish``: a reader, at start or
+        following it, never sees half of one)."""
+        publish(self.policy_copy, data)
+
+    def _first_config(self) -> None:
+        """The configuration the workers start with: the file as validated at start (read
+        again, and loaded again if it changed since: a bad edit stops start-up here)."""
+        data = config_bytes(self.config_path)
+        load_config(data, str(self.config_path), self.config_path.parent)
+        publish(self.config_copy, data)
 
     def _first_policy(self) -> None:
         """The policy the workers start with: the file as validated at start (read again,
@@ -254,6 +270,7 @@ class Supervisor:
         cfg = self.rt.config
         metrics_dir = self.workdir / "metrics"
         metrics_dir.mkdir()
+        self._first_config()
         self._first_policy()
         policy = PolicyReloader(self.rt, on_accept=self._publish_policy)
         credentials = CredentialReloader(self.rt, quiet=True)  # for /status and /readyz
@@ -271,6 +288,8 @@ class Supervisor:
             str(os.getpid()),
             "--policy-copy",
             str(self.policy_copy),
+            "--config-copy",
+            str(self.config_copy),
         ]
         key = self._assertion_key()
         if key is not None:

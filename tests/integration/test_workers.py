@@ -34,6 +34,20 @@ async def _status(admin: int) -> dict[str, Any]:
         return (await c.get(f"http://127.0.0.1:{admin}/status")).json()  # type: ignore[no-any-return]
 
 
+async def _ready(proc: subprocess.Popen[bytes], admin: int, err_path: Path) -> dict[str, Any]:
+    """Until /readyz is 200 (every worker serving); then /status."""
+    with trio.fail_after(30):
+        while True:
+            assert proc.poll() is None, err_path.read_text()
+            try:
+                async with httpx.AsyncClient() as c:
+                    if (await c.get(f"http://127.0.0.1:{admin}/readyz")).status_code == 200:
+                        return await _status(admin)
+            except httpx.HTTPError:
+                pass
+            await trio.sleep(0.1)
+
+
 async def _get(pki: Pki, port: int, path: str) -> int:
     async with httpx.AsyncClient(verify=tls_client(pki)) as c:  # a new connection each time
         return (await c.get(f"https://localhost:{port}{path}")).status_code
@@ -165,17 +179,7 @@ async def test_workers_agree_on_the_last_good_policy(
         )
 
     async def ready() -> dict[str, Any]:
-        """Until /readyz is 200 (every worker serving); then /status."""
-        with trio.fail_after(30):
-            while True:
-                assert proc.poll() is None, err_path.read_text()
-                try:
-                    async with httpx.AsyncClient() as c:
-                        if (await c.get(f"http://127.0.0.1:{admin}/readyz")).status_code == 200:
-                            return await _status(admin)
-                except httpx.HTTPError:
-                    pass
-                await trio.sleep(0.1)
+        return await _ready(proc, admin, err_path)
 
     def failed_lines() -> list[dict[str, Any]]:
         return [
@@ -237,3 +241,64 @@ async def test_workers_agree_on_the_last_good_policy(
     events = _check_event_stream(err_path.read_text())
     assert sum(e["event"] == "worker_started" for e in events) == 3
     assert not [e for e in events if e["event"] == "worker_start_failed"]
+
+
+async def test_worker_restarted_after_a_bad_config_edit_runs_the_last_good_one(
+    nursery: trio.Nursery, tmp_path: Path, pki: Pki
+) -> None:
+    """The runtime configuration, which each worker reloads on SIGHUP: after a good edit
+    (the decision log moves) and a bad one (refused by every worker), a worker that dies
+    is replaced by one running the last good configuration, not one failing to start in a
+    loop on the bad file."""
+    upstream = await nursery.start(demo_upstream.serve, "127.0.0.1", 0)
+    port, admin = free_port(), free_port()
+    cfg = write_config(tmp_path, pki, upstream, listen=f"127.0.0.1:{port}", policy_watch="off")
+    cfg.write_text(cfg.read_text().replace("admin: 127.0.0.1:0", f"admin: 127.0.0.1:{admin}"))
+    err_path = tmp_path / "supervisor.err"
+    with err_path.open("wb") as err_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "run", "-c", str(cfg), "--workers", "2"],
+            stdout=subprocess.DEVNULL,
+            stderr=err_file,
+        )
+
+    def count(event: str) -> int:
+        return err_path.read_text().count(f'"event":"{event}"')
+
+    try:
+        await _ready(proc, admin, err_path)
+        cfg.write_text(cfg.read_text().replace("decisions.jsonl", "decisions2.jsonl"))
+        proc.send_signal(signal.SIGHUP)
+        await wait_until(lambda: count("config_reloaded") == 2, timeout=10)
+        cfg.write_text(cfg.read_text() + "timeouts: [\n")  # YAML that does not parse
+        proc.send_signal(signal.SIGHUP)
+        await wait_until(lambda: count("config_reload_failed") == 2, timeout=10)
+
+        status = await _ready(proc, admin, err_path)
+        victim = status["workers"][0]["pid"]
+        os.kill(victim, signal.SIGKILL)
+        with trio.fail_after(30):
+            while True:
+                status = await _ready(proc, admin, err_path)
+                if victim not in {w["pid"] for w in status["workers"]}:
+                    break
+                await trio.sleep(0.1)
+        pids = {w["pid"] for w in status["workers"]}
+        log = tmp_path / "decisions2.jsonl"
+        # New connections, spread by the kernel: the new worker serves some of them, and
+        # logs them where the last good configuration says.
+        with trio.fail_after(30):
+            while True:
+                assert await _get(pki, port, "/after") == 200
+                served = {json.loads(line)["worker"] for line in log.read_text().splitlines()}
+                if pids <= served:
+                    break
+        assert count("worker_start_failed") == 0
+        assert count("worker_started") == 3
+
+        proc.send_signal(signal.SIGTERM)
+        assert await trio.to_thread.run_sync(proc.wait, 30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
