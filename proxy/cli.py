@@ -20,8 +20,9 @@ import trio
 from proxy import __version__, canonical, check, cpus, devcerts, graphviz, identity_map, ui
 from proxy.app import build_runtime, open_log, read_config, run_until_signalled
 from proxy.audit_sink import JsonLines, python_output_as_events
-from proxy.config import AUTO_WORKERS
+from proxy.config import AUTO_WORKERS, load_config
 from proxy.errors import ConfigError, SpiffeIdError
+from proxy.loading import config_bytes, publish
 from proxy.policy import tools
 from proxy.policy.loader import load_policy
 from proxy.policy.model import Policy
@@ -100,37 +101,83 @@ def cmd_run(args: argparse.Namespace) -> int:
     return _serve(run_until_signalled, rt)
 
 
+def _worker_config_candidates(path: Path, copy: Path | None) -> list[bytes | ConfigError]:
+    """What a worker may start from, in order: the configuration file, then (when it
+    differs) the copy of the last configuration a worker ran; an unreadable one as its
+    ConfigError."""
+    out: list[bytes | ConfigError] = []
+    for source in (None, copy) if copy is not None else (None,):
+        data: bytes | ConfigError
+        try:
+            data = config_bytes(path, source)
+        except ConfigError as exc:
+            data = exc
+        if not out or data != out[0]:
+            out.append(data)
+    return out
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     """One worker under a supervisor: its port, no admin listener, the shared key, the
     policy its supervisor accepted. Everything it writes to stderr is a JSON event naming
-    it (its index and pid), its start-up errors and Python's own output included."""
+    it (its index and pid), its start-up errors and Python's own output included.
+
+    It starts from the configuration file; if it cannot (a bad edit the running workers
+    refused), from the last configuration a worker ran (``--config-copy``), and it writes
+    what it runs there: a worker restarted while the file is bad serves like the others,
+    and one restarted after the file was fixed picks the fix up."""
     me = {"worker": args.worker_id, "pid": os.getpid()}
-    events = JsonLines("stderr", fields=me)
+    stderr_events = events = JsonLines("stderr", fields=me)
     python_output_as_events(events)
-    try:
-        copy = Path(args.config_copy) if args.config_copy else None
-        file_config = read_config(Path(args.config), source=copy)
-        config = dataclasses.replace(
-            file_config,
-            listen_port=args.port,
-            admin=None,
-            workers=1,
-            assertion_key=Path(args.assertion_key) if args.assertion_key else None,
-        )
-        if config.event_log != "stderr":  # the configured event log, naming this worker
-            events = open_log(config.event_log, "event log", fields=me)
-        rt = build_runtime(
-            config,
-            events,
-            file_config=file_config,
-            policy_source=Path(args.policy_copy) if args.policy_copy else None,
-            config_copy=copy,
-            status_fd=args.status_fd,
-        )
-    except ConfigError as exc:
-        errors = [str(e) for e in getattr(exc, "errors", [exc])]
-        events.event("worker_start_failed", location=exc.location, error=exc.message, errors=errors)
-        return EXIT_CONFIG
+    path = Path(args.config)
+    copy = Path(args.config_copy) if args.config_copy else None
+    candidates = _worker_config_candidates(path, copy)
+    for i, data in enumerate(candidates):
+        last = i == len(candidates) - 1
+        events = stderr_events
+        try:
+            if isinstance(data, ConfigError):
+                raise data
+            started_from = data
+            file_config = load_config(data, str(path), path.parent)
+            config = dataclasses.replace(
+                file_config,
+                listen_port=args.port,
+                admin=None,
+                workers=1,
+                assertion_key=Path(args.assertion_key) if args.assertion_key else None,
+            )
+            if config.event_log != "stderr":  # the configured event log, naming this worker
+                events = open_log(config.event_log, "event log", fields=me)
+            rt = build_runtime(
+                config,
+                events,
+                file_config=file_config,
+                policy_source=Path(args.policy_copy) if args.policy_copy else None,
+                config_copy=copy,
+                status_fd=args.status_fd,
+            )
+        except ConfigError as exc:
+            errors = [str(e) for e in getattr(exc, "errors", [exc])]
+            if last:
+                events.event(
+                    "worker_start_failed", location=exc.location, error=exc.message, errors=errors
+                )
+                return EXIT_CONFIG
+            stderr_events.event(
+                "worker_config_refused",
+                location=exc.location,
+                error=exc.message,
+                errors=errors,
+                detail="starting from the last configuration a worker ran",
+            )
+            continue
+        if copy is not None and i == 0:
+            try:
+                publish(copy, started_from)
+            except OSError as exc:
+                events.event("config_copy_failed", path=str(copy), error=str(exc))
+        break
     try:
         trio.run(functools.partial(run_until_signalled, rt, worker_of=args.supervisor))
     except (ConfigError, BaseExceptionGroup) as exc:

@@ -14,11 +14,14 @@ against the one JWKS.
 The policy is the supervisor's: it watches the file (and reloads it on SIGHUP), validates
 every edit, logs and counts it once, and publishes the accepted file in its directory,
 which the workers read at start and follow. A worker restarted after a bad edit thus
-serves the last good policy. Likewise the runtime configuration: each worker reloads it
-on SIGHUP, and one that applied an edit copies the file's bytes into the directory,
-from which a restarted worker starts, so a bad edit that every worker refused does not
-keep a restarted one from starting. Each worker reports on a pipe when it serves and which policy
-it serves; ``/status`` and ``/readyz`` are built from those reports.
+serves the last good policy. The runtime configuration is each worker's own (each
+reloads it on SIGHUP), but a worker that runs one (at start or after a reload) copies
+the file's bytes into the directory, and a restarted worker that cannot start from the
+file starts from that copy: a bad edit every running worker refused does not keep a
+restarted one from starting, and a fixed file is picked up at the next restart.
+
+Each worker reports on a pipe when it serves and which policy it serves; ``/status`` and
+``/readyz`` are built from those reports.
 """
 
 from __future__ import annotations
@@ -100,8 +103,8 @@ class Supervisor:
         publish(self.policy_copy, data)
 
     def _first_config(self) -> None:
-        """The configuration the workers start with: the file as validated at start (read
-        again, and loaded again if it changed since: a bad edit stops start-up here)."""
+        """The first copy of the configuration for the workers (``cmd_worker``): the file
+        read again, parsed (a bad edit since start-up stops it here, not in the workers)."""
         data = config_bytes(self.config_path)
         load_config(data, str(self.config_path), self.config_path.parent)
         publish(self.config_copy, data)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -294,8 +295,54 @@ async def test_worker_restarted_after_a_bad_config_edit_runs_the_last_good_one(
                 if pids <= served:
                     break
         assert count("worker_start_failed") == 0
+        assert count("worker_config_refused") == 1  # the file, then the copy
         assert count("worker_started") == 3
 
+        proc.send_signal(signal.SIGTERM)
+        assert await trio.to_thread.run_sync(proc.wait, 30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+async def test_workers_that_cannot_start_pick_up_the_fixed_file(
+    nursery: trio.Nursery, tmp_path: Path, pki: Pki
+) -> None:
+    """Every worker died and none can start (the decision log's directory went away):
+    once the file is fixed, the next restart starts from it, though no running worker
+    applied it; the copy then holds it."""
+    upstream = await nursery.start(demo_upstream.serve, "127.0.0.1", 0)
+    port, admin = free_port(), free_port()
+    cfg = write_config(tmp_path, pki, upstream, listen=f"127.0.0.1:{port}", policy_watch="off")
+    (tmp_path / "logs").mkdir()
+    cfg.write_text(
+        cfg.read_text()
+        .replace("admin: 127.0.0.1:0", f"admin: 127.0.0.1:{admin}")
+        .replace(f"{tmp_path}/decisions.jsonl", f"{tmp_path}/logs/decisions.jsonl")
+    )
+    err_path = tmp_path / "supervisor.err"
+    with err_path.open("wb") as err_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "run", "-c", str(cfg), "--workers", "2"],
+            stdout=subprocess.DEVNULL,
+            stderr=err_file,
+        )
+
+    def count(event: str) -> int:
+        return err_path.read_text().count(f'"event":"{event}"')
+
+    try:
+        status = await _ready(proc, admin, err_path)
+        shutil.rmtree(tmp_path / "logs")
+        for w in status["workers"]:
+            os.kill(w["pid"], signal.SIGKILL)
+        await wait_until(lambda: count("worker_start_failed") >= 2, timeout=20)
+        cfg.write_text(cfg.read_text().replace("logs/decisions.jsonl", "decisions-new.jsonl"))
+        await _ready(proc, admin, err_path)
+        assert await _get(pki, port, "/fixed") == 200
+        log = tmp_path / "decisions-new.jsonl"
+        await wait_until(lambda: log.exists() and log.read_text(), timeout=5)
         proc.send_signal(signal.SIGTERM)
         assert await trio.to_thread.run_sync(proc.wait, 30) == 0
     finally:
