@@ -464,6 +464,10 @@ def run(reps: int, ab_ka: int, ab_hs: int, seconds: float) -> dict[str, Any]:
             add(f"{pep2.name}|ab keep-alive", ab(lab, pep2, True, ab_ka))
         lab.stop(pep2.proc)
         table = {key: {k: median(v) for k, v in vals.items()} for key, vals in rows.items()}
+        # each run's p99 of every target, to tell a slow run of one from a slow machine
+        results["p99_ms_at_half_rate"] = {
+            t.name: rows[f"{t.name}|own at half rate"]["p99"] for t in targets
+        }
         results["keepalive_cpu_us"] = {
             t.name: rows[f"{t.name}|ab keep-alive"]["cpu_us"] for t in targets
         }
