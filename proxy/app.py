@@ -229,7 +229,8 @@ async def serve(
             services.start_soon(rt.drift.run, lambda: rt.changed, lambda: rt.policy)
             services.start_soon(rt.sweeper.run)
             services.start_soon(rt.metrics.flusher)
-            services.start_soon(on_signals, config_reloader, reloader, creds_reloader)
+            # Before the proxy says it serves: a SIGHUP sent once /readyz is 200 is handled.
+            await services.start(on_signals, config_reloader, reloader, creds_reloader)
 
             # A partial, not a closure: an idle connection's task keeps one coroutine
             # frame less.

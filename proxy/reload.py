@@ -453,11 +453,17 @@ def reopen_logs(rt: Runtime, trigger: str) -> None:
 
 
 async def on_signals(
-    config: ConfigReloader, policy: PolicyReloader, credentials: CredentialReloader
+    config: ConfigReloader,
+    policy: PolicyReloader,
+    credentials: CredentialReloader,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """SIGUSR1 reopens the log files; SIGHUP reopens them too, and reloads the runtime
-    configuration, the credentials and the policy."""
+    configuration, the credentials and the policy. Started (``nursery.start``) once the
+    handlers are in place: a worker ignores both signals until then."""
     with trio.open_signal_receiver(signal.SIGHUP, signal.SIGUSR1) as signals:
+        task_status.started()
         async for signum in signals:
             if signum == signal.SIGUSR1:
                 reopen_logs(policy.rt, "sigusr1")

@@ -188,3 +188,15 @@ async def test_workers_reload_the_config_on_sighup_to_the_supervisor(
         proc.send_signal(signal.SIGTERM)
         code = await trio.to_thread.run_sync(proc.wait, 30)
     assert code == 0
+
+
+async def test_sighup_handlers_are_in_place_when_the_proxy_says_it_serves(
+    nursery: trio.Nursery, tmp_path: Path, pki: Pki
+) -> None:
+    """A SIGHUP sent as soon as the proxy reports serving (a worker's status line,
+    /readyz) is handled: a worker ignores it until its handler is in place, and a single
+    process would die of it."""
+    before = signal.getsignal(signal.SIGHUP)
+    await start(nursery, tmp_path, pki, policy_watch="off")  # returns when serve() started
+    assert signal.getsignal(signal.SIGHUP) not in (before, signal.SIG_DFL, signal.SIG_IGN)
+    assert signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, signal.SIG_IGN)
