@@ -20,7 +20,7 @@ import trio
 from proxy import __version__, canonical, check, cpus, devcerts, graphviz, identity_map, ui
 from proxy.app import build_runtime, open_log, read_config, run_until_signalled
 from proxy.audit_sink import JsonLines, python_output_as_events
-from proxy.config import AUTO_WORKERS, load_config
+from proxy.config import AUTO_WORKERS
 from proxy.errors import ConfigError, SpiffeIdError
 from proxy.loading import config_bytes, publish
 from proxy.policy import tools
@@ -139,7 +139,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             if isinstance(data, ConfigError):
                 raise data
             started_from = data
-            file_config = load_config(data, str(path), path.parent)
+            file_config = read_config(path, data)
             config = dataclasses.replace(
                 file_config,
                 listen_port=args.port,
@@ -172,7 +172,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
                 detail="starting from the last configuration a worker ran",
             )
             continue
-        if copy is not None and i == 0:
+        if copy is not None and i == 0 and len(candidates) > 1:  # the file, not the copy
             try:
                 publish(copy, started_from)
             except OSError as exc:

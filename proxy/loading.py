@@ -29,18 +29,18 @@ def _iso(t: dt.datetime) -> str:
 
 
 def config_bytes(path: Path, source: Path | None = None) -> bytes:
-    """The configuration file's bytes: from ``source`` (a worker's copy of the last one a
-    worker applied), else from ``path``; a ConfigError names ``path``."""
+    """The configuration file's bytes: from ``source`` (a worker's copy of the last
+    configuration a worker ran), else from ``path``; a ConfigError names ``path``."""
     try:
         return (source or path).read_bytes()
     except OSError as exc:
         raise ConfigError(str(path), f"cannot read the configuration: {exc.strerror}") from exc
 
 
-def read_config(path: Path, source: Path | None = None) -> Config:
+def read_config(path: Path, data: bytes | None = None) -> Config:
     """The configuration of file ``path`` (its relative paths are read from its
-    directory, its errors name it), read from ``source`` if given."""
-    return load_config(config_bytes(path, source), str(path), path.parent)
+    directory, its errors name it): from ``data`` if given, else read from the file."""
+    return load_config(config_bytes(path) if data is None else data, str(path), path.parent)
 
 
 def publish(path: Path, data: bytes) -> None:

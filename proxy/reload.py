@@ -19,13 +19,14 @@ import trio
 
 from proxy import filewatch
 from proxy.audit_sink import JsonLines
-from proxy.config import Config, load_config
+from proxy.config import Config
 from proxy.errors import ConfigError
 from proxy.loading import (
     _iso,
     config_bytes,
     protocol_violation_hook,
     publish,
+    read_config,
     read_policy,
     upstream_pools,
 )
@@ -332,7 +333,7 @@ class ConfigReloader:
         path = Path(rt.config.source)
         try:
             data = config_bytes(path)
-            new = load_config(data, str(path), path.parent)
+            new = read_config(path, data)
         except ConfigError as exc:
             return self._failed(trigger, exc)
         if new == self.file:

@@ -49,9 +49,9 @@ class Runtime:
     # (named as config.policy_path in every message), and tells it what it serves by
     # writing JSON lines to status_fd.
     policy_source: Path | None = None
-    # A worker starts from this copy of the configuration file, and writes the file's
-    # bytes there when it applied a reload: a worker restarted after a bad edit runs the
-    # last good configuration, like the others, instead of failing to start in a loop.
+    # A worker's copy of the last configuration a worker ran: it writes the file's bytes
+    # there when it applied a reload (a restarted worker that cannot start from the file
+    # starts from the copy instead of failing in a loop; cli.cmd_worker).
     config_copy: Path | None = None
     status_fd: int | None = None
     # The recent past the admin page shows: decisions, credentials seen, reloads.

@@ -56,9 +56,8 @@ from proxy.app import (
     reopen_logs,
     start_admin,
 )
-from proxy.config import load_config
 from proxy.errors import ConfigError
-from proxy.loading import config_bytes, publish
+from proxy.loading import config_bytes, publish, read_config
 from proxy.metrics import CONTENT_TYPE
 from proxy.runtime import Runtime
 
@@ -93,8 +92,9 @@ class Supervisor:
 
     @property
     def config_copy(self) -> Path:
-        """The configuration file a worker starts from: the file as validated at start,
-        then as the last worker that applied a reload read it (``ConfigReloader``)."""
+        """The configuration a worker starts from when it cannot start from the file:
+        the file as validated at start, then the last one a worker ran (``cmd_worker``,
+        ``ConfigReloader``)."""
         return self.workdir / "config.yaml"
 
     def _publish_policy(self, data: bytes) -> None:
@@ -106,7 +106,7 @@ class Supervisor:
         """The first copy of the configuration for the workers (``cmd_worker``): the file
         read again, parsed (a bad edit since start-up stops it here, not in the workers)."""
         data = config_bytes(self.config_path)
-        load_config(data, str(self.config_path), self.config_path.parent)
+        read_config(self.config_path, data)
         publish(self.config_copy, data)
 
     def _first_policy(self) -> None:

@@ -9,6 +9,8 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,70 @@ async def _ready(proc: subprocess.Popen[bytes], admin: int, err_path: Path) -> d
 async def _get(pki: Pki, port: int, path: str) -> int:
     async with httpx.AsyncClient(verify=tls_client(pki)) as c:  # a new connection each time
         return (await c.get(f"https://localhost:{port}{path}")).status_code
+
+
+@dataclass
+class _Supervised:
+    """``spiffe-pep run --workers 2`` on ``write_config``'s file (with an admin port), its
+    stderr (JSON events) in ``err_path``."""
+
+    proc: subprocess.Popen[bytes]
+    cfg: Path
+    port: int
+    admin: int
+    err_path: Path
+
+    @classmethod
+    async def start(
+        cls,
+        nursery: trio.Nursery,
+        tmp_path: Path,
+        pki: Pki,
+        policy_watch: str,
+        edit: Callable[[str], str] = lambda text: text,
+    ) -> _Supervised:
+        """``edit``: a change to the config file's text before start."""
+        upstream = await nursery.start(demo_upstream.serve, "127.0.0.1", 0)
+        port, admin = free_port(), free_port()
+        cfg = write_config(
+            tmp_path, pki, upstream, listen=f"127.0.0.1:{port}", policy_watch=policy_watch
+        )
+        cfg.write_text(
+            edit(cfg.read_text().replace("admin: 127.0.0.1:0", f"admin: 127.0.0.1:{admin}"))
+        )
+        err_path = tmp_path / "supervisor.err"
+        with err_path.open("wb") as err_file:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "proxy", "run", "-c", str(cfg), "--workers", "2"],
+                stdout=subprocess.DEVNULL,
+                stderr=err_file,
+            )
+        return cls(proc, cfg, port, admin, err_path)
+
+    async def ready(self) -> dict[str, Any]:
+        return await _ready(self.proc, self.admin, self.err_path)
+
+    def count(self, event: str) -> int:
+        return self.err_path.read_text().count(f'"event":"{event}"')
+
+    async def kill_and_replace(self, victim: int) -> dict[str, Any]:
+        """SIGKILL worker ``victim``; /status once its replacement serves."""
+        os.kill(victim, signal.SIGKILL)
+        with trio.fail_after(30):
+            while True:
+                status = await self.ready()
+                if victim not in {w["pid"] for w in status["workers"]}:
+                    return status
+                await trio.sleep(0.1)
+
+    async def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        assert await trio.to_thread.run_sync(self.proc.wait, 30) == 0
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
 
 async def test_workers_share_port_restart_reload_and_drain(
@@ -167,20 +233,8 @@ async def test_workers_agree_on_the_last_good_policy(
     worker restarted after it serves the last good policy instead of exiting in a loop;
     /status shows the policy the workers serve, before and after a good edit; the
     supervisor's stderr holds JSON events only, each worker's naming it."""
-    upstream = await nursery.start(demo_upstream.serve, "127.0.0.1", 0)
-    port, admin = free_port(), free_port()
-    cfg = write_config(tmp_path, pki, upstream, listen=f"127.0.0.1:{port}", policy_watch="200ms")
-    cfg.write_text(cfg.read_text().replace("admin: 127.0.0.1:0", f"admin: 127.0.0.1:{admin}"))
-    err_path = tmp_path / "supervisor.err"
-    with err_path.open("wb") as err_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "run", "-c", str(cfg), "--workers", "2"],
-            stdout=subprocess.DEVNULL,
-            stderr=err_file,
-        )
-
-    async def ready() -> dict[str, Any]:
-        return await _ready(proc, admin, err_path)
+    sup = await _Supervised.start(nursery, tmp_path, pki, policy_watch="200ms")
+    port, admin, err_path, ready = sup.port, sup.admin, sup.err_path, sup.ready
 
     def failed_lines() -> list[dict[str, Any]]:
         return [
@@ -205,14 +259,7 @@ async def test_workers_agree_on_the_last_good_policy(
         assert 'spiffe_pep_policy_reloads_total{result="failed"} 1.0' in metrics
 
         # A worker dies while the file is bad: its replacement serves the last good one.
-        victim = status["workers"][0]["pid"]
-        os.kill(victim, signal.SIGKILL)
-        with trio.fail_after(30):
-            while True:
-                status = await ready()
-                if victim not in {w["pid"] for w in status["workers"]}:
-                    break
-                await trio.sleep(0.1)
+        status = await sup.kill_and_replace(status["workers"][0]["pid"])
         assert [w["policy_sha256"] for w in status["workers"]] == [good, good]
         assert status["policy"]["sha256"] == good
         assert {await _get(pki, port, f"/g{i}") for i in range(8)} == {200}
@@ -232,13 +279,9 @@ async def test_workers_agree_on_the_last_good_policy(
             metrics = (await c.get(f"http://127.0.0.1:{admin}/metrics")).text
         assert 'spiffe_pep_policy_reloads_total{result="ok"} 1.0' in metrics
         assert len(failed_lines()) == 1
-
-        proc.send_signal(signal.SIGTERM)
-        assert await trio.to_thread.run_sync(proc.wait, 30) == 0
+        await sup.stop()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        sup.kill()
     events = _check_event_stream(err_path.read_text())
     assert sum(e["event"] == "worker_started" for e in events) == 3
     assert not [e for e in events if e["event"] == "worker_start_failed"]
@@ -251,59 +294,34 @@ async def test_worker_restarted_after_a_bad_config_edit_runs_the_last_good_one(
     (the decision log moves) and a bad one (refused by every worker), a worker that dies
     is replaced by one running the last good configuration, not one failing to start in a
     loop on the bad file."""
-    upstream = await nursery.start(demo_upstream.serve, "127.0.0.1", 0)
-    port, admin = free_port(), free_port()
-    cfg = write_config(tmp_path, pki, upstream, listen=f"127.0.0.1:{port}", policy_watch="off")
-    cfg.write_text(cfg.read_text().replace("admin: 127.0.0.1:0", f"admin: 127.0.0.1:{admin}"))
-    err_path = tmp_path / "supervisor.err"
-    with err_path.open("wb") as err_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "run", "-c", str(cfg), "--workers", "2"],
-            stdout=subprocess.DEVNULL,
-            stderr=err_file,
-        )
-
-    def count(event: str) -> int:
-        return err_path.read_text().count(f'"event":"{event}"')
-
+    sup = await _Supervised.start(nursery, tmp_path, pki, policy_watch="off")
     try:
-        await _ready(proc, admin, err_path)
-        cfg.write_text(cfg.read_text().replace("decisions.jsonl", "decisions2.jsonl"))
-        proc.send_signal(signal.SIGHUP)
-        await wait_until(lambda: count("config_reloaded") == 2, timeout=10)
-        cfg.write_text(cfg.read_text() + "timeouts: [\n")  # YAML that does not parse
-        proc.send_signal(signal.SIGHUP)
-        await wait_until(lambda: count("config_reload_failed") == 2, timeout=10)
+        await sup.ready()
+        sup.cfg.write_text(sup.cfg.read_text().replace("decisions.jsonl", "decisions2.jsonl"))
+        sup.proc.send_signal(signal.SIGHUP)
+        await wait_until(lambda: sup.count("config_reloaded") == 2, timeout=10)
+        sup.cfg.write_text(sup.cfg.read_text() + "timeouts: [\n")  # YAML that does not parse
+        sup.proc.send_signal(signal.SIGHUP)
+        await wait_until(lambda: sup.count("config_reload_failed") == 2, timeout=10)
 
-        status = await _ready(proc, admin, err_path)
-        victim = status["workers"][0]["pid"]
-        os.kill(victim, signal.SIGKILL)
-        with trio.fail_after(30):
-            while True:
-                status = await _ready(proc, admin, err_path)
-                if victim not in {w["pid"] for w in status["workers"]}:
-                    break
-                await trio.sleep(0.1)
+        status = await sup.ready()
+        status = await sup.kill_and_replace(status["workers"][0]["pid"])
         pids = {w["pid"] for w in status["workers"]}
         log = tmp_path / "decisions2.jsonl"
         # New connections, spread by the kernel: the new worker serves some of them, and
         # logs them where the last good configuration says.
         with trio.fail_after(30):
             while True:
-                assert await _get(pki, port, "/after") == 200
+                assert await _get(pki, sup.port, "/after") == 200
                 served = {json.loads(line)["worker"] for line in log.read_text().splitlines()}
                 if pids <= served:
                     break
-        assert count("worker_start_failed") == 0
-        assert count("worker_config_refused") == 1  # the file, then the copy
-        assert count("worker_started") == 3
-
-        proc.send_signal(signal.SIGTERM)
-        assert await trio.to_thread.run_sync(proc.wait, 30) == 0
+        assert sup.count("worker_start_failed") == 0
+        assert sup.count("worker_config_refused") == 1  # the file, then the copy
+        assert sup.count("worker_started") == 3
+        await sup.stop()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        sup.kill()
 
 
 async def test_workers_that_cannot_start_pick_up_the_fixed_file(
@@ -312,40 +330,29 @@ async def test_workers_that_cannot_start_pick_up_the_fixed_file(
     """Every worker died and none can start (the decision log's directory went away):
     once the file is fixed, the next restart starts from it, though no running worker
     applied it; the copy then holds it."""
-    upstream = await nursery.start(demo_upstream.serve, "127.0.0.1", 0)
-    port, admin = free_port(), free_port()
-    cfg = write_config(tmp_path, pki, upstream, listen=f"127.0.0.1:{port}", policy_watch="off")
     (tmp_path / "logs").mkdir()
-    cfg.write_text(
-        cfg.read_text()
-        .replace("admin: 127.0.0.1:0", f"admin: 127.0.0.1:{admin}")
-        .replace(f"{tmp_path}/decisions.jsonl", f"{tmp_path}/logs/decisions.jsonl")
+    sup = await _Supervised.start(
+        nursery,
+        tmp_path,
+        pki,
+        policy_watch="off",
+        edit=lambda text: text.replace(
+            f"{tmp_path}/decisions.jsonl", f"{tmp_path}/logs/decisions.jsonl"
+        ),
     )
-    err_path = tmp_path / "supervisor.err"
-    with err_path.open("wb") as err_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "run", "-c", str(cfg), "--workers", "2"],
-            stdout=subprocess.DEVNULL,
-            stderr=err_file,
-        )
-
-    def count(event: str) -> int:
-        return err_path.read_text().count(f'"event":"{event}"')
-
     try:
-        status = await _ready(proc, admin, err_path)
+        status = await sup.ready()
         shutil.rmtree(tmp_path / "logs")
         for w in status["workers"]:
             os.kill(w["pid"], signal.SIGKILL)
-        await wait_until(lambda: count("worker_start_failed") >= 2, timeout=20)
-        cfg.write_text(cfg.read_text().replace("logs/decisions.jsonl", "decisions-new.jsonl"))
-        await _ready(proc, admin, err_path)
-        assert await _get(pki, port, "/fixed") == 200
+        await wait_until(lambda: sup.count("worker_start_failed") >= 2, timeout=20)
+        sup.cfg.write_text(
+            sup.cfg.read_text().replace("logs/decisions.jsonl", "decisions-new.jsonl")
+        )
+        await sup.ready()
+        assert await _get(pki, sup.port, "/fixed") == 200
         log = tmp_path / "decisions-new.jsonl"
         await wait_until(lambda: log.exists() and log.read_text(), timeout=5)
-        proc.send_signal(signal.SIGTERM)
-        assert await trio.to_thread.run_sync(proc.wait, 30) == 0
+        await sup.stop()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        sup.kill()
