@@ -471,13 +471,14 @@ def run(reps: int, ab_ka: int, ab_hs: int, seconds: float) -> dict[str, Any]:
         results["keepalive_cpu_us"] = {
             t.name: rows[f"{t.name}|ab keep-alive"]["cpu_us"] for t in targets
         }
+        nginx_p99 = rows["nginx|own at half rate"]["p99"]
+        pep_p99 = rows["spiffe-pep|own at half rate"]["p99"]
         results["p99_ratios_at_half_rate"] = [
-            p / n
-            for p, n in zip(
-                rows["spiffe-pep|own at half rate"]["p99"],
-                rows["nginx|own at half rate"]["p99"],
-                strict=True,
-            )
+            p / n for p, n in zip(pep_p99, nginx_p99, strict=True)
+        ]
+        # The floor's too: what the stack alone gets at the same rate in the same run.
+        results["floor_p99_ratios_at_half_rate"] = [
+            p / n for p, n in zip(rows["floor|own at half rate"]["p99"], nginx_p99, strict=True)
         ]
         results.update(
             table=table,
@@ -490,28 +491,6 @@ def run(reps: int, ab_ka: int, ab_hs: int, seconds: float) -> dict[str, Any]:
         lab.stop_all()
         shutil.rmtree(lab.dir, ignore_errors=True)
     return results
-
-
-def keepalive_ratio(reps: int, n: int) -> dict[str, Any]:
-    """Only the keep-alive goal, quickly: the floor and spiffe-pep under ``ab -k``,
-    interleaved ``reps`` times; their CPU per request and the ratio of the medians (for
-    trying a change; the full run above is what RESULTS.md reports)."""
-    ensure_tools()
-    lab = Lab(Path(tempfile.mkdtemp(prefix="spiffe-pep-compare-")))
-    write_pki(lab.dir)
-    try:
-        up, _nginx, pep = start_all(lab)
-        targets = [floor(lab, up), pep]
-        for t in targets:
-            ab(lab, t, True, 1000)
-        cpu: dict[str, list[float]] = {t.name: [] for t in targets}
-        for rep in range(reps):
-            for t in targets if rep % 2 == 0 else reversed(targets):
-                cpu[t.name].append(ab(lab, t, True, n)["cpu_us"])
-    finally:
-        lab.stop_all()
-        shutil.rmtree(lab.dir, ignore_errors=True)
-    return {"cpu_us": cpu, "ratio": median(cpu["spiffe-pep"]) / median(cpu["floor"])}
 
 
 def ratio(a: float, b: float) -> str:
@@ -549,6 +528,17 @@ def report(r: dict[str, Any]) -> Iterator[str]:
             f"({ratio(ka_p['cpu_us'], ka_f['cpu_us'])}{spread}) | <= 1.2x |"
         )
         yield (f"| handshake req/s (ab, c=32) | {ratio(hs_p['rps'], hs_f['rps'])} | >= 1.0x |")
+        yield (
+            f"| handshake CPU/request (floor/pep: above 1 is pep cheaper) | "
+            f"{hs_f['cpu_us']:,.0f} vs {hs_p['cpu_us']:,.0f} µs "
+            f"({ratio(hs_f['cpu_us'], hs_p['cpu_us'])}) | >= 1.0x |"
+        )
+        floor_each = ", ".join(f"{x:.2f}x" for x in r.get("floor_p99_ratios_at_half_rate", []))
+        if floor_each:
+            yield (
+                f"| the floor's p99 at half rate / nginx's (each run; the stack alone) | "
+                f"{floor_each} | (info) |"
+            )
         if f in mem:
             yield f"| idle mTLS connection memory (floor) | {mem[f] / 1024:.1f} KiB | (info) |"
     yield ""
@@ -604,9 +594,20 @@ def main(argv: list[str] | None = None) -> int:
         help="only the floor and spiffe-pep under ab -k, --reps interleaved runs (about "
         "10 s each): the keep-alive ratio, for trying a change",
     )
+    ap.add_argument(
+        "--latency-only",
+        action="store_true",
+        help="only the p99 at half of spiffe-pep's max rate, for nginx, the floor and "
+        "spiffe-pep, --reps interleaved runs of --seconds each, and how many were over 2x",
+    )
     args = ap.parse_args(argv)
-    if args.keepalive_only:
-        quick = keepalive_ratio(args.reps, args.ab_keepalive)
+    if args.keepalive_only or args.latency_only:
+        from loadtests import series  # it builds on this module
+
+        if args.latency_only:
+            print("\n".join(series.latency_report(series.latency_series(args.reps, args.seconds))))
+            return 0
+        quick = series.keepalive_ratio(args.reps, args.ab_keepalive)
         for name, values in quick["cpu_us"].items():
             runs = ", ".join(f"{v:,.0f}" for v in values)
             print(f"{name}: CPU µs/request {runs} (median {median(values):,.0f})")

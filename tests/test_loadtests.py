@@ -273,3 +273,18 @@ def test_instruction_totals_are_read_from_callgrind_output(text: str, total: int
     assert per_request(1_000, 6_000, 100, 600) == 10.0
     with pytest.raises(ValueError):
         callgrind_total("events: Ir\n")
+
+
+def test_latency_series_counts_repetitions_over_twice_nginx_for_each_proxy() -> None:
+    from loadtests.series import LatencySeries, latency_report
+
+    s = LatencySeries(
+        rate=1000.0,
+        p99_ms={"nginx": [2.0, 2.0, 1.0], "floor": [3.0, 4.5, 1.5], "spiffe-pep": [4.1, 3.0, 2.0]},
+        cpu_us={"nginx": [1.0] * 3, "floor": [1.0] * 3, "spiffe-pep": [1.0] * 3},
+    )
+    assert s.ratios("spiffe-pep") == [2.05, 1.5, 2.0]
+    assert (s.over("floor"), s.over("spiffe-pep")) == (1, 1)  # 2.0x exactly is within
+    lines = latency_report(s)
+    assert "| 1 | 2.00 | 3.00 | 4.10 | 1.50x | 2.05x |" in lines
+    assert lines[-1].startswith("over 2x nginx: the floor in 1 of 3, spiffe-pep in 1 of 3")
