@@ -356,3 +356,29 @@ async def test_workers_that_cannot_start_pick_up_the_fixed_file(
         await sup.stop()
     finally:
         sup.kill()
+
+
+async def test_a_config_copy_that_cannot_be_written_does_not_fail_the_reload(
+    nursery: trio.Nursery, tmp_path: Path, pki: Pki
+) -> None:
+    """The copy a restarted worker falls back to is a convenience: when it cannot be
+    written (here a directory stands where the file was), each worker still applies the
+    good edit, says so in a ``config_copy_failed`` event with the path, and serves."""
+    sup = await _Supervised.start(nursery, tmp_path, pki, policy_watch="off")
+    try:
+        status = await sup.ready()
+        argv = Path(f"/proc/{status['workers'][0]['pid']}/cmdline").read_bytes().split(b"\0")
+        copy = Path(argv[argv.index(b"--config-copy") + 1].decode())
+        copy.unlink()
+        copy.mkdir()
+        sup.cfg.write_text(sup.cfg.read_text().replace("decisions.jsonl", "decisions2.jsonl"))
+        sup.proc.send_signal(signal.SIGHUP)
+        await wait_until(lambda: sup.count("config_copy_failed") == 2, timeout=10)
+        assert sup.count("config_reloaded") == 2
+        assert f'"path":"{copy}"' in sup.err_path.read_text()
+        assert await _get(pki, sup.port, "/after") == 200
+        log = tmp_path / "decisions2.jsonl"
+        await wait_until(lambda: log.exists() and "/after" in log.read_text(), timeout=5)
+        await sup.stop()
+    finally:
+        sup.kill()
