@@ -288,17 +288,25 @@ async def _exit_with_parent(rt: Runtime, parent: int) -> None:
     rt.drain_requested.set()
 
 
-async def run_until_signalled(rt: Runtime, *, worker_of: int | None = None) -> None:
+async def run_until_signalled(
+    rt: Runtime,
+    *,
+    worker_of: int | None = None,
+    task_status: trio.TaskStatus[dict[str, object]] = trio.TASK_STATUS_IGNORED,
+) -> None:
     """Serve; the first SIGTERM/SIGINT drains gracefully, a second one stops at once.
-    ``worker_of``: the supervisor's pid (worker mode: SO_REUSEPORT, exit with it)."""
+    ``worker_of``: the supervisor's pid (worker mode: SO_REUSEPORT, exit with it).
+    ``task_status`` gets what ``serve`` reports once it serves."""
     async with trio.open_nursery() as nursery:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
 
-            async def run() -> None:
-                await serve(rt, reuse_port=worker_of is not None)
+            async def run(
+                task_status: trio.TaskStatus[dict[str, object]] = trio.TASK_STATUS_IGNORED,
+            ) -> None:
+                await serve(rt, reuse_port=worker_of is not None, task_status=task_status)
                 nursery.cancel_scope.cancel()
 
-            nursery.start_soon(run)
+            task_status.started(await nursery.start(run))
             if worker_of is not None:
                 nursery.start_soon(_exit_with_parent, rt, worker_of)
             async for signum in signals:

@@ -13,7 +13,7 @@ import shutil
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import trio
 
@@ -22,7 +22,7 @@ from proxy.app import build_runtime, open_log, read_config, run_until_signalled
 from proxy.audit_sink import JsonLines, python_output_as_events
 from proxy.config import AUTO_WORKERS
 from proxy.errors import ConfigError, SpiffeIdError
-from proxy.loading import config_bytes, publish
+from proxy.loading import config_bytes, listen_error, publish
 from proxy.policy import tools
 from proxy.policy.loader import load_policy
 from proxy.policy.model import Policy
@@ -334,23 +334,44 @@ def cmd_dev(args: argparse.Namespace) -> int:
         return _fail(exc)
     upstream = rt.config.upstreams["demo"]
 
+    async def proxy(
+        nursery: trio.Nursery,
+        task_status: trio.TaskStatus[dict[str, object]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        await run_until_signalled(rt, task_status=task_status)
+        nursery.cancel_scope.cancel()  # the demo upstream too
+
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            await nursery.start(demo_upstream.serve, upstream.host, upstream.port)
-            await run_until_signalled(rt)
-            nursery.cancel_scope.cancel()
+            try:
+                await nursery.start(demo_upstream.serve, upstream.host, upstream.port)
+            except OSError as exc:
+                raise listen_error(exc, "the demo upstream", upstream.host, upstream.port) from exc
+            serving = await nursery.start(proxy, nursery)
+            print(_dev_banner(certs, serving, upstream.url), file=sys.stderr, flush=True)
 
-    print(
-        "spiffe-pep dev: listening on https://localhost:8443 (demo upstream on "
-        f"{upstream.url}). Try:\n"
-        "  curl --cacert certs_dev/bundle.pem --cert certs_dev/client.pem "
-        "--key certs_dev/client_key.pem https://localhost:8443/hello\n"
-        "  curl --cacert certs_dev/bundle.pem --cert certs_dev/denied.pem "
-        "--key certs_dev/denied_key.pem https://localhost:8443/hello",
-        file=sys.stderr,
-        flush=True,
-    )
     return _serve(main)
+
+
+def _dev_banner(certs: Path, serving: dict[str, object], upstream_url: str) -> str:
+    """What ``dev`` says once it listens: where, and two curl commands to try, with the
+    certificate paths as the user can type them from where they are."""
+    port = cast(list[tuple[str, int]], serving["listen"])[0][1]
+    url = f"https://localhost:{port}/hello"
+    here = Path.cwd()
+    shown = certs.relative_to(here) if certs.is_relative_to(here) else certs
+
+    def curl(name: str) -> str:
+        return (
+            f"  curl --cacert {shown / 'bundle.pem'} --cert {shown / name}.pem "
+            f"--key {shown / name}_key.pem {url}"
+        )
+
+    return (
+        f"spiffe-pep dev: listening on https://localhost:{port} (demo upstream on "
+        f"{upstream_url}). "
+        f"Try:\n{curl('client')}\n{curl('denied')}"
+    )
 
 
 DESCRIPTION = (

@@ -313,11 +313,13 @@ class ConfigReloader:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         self.file = rt.file_config or rt.config  # what the file said when last applied
+        self._failing = False  # the last reload failed: a file fixed back is then logged
 
     async def reload(self, trigger: str) -> bool:
         try:
             return await self._reload(trigger)
         except Exception as exc:  # a bug must not take the proxy down with a SIGHUP
+            self._failing = True
             self.rt.metrics.config_reloads.labels(result="failed").inc()
             self.rt.events.event(
                 "config_reload_failed",
@@ -337,7 +339,20 @@ class ConfigReloader:
         except ConfigError as exc:
             return self._failed(trigger, exc)
         if new == self.file:
-            return False
+            if not self._failing:
+                return False
+            # Fixed back to what serves: say so, or the log's last word is an error.
+            self._failing = False
+            rt.metrics.config_reloads.labels(result="ok").inc()
+            rt.events.event(
+                "config_reloaded",
+                trigger=trigger,
+                config=rt.config.source,
+                changed=[],
+                policy_sha256=rt.policy.sha256,
+                unchanged=True,
+            )
+            return True
         restart = [name for name, get in _RESTART_ONLY.items() if get(new) != get(self.file)]
         if new.tls != self.file.tls and rt.config.tls.workload_api is not None:
             restart.append("tls")
@@ -393,6 +408,7 @@ class ConfigReloader:
         rt.policy_loaded_at = dt.datetime.now(dt.UTC)
         rt.metrics.set_policy(staged.policy.sha256)
         rt.trust_changed()
+        self._failing = False
         rt.metrics.config_reloads.labels(result="ok").inc()
         rt.events.event(
             "config_reloaded",
@@ -421,6 +437,7 @@ class ConfigReloader:
 
     def _failed(self, trigger: str, exc: ConfigError) -> bool:
         rt = self.rt
+        self._failing = True
         rt.metrics.config_reloads.labels(result="failed").inc()
         rt.events.event(
             "config_reload_failed",

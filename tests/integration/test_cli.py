@@ -289,6 +289,30 @@ async def test_readme_dev_command_serves_client_and_refuses_denied(tmp_path: Pat
         with trio.fail_after(10):
             code = await proc.wait()
     assert code == 0
+    assert proc.stderr is not None
+    err = (await proc.stderr.receive_some(1 << 20)).decode()
+    # Said once it listens, with commands that work from here (the root is elsewhere).
+    banner = err.index("spiffe-pep dev: listening on https://localhost:8443")
+    assert err.index('"event":"listening"') < banner
+    assert f"--cert {certs / 'client.pem'} --key {certs / 'client_key.pem'}" in err[banner:]
+
+
+def test_dev_with_the_demo_upstream_port_taken_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    """An operator's mistake (a second ``dev``, or anything on 8081), not a traceback."""
+    import socket
+
+    shutil.copytree(ROOT / "config", tmp_path / "config")
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            taken.bind(("127.0.0.1", 8081))
+        except OSError:
+            pytest.skip("port 8081 in use")
+        taken.listen()
+        done = spiffe_pep("dev", "--root", str(tmp_path))
+    assert done.returncode == 2, done.stderr
+    assert "spiffe-pep: the demo upstream 127.0.0.1:8081: Address already in use" in done.stderr
+    assert "Traceback" not in done.stderr and "listening on" not in done.stderr
 
 
 def test_kubernetes_example_config_and_policy_are_valid(tmp_path: Path) -> None:

@@ -150,6 +150,26 @@ async def test_bad_config_edit_is_rejected_and_the_last_good_keeps_serving(
     assert (await _sighup(proxy, "config_reloaded"))["changed"] == ["identity"]
 
 
+async def test_a_bad_config_edit_undone_is_logged_so_the_last_word_is_not_an_error(
+    proxy: Proxy, tmp_path: Path
+) -> None:
+    """An operator breaks the file, sees ``config_reload_failed``, restores it and sends
+    SIGHUP: the file equals what serves, and that is said (event, metric), not silence
+    that leaves the failure as the log's and the admin page's last word."""
+    cfg = tmp_path / "spiffe-pep.yaml"
+    good = cfg.read_text()
+    cfg.write_text(good.replace("upstreams:", "upstreems:"))
+    await _sighup(proxy, "config_reload_failed")
+    cfg.write_text(good)
+    done = await _sighup(proxy, "config_reloaded")
+    assert done["unchanged"] is True and done["changed"] == [], done
+    assert 'spiffe_pep_config_reloads_total{result="ok"} 1.0' in await proxy.metrics()
+    # Once said: another SIGHUP on the same file is quiet again.
+    os.kill(os.getpid(), signal.SIGHUP)
+    await trio.sleep(0.5)
+    assert len(_events(proxy, "config_reloaded")) == 1
+
+
 async def test_workers_reload_the_config_on_sighup_to_the_supervisor(
     nursery: trio.Nursery, tmp_path: Path, pki: Pki
 ) -> None:
