@@ -136,7 +136,14 @@ def load_policy(
             )
         names[route.name] = route
         routes.append(route)
-    tests = collect(_tests, r, top.get("tests", []), set(names)) or ()
+    # A test naming a route that is written but refused above is not a second error:
+    # the route's own error says what is wrong.
+    written = {
+        raw["name"]
+        for raw in top["routes"]
+        if isinstance(raw, dict) and isinstance(raw.get("name"), str)
+    }
+    tests = collect(_tests, r, top.get("tests", []), set(names) | written) or ()
     if errors:
         errors.sort(key=lambda e: _position(e.location))
         raise PolicyErrors(errors)

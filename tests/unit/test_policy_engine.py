@@ -437,6 +437,25 @@ def test_every_error_is_reported() -> None:
     assert [e.location for e in errors] == ["p.yaml:2:38", "p.yaml:3:25", "p.yaml:4:47"]
 
 
+def test_a_test_of_a_refused_route_is_not_a_second_error() -> None:
+    """The route's own error says what is wrong; 'no route named' beside it would send
+    the admin looking for a typo in the test."""
+    text = textwrap.dedent("""\
+        routes:
+          - {name: a, upstream: app, allow: [], match: {method: GET}}
+        tests:
+          - {id: 'spiffe://e.org/x', request: 'GET h /x', expect: deny, route: a}
+          - {id: 'spiffe://e.org/x', request: 'GET h /x', expect: deny, route: b}
+    """).encode()
+    with pytest.raises(PolicyError) as exc:
+        load_policy(text, "p.yaml", {"app"})
+    errors = exc.value.errors  # type: ignore[attr-defined]
+    assert [(e.location, "unknown key 'method'" in e.message) for e in errors[:1]] == [
+        ("p.yaml:2:49", True)
+    ]
+    assert [e.message for e in errors[1:]] == ["tests[1].route: no route named 'b'"]  # nowhere
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
