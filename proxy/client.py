@@ -250,5 +250,6 @@ class ClientConnection:
             status_code=status, reason=headers.reason_phrase(status), headers=hdrs
         )
         self.queue(response)
-        self.queue(h11.Data(data=body))
+        if self._method != b"HEAD":  # the head says the length a GET would get; no body
+            self.queue(h11.Data(data=body))
         await self.send(http1.END)

@@ -332,6 +332,13 @@ def _match(r: Reader, value: Any, mp: Path) -> RouteMatch:
                     f"invalid method {method!r}: write it in capitals, like GET",
                 )
         methods = frozenset(listed)
+        if "GET" in methods:
+            # A HEAD runs the GET handler in every framework behind the proxy (Flask,
+            # Django, Express, Tomcat's HttpServlet, Go's ServeMux): a route of GET that
+            # did not match HEAD would let HEAD fall through to a broader route, and run
+            # the GET view (its side effects, headers and body length) for whoever that
+            # route allows.
+            methods |= {"HEAD"}
     return RouteMatch(tuple(hosts), path_match, methods)
 
 

@@ -204,7 +204,7 @@ class RecordingUpstream:
                         return  # closing with linger 0 sends RST
                     await stream.send_all(
                         conn.send(h11.Response(status_code=200, headers=[("content-length", "2")]))
-                        + (conn.send(h11.Data(data=b"ok")) or b"")
+                        + (b"" if current.method == b"HEAD" else conn.send(h11.Data(data=b"ok")))
                         + (conn.send(h11.EndOfMessage()) or b"")
                     )
                     conn.start_next_cycle()

@@ -124,7 +124,7 @@ def test_reach_and_write_warning(tmp_path: Path) -> None:
     # checkout is in ns/prod, so it may also reach invoices-read: its blast radius.
     assert block("spiffe://example.org/ns/prod/sa/checkout") == [
         ["every", "identity"],
-        ["invoices-read", "GET"],
+        ["invoices-read", "GET,HEAD"],
         ["invoices-write", "POST"],
         ["uploads", "ANY"],
     ]
@@ -134,7 +134,7 @@ def test_reach_and_write_warning(tmp_path: Path) -> None:
         ["every", "identity"],
         ["uploads", "ANY"],
         ["only", "some"],
-        ["invoices-read", "GET"],
+        ["invoices-read", "GET,HEAD"],
         ["invoices-write", "POST"],
     ]
     some = lines[lines.index("spiffe://example.org/ns/prod/*") + 4 :][:2]

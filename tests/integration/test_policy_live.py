@@ -20,6 +20,7 @@ from tests.integration.harness import (
     Proxy,
     curl,
     start,
+    start_recording,
     tls_client,
     upstream_headers,
     wait_until,
@@ -307,3 +308,30 @@ async def test_reload_under_concurrent_traffic_loses_no_request(proxy: Proxy, pk
     assert len({d["policy_sha256"] for d in records}) == 2
     reloads = [e for e in proxy.events() if e["event"] == "policy_reloaded"]
     assert len(reloads) >= 10
+
+
+async def test_head_cannot_run_the_get_view_of_a_get_only_route_through_a_broader_route(
+    nursery: trio.Nursery, tmp_path: Path, pki: Pki
+) -> None:
+    """A route of ``methods: [GET]`` for ops, then one for all of prod: Flask, Django,
+    Express and Tomcat run the GET view for HEAD, so HEAD must be judged by the GET route,
+    not fall through to the broader one (found by an attack review: a prod caller got the
+    report view's headers and body length with ``curl -I``)."""
+    policy = textwrap.dedent("""\
+        routes:
+          - name: reports-read
+            match: {path_prefix: /reports, methods: [GET]}
+            upstream: app
+            allow: ["spiffe://example.org/ns/ops/*"]
+          - name: prod
+            match: {path_prefix: /}
+            upstream: app
+            allow: ["spiffe://example.org/ns/prod/*"]
+    """)
+    proxy, upstream = await start_recording(nursery, tmp_path, pki, policy=policy)
+    assert CLIENT_ID.startswith("spiffe://example.org/ns/prod/")
+    assert (await curl(proxy, "/reports/q3", "-I")).status == 403
+    assert (await curl(proxy, "/other", "-I")).status == 200  # HEAD elsewhere still works
+    assert [r.target for r in upstream.requests] == [b"/other"]
+    judged = [(d["method"], d["route"], d["decision"]) for d in proxy.decisions()]
+    assert judged == [("HEAD", "reports-read", "deny"), ("HEAD", "prod", "allow")]

@@ -432,3 +432,20 @@ async def test_103_early_hints_from_the_upstream_are_forwarded(proxy: Proxy) -> 
     assert out.startswith(b"HTTP/1.1 200 OK\r\n") and b" 103 " not in out
     r = await curl(proxy, "/early-hints", "-v")
     assert r.status == 200 and "< HTTP/1.1 103 Early Hints" in r.stderr
+
+
+async def test_denied_head_request_gets_its_403_head_not_an_empty_reply(proxy: Proxy) -> None:
+    """A load balancer's or monitor's HEAD that the policy denies: the 403's head with the
+    length a GET would get and no body (RFC 9110 section 9.3.2), and the connection goes
+    on. The body used to be sent anyway, h11 refused it, and the client got nothing."""
+    get = b"GET /admin HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    head = b"HEAD /admin HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    got_get = await raw(proxy, get)
+    got = await raw(proxy, head + get)
+    first, _, rest = got.partition(b"\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 403 Forbidden\r\n"), got
+    length = next(line for line in first.split(b"\r\n") if line.startswith(b"content-length"))
+    assert length in got_get  # the length a GET gets
+    assert rest.startswith(b"HTTP/1.1 403 Forbidden\r\n")  # no body between the two
+    assert not [e for e in proxy.events() if e["event"] == "internal_error"]
+    assert [d["method"] for d in proxy.decisions()][-2:] == ["HEAD", "GET"]

@@ -82,6 +82,26 @@ ROWS: list[tuple[str, Any, tuple[str, str, str], str | None, bool, str, str | No
         "invoices-read",
     ),
     (
+        # Every framework runs the GET view for HEAD: the GET route judges it, so HEAD
+        # cannot fall through to a broader route.
+        "head_is_judged_by_the_get_route",
+        caller(WEB),
+        ("HEAD", "billing.internal", "/api/invoices/7"),
+        None,
+        True,
+        "allowed",
+        "invoices-read",
+    ),
+    (
+        "head_denied_where_get_is",
+        caller("spiffe://e.org/ns/prod/sa/batch"),
+        ("HEAD", "billing.internal", "/api/invoices"),
+        None,
+        False,
+        "identity_denied",
+        "invoices-read",
+    ),
+    (
         "deny_wins_over_allow",
         caller("spiffe://e.org/ns/prod/sa/batch"),
         ("GET", "billing.internal", "/api/invoices"),
