@@ -15,14 +15,21 @@ Rules, each with its reason code:
 - target (RFC 9112 section 3.2): origin-form, absolute-form (its authority must equal
   ``Host``, ``host_does_not_match_target``), ``*`` for OPTIONS only; else
   ``bad_request_target``;
-- path: escapes of unreserved characters are decoded, other escapes upper-cased; a
-  broken escape, an encoded ``/``, ``\\`` or NUL, a raw backslash, a dot segment, or
-  bytes that do not decode as UTF-8 are refused (``bad_request_target``); repeated
-  slashes are merged. ``;`` (path parameters) is refused unless an upstream keeps them
-  (``path_params: keep``); routes then match the path with each segment's parameters
-  removed, and a segment that is empty, ``.`` or ``..`` before its ``;`` is refused
-  (``dot_segment_with_parameters``). Whether the matched route's upstream keeps them is
-  checked by ``fit_upstream`` (``path_parameters_refused``);
+- path: escapes of unreserved characters and of ``! $ & ' ( ) * , = : @`` are decoded
+  (every server behind decodes them before routing: ``/%40admin`` is ``/@admin`` to
+  Flask, Django, nginx and Tomcat), other escapes upper-cased (``;``, ``+``, ``?``, ``#``
+  and ``%`` keep their escapes: decoding them would change the path's structure for
+  some server); the characters RFC 3986 does not allow raw in a path (``" < > [ ] ^ `
+  { | }``) are percent-encoded; so every spelling of one decoded path is one canonical
+  path, and a route written in it matches them all (``policy.patterns`` refuses a route
+  path that is not canonical). A broken escape, an encoded ``/``, ``\\`` or NUL, a raw
+  backslash, a dot segment, or bytes that do not decode as UTF-8 are refused
+  (``bad_request_target``); repeated slashes are merged. ``;`` (path parameters) is
+  refused unless an upstream keeps them (``path_params: keep``); routes then match the
+  path with each segment's parameters removed, and a segment that is empty, ``.`` or
+  ``..`` before its ``;`` is refused (``dot_segment_with_parameters``). Whether the
+  matched route's upstream keeps them is checked by ``fit_upstream``
+  (``path_parameters_refused``);
 - host: lower-cased, one trailing dot removed, the port kept apart (routes match without
   it); empty labels, a second ``:`` outside brackets, a bad port or a character outside
   ``a-z 0-9 - _ .`` is refused (``malformed_host``); so is a second ``Host``
@@ -49,6 +56,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import NamedTuple
+from urllib.parse import quote
 
 Headers = Sequence[tuple[bytes, bytes]]
 
@@ -94,6 +102,13 @@ XFCC = b"x-forwarded-client-cert"
 XFF = b"x-forwarded-for"
 
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+# Escapes decoded in a canonical path: unreserved, and the sub-delimiters and ':' '@' that
+# no server reads differently escaped or not (';' is a servlet's parameter delimiter and
+# '+' a space to some form decoders: they keep their escapes).
+_DECODED = _UNRESERVED | frozenset(b"!$&'()*,=:@")
+# Printable bytes h11 lets through raw that RFC 3986 does not allow raw in a path: written
+# percent-encoded in a canonical path (servers decode both spellings alike).
+_ENCODED = frozenset(b'"<>[]^`{|}')
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 _FORBIDDEN_ESCAPES = {b"2F", b"5C", b"00"}
 _HOST_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789-_.")
@@ -401,13 +416,14 @@ def _bad(detail: str) -> Refused:
     return Refused(400, "bad_request_target", detail)
 
 
-# What makes normalize_path work: an escape, a backslash, an empty or dot segment.
-_NEEDS_NORMALISING = re.compile(rb"[%\\]|//|/\.")
+# What makes normalize_path work: an escape, a backslash, a byte to encode, an empty or
+# dot segment.
+_NEEDS_NORMALISING = re.compile(rb'[%\\"<>\[\]^`{|}]|//|/\.')
 
 
 def normalize_path(raw: bytes) -> str:
-    """Decode unreserved escapes, upper-case the others, merge ``//``; refuse what
-    servers disagree on (see the module docstring)."""
+    """Decode the escapes of ``_DECODED``, upper-case the others, encode ``_ENCODED``,
+    merge ``//``; refuse what servers disagree on (see the module docstring)."""
     if _NEEDS_NORMALISING.search(raw) is None:
         return raw.decode("ascii")  # the common case: nothing to normalise
     out = bytearray()
@@ -423,7 +439,7 @@ def normalize_path(raw: bytes) -> str:
             if esc in _FORBIDDEN_ESCAPES:
                 raise _bad("encoded slash, backslash or NUL in the path")
             value = int(esc, 16)
-            if value in _UNRESERVED:
+            if value in _DECODED:
                 out.append(value)
             else:
                 out += b"%" + esc
@@ -433,6 +449,10 @@ def normalize_path(raw: bytes) -> str:
         if c == 0x5C:
             raise _bad("backslash in the path")
         decoded.append(c)
+        if c in _ENCODED:
+            out += b"%%%02X" % c
+            i += 1
+            continue
         if c == 0x2F and out.endswith(b"/"):
             i += 1  # merge "//"
             continue
@@ -447,6 +467,14 @@ def normalize_path(raw: bytes) -> str:
         if segment in (".", ".."):
             raise _bad("dot segment in the path")
     return path
+
+
+def canonical_route_path(value: str) -> str:
+    """The canonical form of a path written in a route: characters a request target
+    cannot carry raw (a space, non-ASCII as UTF-8, ...) percent-encoded, then
+    ``normalize_path``. Raise ``Refused`` when a request with that path never reaches the
+    policy (a dot segment, an encoded slash, ...)."""
+    return normalize_path(quote(value, safe="/%*;+!$&'()=:@,~-._").encode("ascii"))
 
 
 def strip_params(path: str) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from proxy.canonical import Refused, canonical_route_path
 from proxy.errors import SpiffeIdError
 from proxy.schema import Reader
 from proxy.spiffe_id import SCHEME, SpiffeId, TrustDomain, check_path
@@ -106,6 +107,10 @@ class IdentityPattern:
         return self.text
 
 
+# What a request's host may hold (``canonical`` refuses any other character).
+_HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_.")
+
+
 @dataclass(frozen=True, slots=True)
 class HostPattern:
     """``example.com`` exactly, or ``*.example.com`` for any name below it."""
@@ -119,6 +124,24 @@ class HostPattern:
         if not body or "*" in body or ":" in body or "/" in body or body.startswith("."):
             raise ValueError(
                 f"invalid host pattern {text!r}: use a host name, or *.domain for its subdomains"
+            )
+        # Requests' hosts are matched lower-cased, without a trailing dot, and only of
+        # these characters (anything else is refused): a pattern otherwise never matches.
+        if body.endswith("."):
+            raise ValueError(
+                f"host pattern {text!r} can never match: a request's host is compared "
+                f"without its trailing dot; write {text.rstrip('.')!r}"
+            )
+        if not _HOST_CHARS.issuperset(body):
+            hint = ""
+            if not body.isascii():
+                try:
+                    hint = f"; write it as clients send it: {host.encode('idna').decode()!r}"
+                except UnicodeError:
+                    hint = ""
+            raise ValueError(
+                f"host pattern {text!r} can never match: a request's host holds only "
+                f"a-z 0-9 - _ .{hint}"
             )
         return cls(host)
 
@@ -162,6 +185,20 @@ class PathMatch:
             if kind == "prefix":
                 raise ValueError(f"path_prefix takes no '*'; use path: {value!r}")
             kind = "glob"
+        # Requests are matched in their canonical form: a route written otherwise could
+        # never match, and a deny route would silently deny nothing.
+        try:
+            canonical = canonical_route_path(value)
+        except Refused as exc:
+            raise ValueError(
+                f"path {value!r} can never match: such requests are refused before the "
+                f"policy ({exc.refusal.detail or exc.refusal.reason})"
+            ) from None
+        if canonical != value:
+            raise ValueError(
+                f"path {value!r} can never match as written: requests reach the policy "
+                f"as {canonical!r}; write that"
+            )
         return cls(kind, value, strict_slash)
 
     def folded(self) -> PathMatch:

@@ -263,3 +263,28 @@ async def test_shipped_policy_tests_agree_with_the_live_proxy(
 ) -> None:
     text = _shipped((ROOT / "config" / "policy.yaml").read_text())
     assert await _agree(text, nursery, tmp_path, pki) > 100
+
+
+async def test_escaped_spellings_of_a_guarded_path_are_judged_by_its_route(
+    nursery: trio.Nursery, tmp_path: Path, pki: Pki
+) -> None:
+    """Flask, Django, nginx and Tomcat decode ``%40`` and ``%3A`` before routing, and
+    read ``{`` and ``%7B`` alike: ``/%40admin`` is ``/@admin`` to them, so the route of
+    ``/@admin`` must judge it, not the catch-all after it. Each spelling is one canonical
+    path, and the upstream gets that one."""
+    policy = textwrap.dedent("""\
+        routes:
+          - {name: at-admin, match: {path_prefix: /@admin}, upstream: app, allow: []}
+          - {name: purge, match: {path: '/v1/items/7:purge'}, upstream: app, allow: []}
+          - {name: braces, match: {path: /t/%7Bid%7D}, upstream: app, allow: []}
+          - {name: rest, match: {path_prefix: /}, upstream: app, allow: ["spiffe://example.org/ns/prod/*"]}
+    """)
+    proxy, upstream = await start_recording(nursery, tmp_path, pki, policy=policy)
+    for target in (b"/%40admin/users", b"/v1/items/%37%3apurge", b"/t/{id}", b"/t/%7bid%7d"):
+        out, _ = await raw_exchange(proxy, request(b"GET", target, b"localhost"))
+        assert statuses(out) == [403], target
+    out, _ = await raw_exchange(proxy, request(b"GET", b"/v1/items/7%3Aget", b"localhost"))
+    assert statuses(out) == [200]
+    assert [r.target for r in upstream.requests] == [b"/v1/items/7:get"]
+    routes = [d["route"] for d in proxy.decisions()]
+    assert routes == ["at-admin", "purge", "braces", "braces", "rest"]

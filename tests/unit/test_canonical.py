@@ -51,6 +51,34 @@ PATHS = [
     ("overlong_utf8_slash", b"/x%c0%afadmin", None, (400, "bad_request_target"), b""),
     ("valid_utf8_kept_encoded", b"/caf%c3%a9", None, "/caf%C3%A9", b"/caf%C3%A9"),
     ("double_encoding_kept", b"/a%252fb", None, "/a%252fb", b"/a%252fb"),
+    # Servers decode these before routing: one spelling, so a route on /@admin or on
+    # /v1/items/7:purge catches the escaped one too.
+    ("escaped_at_sign_decoded", b"/%40admin", None, "/@admin", b"/@admin"),
+    (
+        "escaped_colon_decoded",
+        b"/v1/items/7%3apurge",
+        None,
+        "/v1/items/7:purge",
+        b"/v1/items/7:purge",
+    ),
+    (
+        "escaped_sub_delims_decoded",
+        b"/a%21%24%26%27%28%29%2A%2C%3D",
+        None,
+        "/a!$&'()*,=",
+        b"/a!$&'()*,=",
+    ),
+    ("escaped_semicolon_kept", b"/a%3bb", None, "/a%3Bb", b"/a%3Bb"),
+    ("escaped_plus_kept", b"/a%2bb", None, "/a%2Bb", b"/a%2Bb"),
+    ("escaped_query_and_fragment_kept", b"/a%3f%23", None, "/a%3F%23", b"/a%3F%23"),
+    ("raw_braces_encoded", b"/a{b}|c", None, "/a%7Bb%7D%7Cc", b"/a%7Bb%7D%7Cc"),
+    (
+        "raw_quote_and_brackets_encoded",
+        b'/a"<[x]>^`',
+        None,
+        "/a%22%3C%5Bx%5D%3E%5E%60",
+        b"/a%22%3C%5Bx%5D%3E%5E%60",
+    ),
     ("broken_escape", b"/a%2", None, (400, "bad_request_target"), b""),
     (
         "tomcat_dotdot_semicolon",

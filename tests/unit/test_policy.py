@@ -318,6 +318,50 @@ LOADER_ERRORS = [
         "p.yaml:2:57",
         "invalid host pattern",
     ),
+    # A route that can never match, written so a deny route would silently deny nothing
+    # (found by an attack review: each passed `check`, then let the request through).
+    (
+        "deny_path_with_a_space",
+        "routes:\n  - {name: a, upstream: app, allow: [], match: {path_prefix: '/f/top secret'}}\n",
+        "p.yaml:2:62",
+        "requests reach the policy as '/f/top%20secret'; write that",
+    ),
+    (
+        "deny_path_with_lower_case_escapes",
+        "routes:\n  - {name: a, upstream: app, allow: [], match: {path: /f/caf%c3%a9}}\n",
+        "p.yaml:2:55",
+        "as '/f/caf%C3%A9'",
+    ),
+    (
+        "deny_path_in_raw_utf8",
+        "routes:\n  - {name: a, upstream: app, allow: [], match: {path: /f/café}}\n",
+        "p.yaml:2:55",
+        "as '/f/caf%C3%A9'",
+    ),
+    (
+        "deny_path_with_an_escaped_unreserved_character",
+        "routes:\n  - {name: a, upstream: app, allow: [], match: {path_prefix: /%61dmin}}\n",
+        "p.yaml:2:62",
+        "as '/admin'",
+    ),
+    (
+        "deny_path_with_a_dot_segment",
+        "routes:\n  - {name: a, upstream: app, allow: [], match: {path_prefix: /a/../admin}}\n",
+        "p.yaml:2:62",
+        "refused before the policy (dot segment in the path)",
+    ),
+    (
+        "deny_host_with_a_trailing_dot",
+        "routes:\n  - {name: a, upstream: app, allow: [], match: {hosts: [admin.internal.]}}\n",
+        "p.yaml:2:57",
+        "write 'admin.internal'",
+    ),
+    (
+        "deny_host_not_in_ascii",
+        "routes:\n  - {name: a, upstream: app, allow: [], match: {hosts: [bücher.example]}}\n",
+        "p.yaml:2:57",
+        "'xn--bcher-kva.example'",
+    ),
     # Found by fuzzing (tests/fuzz): both escaped as exceptions of another type.
     ("unknown_yaml_tag", "!:", "p.yaml:1:1", "invalid YAML"),
     (
