@@ -37,9 +37,9 @@ Rules, each with its reason code:
 - header names holding ``_`` are dropped (nginx's default), passed, or refused
   (``underscore_in_header_name``) by ``Rules.underscores``; every header the proxy owns
   (identity header, XFCC, Client-Cert(-Chain), assertion headers, X-Forwarded-For/-Proto,
-  X-Request-Id, Expect) is removed in every spelling: names are compared lower-cased with
-  ``_`` read as ``-``; so are method-override, request-rewriting and forwarding headers
-  the proxy does not set itself (``Rules.remove``, configurable);
+  X-Request-Id, Expect) is removed in every spelling: names are compared lower-cased
+  with ``_`` and ``.`` read as ``-``; so are method-override, request-rewriting and
+  forwarding headers the proxy does not set itself (``Rules.remove``, configurable);
 - ``Connection: upgrade``: only to a protocol in ``Rules.upgrades`` (``websocket`` by
   default; ``h2c`` and unknown tokens get ``upgrade_not_allowed``);
 - framing: Content-Length with Transfer-Encoding is refused
@@ -116,9 +116,11 @@ _IPV6_CHARS = frozenset(b"0123456789abcdef:.")
 
 
 def spelling(name: str | bytes) -> bytes:
-    """A header name as compared: lower-case, ``_`` read as ``-``."""
+    """A header name as compared: lower-case, ``_`` and ``.`` read as ``-`` (CGI and
+    WSGI map ``-`` to ``_``, and PHP also ``.``: ``X.Client.Spiffe.Id`` arrives as
+    ``HTTP_X_CLIENT_SPIFFE_ID`` behind Caddy and php-fpm)."""
     raw = name.encode("ascii") if isinstance(name, str) else name
-    return raw.lower().replace(b"_", b"-")
+    return raw.lower().replace(b"_", b"-").replace(b".", b"-")
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,6 +267,8 @@ def _build(
             elif name == XFF:
                 xff.append(value)
             continue
+        elif name.find(b".") >= 0 and spelling(name) in always:
+            continue  # a spelling PHP reads as a header the proxy owns
         kept.append((name, value))
     if chunked and length is not None:
         # RFC 9112 section 6.1 lets a server refuse this; a proxy must, or it smuggles.

@@ -245,6 +245,11 @@ HEADERS = [
         False,
     ),
     ("owned_dash_spelling", b"x-client-spiffe-id", OWNED, False),
+    # PHP reads '.' in a header name as '_' (Caddy + php-fpm pass such names through).
+    ("php_dotted_spiffe_id", b"x.client.spiffe.id", OWNED, False),
+    ("php_dotted_xfcc", b"X.Forwarded.Client.Cert", OWNED, False),
+    ("php_dotted_method_override", b"x.http-method.override", OWNED, False),
+    ("dotted_other_kept", b"x.custom", OWNED, True),
     ("client_cert_chain", b"client-cert-chain", OWNED, False),
     ("method_override", b"x-http-method-override", OWNED, False),
     ("x_http_method", b"x-http-method", OWNED, False),
