@@ -473,11 +473,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reach.add_argument(
         "--log",
-        action="append",
+        action="extend",
+        nargs="+",
         default=[],
         metavar="LOG",
-        help="A decision log (JSON lines): its requests draw the used and denied edges, "
-        "and grants no request used are dashed. May be given more than once.",
+        help="Decision logs (JSON lines): their requests draw the used and denied edges, "
+        "and grants no request used are dashed. Several after one --log, or --log again.",
     )
     dev = _command(
         sub,

@@ -240,7 +240,10 @@ def add_parsers(sub: Any, make: Any) -> None:
     unu.add_argument("policy", help="The policy to review.")
     common(unu, "30d")
     unu.add_argument(
-        "--few", type=int, default=2, help="A wildcard used by this many IDs or fewer is broad."
+        "--few",
+        type=int,
+        default=2,
+        help="A wildcard used by this many IDs or fewer is broad (default: %(default)s).",
     )
     unu.add_argument("--config", help="The runtime configuration (upstream rules).")
 
@@ -252,13 +255,22 @@ def add_parsers(sub: Any, make: Any) -> None:
     sug.add_argument("--config", help="The runtime configuration (upstream rules).")
     sug.add_argument("-o", "--output", help="Write the policy here (default: stdout).")
     sug.add_argument(
-        "--glob-min", type=int, default=3, help="Sibling segments of one shape that become *."
+        "--glob-min",
+        type=int,
+        default=3,
+        help="Sibling segments of one shape that become * (default: %(default)s).",
     )
     sug.add_argument(
-        "--prefix-min", type=int, default=8, help="Shapes under one prefix that become a prefix."
+        "--prefix-min",
+        type=int,
+        default=8,
+        help="Shapes under one prefix that become a prefix (default: %(default)s).",
     )
     sug.add_argument(
-        "--tests-per-route", type=int, default=2, help="The identities tested per route."
+        "--tests-per-route",
+        type=int,
+        default=2,
+        help="The identities tested per route (default: %(default)s).",
     )
 
     rep = command(
@@ -269,4 +281,9 @@ def add_parsers(sub: Any, make: Any) -> None:
     rep.add_argument("policy", help="The candidate policy.")
     common(rep)
     rep.add_argument("--config", help="The runtime configuration (upstream rules).")
-    rep.add_argument("--examples", type=int, default=3, help="Example requests per change.")
+    rep.add_argument(
+        "--examples",
+        type=int,
+        default=3,
+        help="Example requests per change (default: %(default)s).",
+    )

@@ -163,7 +163,8 @@ def unused(
                         route.location,
                         label,
                         f"only {len(ids)} identit{'y' if len(ids) == 1 else 'ies'} used it "
-                        f"({use.requests:,} requests): {', '.join(ids)}",
+                        f"({use.requests:,} request{'' if use.requests == 1 else 's'}): "
+                        f"{', '.join(ids)}",
                         ids,
                         use.requests,
                     )
