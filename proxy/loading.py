@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,15 @@ def wait_for_credentials(
         return load_credentials(files)
     if events is not None:
         events.event("waiting_for_svid", missing=missing, timeout_s=files.wait_for_svid)
+    if events is None or events.is_file:
+        # Whoever started it watches the terminal: a wait of up to wait_for_svid with
+        # nothing there looks like a hang (a mistyped path, or the agent not answering).
+        print(
+            f"spiffe-pep: waiting up to {files.wait_for_svid:g}s for the SVID files "
+            f"(tls.wait_for_svid): {', '.join(missing)}",
+            file=sys.stderr,
+            flush=True,
+        )
     while True:
         if all(p.exists() for p in files.files) or time.monotonic() >= deadline:
             try:

@@ -397,6 +397,27 @@ def test_svid_files_not_written_are_waited_for_then_fail_in_one_line(
     )
 
 
+def test_waiting_for_svid_files_is_said_on_the_terminal_when_events_go_to_a_file(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """With the event log in a file, the terminal would show nothing for up to
+    tls.wait_for_svid (a mistyped path looked like a hang): one plain line says it waits."""
+    cfg = write_config(tmp_path, pki, 9)
+    missing = tmp_path / "spiffe" / "svid.pem"
+    cfg.write_text(
+        cfg.read_text()
+        .replace(f"{pki.dir}/server.pem", str(missing))
+        .replace("tls:\n", "tls:\n  wait_for_svid: 500ms\n")
+        + f"event_log: {tmp_path}/events.jsonl\n"
+    )
+    done = spiffe_pep("run", "-c", str(cfg))
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[0] == (
+        f"spiffe-pep: waiting up to 0.5s for the SVID files (tls.wait_for_svid): {missing}"
+    )
+    assert '"event":"waiting_for_svid"' in (tmp_path / "events.jsonl").read_text()
+
+
 def test_unwritable_tmpdir_for_workers_is_one_line_naming_it(tmp_path: Path, pki: Pki) -> None:
     """Where no mount namespace can make / read-only (test_kubernetes_example.py does):
     the same error path with a TMPDIR the supervisor cannot create its directory in."""
