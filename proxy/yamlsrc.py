@@ -53,6 +53,8 @@ def load(
 ) -> tuple[Any, Source]:
     """Parse one YAML document; raise :class:`ConfigError` with file:line:column."""
     source = Source(filename, error_cls=cls)
+    if isinstance(text, bytes):
+        text = _utf8(text, filename, cls)
     try:
         # libyaml's C composer when PyYAML has it (10x faster on large policies), else Python.
         node = yaml.compose(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
@@ -74,6 +76,27 @@ def load(
         raise cls(f"{filename}:{line}:{column}", f"invalid YAML: {exc.reason} ({what})") from exc
     except yaml.YAMLError as exc:
         raise cls(filename, f"invalid YAML: {' '.join(str(exc).split())}") from exc
+
+
+def _utf8(data: bytes, filename: str, cls: type[ConfigError]) -> str:
+    """The file's text, or an error at the first byte that is not UTF-8 (PyYAML would
+    take a UTF-16 byte-order mark as a reason to read UTF-16, and report a Latin-1 byte
+    as 'byte 0x-1')."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise cls(
+            f"{filename}:1:1",
+            "the file is UTF-16 (it starts with a byte-order mark): save it as UTF-8",
+        )
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        before = data[: exc.start]
+        line = before.count(b"\n") + 1
+        column = len(before) - before.rfind(b"\n")
+        raise cls(
+            f"{filename}:{line}:{column}",
+            f"not UTF-8 (byte 0x{data[exc.start]:02x}): save the file as UTF-8",
+        ) from None
 
 
 def _convert(node: yaml.Node, path: Path, source: Source, constructor: yaml.SafeLoader) -> Any:

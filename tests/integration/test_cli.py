@@ -499,7 +499,7 @@ STARTUP_ERRORS = {
     "config_not_utf8": (
         lambda c, t, p: c.replace("policy: policy.yaml", "policy: caf\xff.yaml"),
         [],
-        "spiffe-pep: {cfg}:{policy_line}:12: invalid YAML: invalid leading UTF-8 octet (byte 0xff)",
+        "spiffe-pep: {cfg}:{policy_line}:12: not UTF-8 (byte 0xff): save the file as UTF-8",
     ),
     "workers_abc": (
         lambda c, t, p: c,

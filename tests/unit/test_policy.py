@@ -428,3 +428,27 @@ def test_trailing_slash_needs_a_path() -> None:
     text = b"routes:\n  - {name: s, match: {path_prefix: /a, trailing_slash: strict}, upstream: app, allow: []}\n"
     with pytest.raises(PolicyError, match="trailing_slash"):
         load_policy(text, "p.yaml", {"app"})
+
+
+@pytest.mark.parametrize(
+    ("data", "where", "message"),
+    [
+        # An editor's Latin-1 save: PyYAML said "incomplete UTF-8 octet sequence (byte 0x-1)".
+        (b"routes: []\n# caf\xe9\n", "p.yaml:2:6", "not UTF-8 (byte 0xe9): save the file as UTF-8"),
+        # A UTF-16 save: PyYAML read it as UTF-16 and complained about its content.
+        (
+            "routes: []\n".encode("utf-16"),
+            "p.yaml:1:1",
+            "the file is UTF-16 (it starts with a byte-order mark): save it as UTF-8",
+        ),
+    ],
+    ids=["latin1_byte", "utf16_bom"],
+)
+def test_a_file_not_in_utf8_is_named_as_such(data: bytes, where: str, message: str) -> None:
+    with pytest.raises(PolicyError) as exc:
+        load_policy(data, "p.yaml", {"app"})
+    assert (exc.value.location, exc.value.message) == (where, message)
+
+
+def test_a_utf8_byte_order_mark_is_fine() -> None:
+    assert load_policy(b"\xef\xbb\xbfroutes: []\n", "p.yaml", {"app"}).routes == ()
