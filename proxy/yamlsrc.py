@@ -66,11 +66,10 @@ def load(
         mark = exc.problem_mark or exc.context_mark
         where = f"{filename}:{mark.line + 1}:{mark.column + 1}" if mark else filename
         raise cls(where, f"invalid YAML: {exc.problem or exc.context}") from exc
-    except yaml.reader.ReaderError as exc:  # not text: binary, not UTF-8, control characters
+    except yaml.reader.ReaderError as exc:  # control characters (UTF-8 is checked above)
         before = text[: exc.position]
-        newline = "\n" if isinstance(before, str) else b"\n"
-        line = before.count(newline) + 1  # type: ignore[arg-type]
-        column = exc.position - before.rfind(newline)  # type: ignore[arg-type]
+        line = before.count("\n") + 1
+        column = exc.position - before.rfind("\n")
         char = exc.character
         what = f"byte 0x{char:02x}" if isinstance(char, int) else f"character {char!r}"
         raise cls(f"{filename}:{line}:{column}", f"invalid YAML: {exc.reason} ({what})") from exc
