@@ -519,7 +519,7 @@ def _policy(data: PageData) -> str:
     note = f'<p class="note">{_e(p.note)}</p>' if p.note else ""
     rows = []
     for r in reload_rows(data.reloads):
-        times = f" (x{r.count}: one per worker)" if r.count > 1 else ""
+        times = f" (x{r.count}: one per process)" if r.count > 1 else ""
         errors = "".join(f"<div>{_e(err)}</div>" for err in r.errors)
         rows.append(
             f'<tr class="{"" if r.ok else "bad"}"><td>{_time(r.time)}</td><td>{_e(r.what)}</td>'
