@@ -59,6 +59,7 @@ class HttpRules:
     underscores_in_headers: str = "drop"  # drop | pass | refuse
     remove_headers: tuple[str, ...] = canonical.DEFAULT_REMOVE
     upgrade_protocols: tuple[str, ...] = ("websocket",)
+    method_override_params: tuple[str, ...] = ("_method",)
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,7 @@ class Config:
             max_header_bytes=self.limits.max_header_bytes,
             max_body_bytes=self.limits.max_body_bytes,
             upgrades=frozenset(p.lower().encode("ascii") for p in self.http.upgrade_protocols),
+            override_params=frozenset(self.http.method_override_params),
         )
 
     def upstream_rules(self) -> dict[str, canonical.UpstreamRules]:
@@ -257,7 +259,14 @@ def _http(r: Reader, value: Any) -> HttpRules:
         return HttpRules()
     base: DataPath = ("http",)
     h = r.mapping(
-        value, base, optional=["underscores_in_headers", "remove_headers", "upgrade_protocols"]
+        value,
+        base,
+        optional=[
+            "underscores_in_headers",
+            "remove_headers",
+            "upgrade_protocols",
+            "method_override_params",
+        ],
     )
     mode = h.get("underscores_in_headers", "drop")
     if mode not in canonical.UNDERSCORES:
@@ -275,7 +284,11 @@ def _http(r: Reader, value: Any) -> HttpRules:
         where = (*base, "upgrade_protocols")
         items = r.string_list(h["upgrade_protocols"], where, allow_empty=True)
         upgrades = tuple(_header_name(r, p, (*where, i)) for i, p in enumerate(items))
-    return HttpRules(str(mode), remove, upgrades)
+    overrides: tuple[str, ...] = ("_method",)
+    if "method_override_params" in h:
+        where = (*base, "method_override_params")
+        overrides = tuple(r.string_list(h["method_override_params"], where, allow_empty=True))
+    return HttpRules(str(mode), remove, upgrades, overrides)
 
 
 def _identity_headers(r: Reader, value: Any) -> IdentityHeaders:

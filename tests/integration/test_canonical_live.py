@@ -288,3 +288,26 @@ async def test_escaped_spellings_of_a_guarded_path_are_judged_by_its_route(
     assert [r.target for r in upstream.requests] == [b"/v1/items/7:get"]
     routes = [d["route"] for d in proxy.decisions()]
     assert routes == ["at-admin", "purge", "braces", "braces", "rest"]
+
+
+async def test_method_override_parameter_never_reaches_the_app(
+    nursery: trio.Nursery, tmp_path: Path, pki: Pki
+) -> None:
+    """A caller allowed to POST but not to DELETE: Laravel would run
+    ``POST /orders/7?_method=DELETE`` as DELETE. Refused before the policy, logged with
+    its reason; ``http: {method_override_params: [_verb]}`` names other parameters."""
+    policy = textwrap.dedent("""\
+        routes:
+          - {name: delete, match: {methods: [DELETE]}, upstream: app, allow: []}
+          - {name: rest, match: {path_prefix: /}, upstream: app, allow: ["spiffe://example.org/ns/prod/*"]}
+    """)
+    extra = "http: {method_override_params: [_method, _verb]}\n"
+    proxy, upstream = await start_recording(nursery, tmp_path, pki, policy=policy, extra=extra)
+    for target in (b"/orders/7?_method=DELETE", b"/orders/7?x=1&.method=DELETE", b"/o?_verb=PUT"):
+        out, _ = await raw_exchange(proxy, request(b"POST", target, b"localhost"))
+        assert statuses(out) == [400], target
+    out, _ = await raw_exchange(proxy, request(b"POST", b"/orders/7?method=x", b"localhost"))
+    assert statuses(out) == [200]
+    assert [r.target for r in upstream.requests] == [b"/orders/7?method=x"]
+    reasons = [d["reason"] for d in proxy.decisions()]
+    assert reasons == ["method_override_refused"] * 3 + ["allowed"]

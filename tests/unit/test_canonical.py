@@ -359,3 +359,32 @@ def test_the_judged_request_cannot_be_changed_after_the_verdict() -> None:
     with pytest.raises(TypeError):
         got[3] = "/admin"  # type: ignore[index]
     assert got.path == "/orders/1" and got.authority == "app"
+
+
+@pytest.mark.parametrize(
+    ("target", "rules", "spoofed"),
+    [
+        # Laravel (by default), Symfony (when enabled) and Express's method-override run
+        # POST /x?_method=DELETE as DELETE: not the method the policy judged.
+        (b"/orders/7?_method=DELETE", Rules(), "_method"),
+        (b"/orders/7?a=1&_method=PUT", Rules(), "_method"),
+        (b"/orders/7?%5Fmethod=DELETE", Rules(), "%5Fmethod"),  # decoded by every framework
+        (b"/orders/7?.method=DELETE", Rules(), ".method"),  # PHP reads '.' as '_'
+        (b"/orders/7?+method=DELETE", Rules(), "+method"),  # and ' ' ('+') too
+        (b"/orders/7?[method=DELETE", Rules(), "[method"),
+        (b"/orders/7?_verb=DELETE", Rules(override_params=frozenset({"_verb"})), "_verb"),
+        (b"/orders/7?x_method=1&method=2&_METHOD=3", Rules(), None),  # other names pass
+        (b"/orders/7?q=%20", Rules(), None),
+        (b"/orders/7?_method=DELETE", Rules(override_params=frozenset()), None),  # turned off
+    ],
+    ids=["plain", "second", "escaped", "php_dot", "php_space", "php_bracket", "configured",
+         "other_names", "escapes_only", "turned_off"],
+)  # fmt: skip
+def test_method_override_parameter_is_refused(
+    target: bytes, rules: Rules, spoofed: str | None
+) -> None:
+    if spoofed is None:
+        assert ok(b"POST", target, rules=rules).target == target
+        return
+    r = refused(b"POST", target, rules=rules)
+    assert (r.status, r.reason, r.detail) == (400, "method_override_refused", spoofed)
