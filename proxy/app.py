@@ -217,7 +217,7 @@ async def serve(
                 addresses=[f"{h}:{p}" for h, p in bound],
                 admin=f"{cfg.admin[0]}:{admin_port}" if cfg.admin else None,
                 spiffe_id=str(rt.credentials.own_id) if rt.credentials.own_id else None,
-                policy=str(cfg.policy_path),
+                policy=str(cfg.policy_path.absolute()),
                 policy_sha256=rt.policy.sha256,
                 trust_domains=sorted(str(td) for td in rt.credentials.trust.bundles),
             )

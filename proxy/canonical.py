@@ -15,21 +15,21 @@ Rules, each with its reason code:
 - target (RFC 9112 section 3.2): origin-form, absolute-form (its authority must equal
   ``Host``, ``host_does_not_match_target``), ``*`` for OPTIONS only; else
   ``bad_request_target``;
-- path: escapes of unreserved characters and of ``! $ & ' ( ) * , = : @`` are decoded
-  (every server behind decodes them before routing: ``/%40admin`` is ``/@admin`` to
-  Flask, Django, nginx and Tomcat), other escapes upper-cased (``;``, ``+``, ``?``, ``#``
-  and ``%`` keep their escapes: decoding them would change the path's structure for
-  some server); the characters RFC 3986 does not allow raw in a path (``" < > [ ] ^ `
-  { | }``) are percent-encoded; so every spelling of one decoded path is one canonical
-  path, and a route written in it matches them all (``policy.patterns`` refuses a route
-  path that is not canonical). A broken escape, an encoded ``/``, ``\\`` or NUL, a raw
-  backslash, a dot segment, or bytes that do not decode as UTF-8 are refused
-  (``bad_request_target``); repeated slashes are merged. ``;`` (path parameters) is
-  refused unless an upstream keeps them (``path_params: keep``); routes then match the
-  path with each segment's parameters removed, and a segment that is empty, ``.`` or
-  ``..`` before its ``;`` is refused (``dot_segment_with_parameters``). Whether the
-  matched route's upstream keeps them is checked by ``fit_upstream``
-  (``path_parameters_refused``);
+- path: escapes of unreserved characters and of ``! $ & ' ( ) * + , = : @`` are decoded
+  (every server behind decodes them before routing: ``/%40admin`` is ``/@admin`` and
+  ``/c%2B%2B`` is ``/c++`` to Flask, Django, nginx and Tomcat), other escapes
+  upper-cased (``;``, ``?``, ``#`` and ``%`` keep their escapes: decoding them would
+  change the path's structure); the characters RFC 3986 does not allow raw in a path
+  (``" < > [ ] ^ ` { | }``) are percent-encoded; so every spelling of one decoded path
+  is one canonical path, and a route written in it matches them all
+  (``policy.patterns`` refuses a route path that is not canonical). A broken escape, an
+  encoded ``/``, ``\\`` or NUL, a raw backslash, a dot segment, or bytes that do not
+  decode as UTF-8 are refused (``bad_request_target``); repeated slashes are merged.
+  ``;`` (path parameters) is refused unless an upstream keeps them (``path_params:
+  keep``); routes then match the path with each segment's parameters removed, and a
+  segment that is empty, ``.`` or ``..`` before its ``;`` is refused
+  (``dot_segment_with_parameters``). Whether the matched route's upstream keeps them is
+  checked by ``fit_upstream`` (``path_parameters_refused``);
 - host: lower-cased, one trailing dot removed, the port kept apart (routes match without
   it); empty labels, a second ``:`` outside brackets, a bad port or a character outside
   ``a-z 0-9 - _ .`` is refused (``malformed_host``); so is a second ``Host``
@@ -103,9 +103,9 @@ XFF = b"x-forwarded-for"
 
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 # Escapes decoded in a canonical path: unreserved, and the sub-delimiters and ':' '@' that
-# no server reads differently escaped or not (';' is a servlet's parameter delimiter and
-# '+' a space to some form decoders: they keep their escapes).
-_DECODED = _UNRESERVED | frozenset(b"!$&'()*,=:@")
+# nginx, Tomcat, Flask and node read alike escaped or not (';' is a servlet's parameter
+# delimiter: it keeps its escape).
+_DECODED = _UNRESERVED | frozenset(b"!$&'()*+,=:@")
 # Printable bytes h11 lets through raw that RFC 3986 does not allow raw in a path: written
 # percent-encoded in a canonical path (servers decode both spellings alike).
 _ENCODED = frozenset(b'"<>[]^`{|}')

@@ -176,6 +176,7 @@ class ClientConnection:
         let go (an idle keep-alive connection then keeps none; a new one is made when
         bytes arrive); otherwise a fresh one takes the buffered bytes. Also what HTTP/1.0
         keep-alive needs: h11 itself would close after an HTTP/1.0 request."""
+        self._method = b""  # a reply to the next head must not take this one's HEAD
         leftover, closed = self.h.trailing_data
         if not leftover and not closed:
             self.h = NO_REQUEST

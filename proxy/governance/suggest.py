@@ -41,6 +41,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from proxy import canonical
 from proxy.canonical import UpstreamRules
 from proxy.errors import ConfigError
 from proxy.governance import records as R
@@ -264,7 +265,19 @@ class Draft:
 
     def order(self) -> tuple[Any, ...]:
         segs = tuple(1 if s == STAR else 0 for s in _segments(self.value))
-        return (not self.hosts, segs, self.value, self.methods, self.hosts)
+        # A route of GET also matches HEAD: one for HEAD without GET (a load balancer's
+        # checks) goes before it, or it could never match.
+        return (not self.hosts, segs, self.value, "GET" in self.methods, self.methods, self.hosts)
+
+
+def _canonical_path(path: str) -> str | None:
+    """A logged path as requests are matched now (a log written before a change of the
+    canonical form, such as ``/users/%40me`` for ``/users/@me``, still gives routes that
+    load), or None for one no request could have now."""
+    try:
+        return canonical.normalize_path(path.encode("ascii"))
+    except (UnicodeEncodeError, canonical.Refused):
+        return None
 
 
 def _host_key(host: str) -> str | None:
@@ -628,7 +641,8 @@ def suggest(
             judged = from_judge.judge(g)
             route = next((r for r in source.routes if judged and r.name == judged.route), None)
             upstream = route.upstream if route else upstream
-        if not upstream:
+        path = _canonical_path(g.path)
+        if not upstream or path is None:
             stats.skip(R.SKIP_INCOMPLETE, g.count)
             continue
         forwarded.append(
@@ -637,7 +651,7 @@ def suggest(
                 g.origin,
                 g.method,
                 g.host,
-                g.path,
+                path,
                 upstream,
                 g.jwt_sub,
                 g.jwt_aud,

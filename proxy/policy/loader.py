@@ -127,11 +127,14 @@ def load_policy(
             continue
         shadow = next((e for e in routes if e.match.covers(route.match)), None)
         if shadow is not None:
+            hint = ""
+            if "HEAD" in (route.match.methods or ()) and "GET" in (shadow.match.methods or ()):
+                hint = " (a route of GET also matches HEAD: put a route for HEAD before it)"
             errors.append(
                 r.fail(
                     ("routes", i),
                     f"route {route.name!r} can never match: route {shadow.name!r} "
-                    f"({shadow.location}) comes first and matches every request it does",
+                    f"({shadow.location}) comes first and matches every request it does{hint}",
                 )
             )
         names[route.name] = route

@@ -127,6 +127,10 @@ class HostPattern:
             )
         # Requests' hosts are matched lower-cased, without a trailing dot, and only of
         # these characters (anything else is refused): a pattern otherwise never matches.
+        if ".." in body:
+            raise ValueError(
+                f"host pattern {text!r} can never match: a host with an empty label is refused"
+            )
         if body.endswith("."):
             raise ValueError(
                 f"host pattern {text!r} can never match: a request's host is compared "
@@ -187,6 +191,17 @@ class PathMatch:
             kind = "glob"
         # Requests are matched in their canonical form: a route written otherwise could
         # never match, and a deny route would silently deny nothing.
+        if "%2a" in value.lower():
+            raise ValueError(
+                f"path {value!r}: a literal '*' cannot be matched (requests' '%2A' is '*', "
+                "and '*' in a route stands for a whole segment); match the segment before "
+                "it with path_prefix"
+            )
+        if ";" in value:
+            raise ValueError(
+                f"path {value!r} can never match: requests are matched with each segment's "
+                "';parameters' removed (or refused); write the path without them"
+            )
         try:
             canonical = canonical_route_path(value)
         except Refused as exc:

@@ -449,3 +449,14 @@ async def test_denied_head_request_gets_its_403_head_not_an_empty_reply(proxy: P
     assert rest.startswith(b"HTTP/1.1 403 Forbidden\r\n")  # no body between the two
     assert not [e for e in proxy.events() if e["event"] == "internal_error"]
     assert [d["method"] for d in proxy.decisions()][-2:] == ["HEAD", "GET"]
+
+
+async def test_a_bad_head_after_a_head_request_still_gets_its_400(proxy: Proxy) -> None:
+    """The HEAD of one request must not make the reply to the next, unreadable, head
+    bodiless: its 400 was lost (found by a review of the HEAD change)."""
+    head = b"HEAD /admin HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    bad = b"GET /x HTTP/1.1\r\nHost: localhost\r\nno colon here\r\n\r\n"
+    out = await raw(proxy, head + bad)
+    assert statuses(out) == [403, 400], out
+    assert out.rstrip().endswith(b"}")  # the 400's JSON body
+    assert not [e for e in proxy.events() if e["event"] in ("internal_error", "connection_error")]

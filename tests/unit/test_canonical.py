@@ -69,7 +69,7 @@ PATHS = [
         b"/a!$&'()*,=",
     ),
     ("escaped_semicolon_kept", b"/a%3bb", None, "/a%3Bb", b"/a%3Bb"),
-    ("escaped_plus_kept", b"/a%2bb", None, "/a%2Bb", b"/a%2Bb"),
+    ("escaped_plus_decoded", b"/c%2b%2B/x", None, "/c++/x", b"/c++/x"),  # nginx: /c++/x
     ("escaped_query_and_fragment_kept", b"/a%3f%23", None, "/a%3F%23", b"/a%3F%23"),
     ("raw_braces_encoded", b"/a{b}|c", None, "/a%7Bb%7D%7Cc", b"/a%7Bb%7D%7Cc"),
     (

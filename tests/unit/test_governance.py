@@ -809,6 +809,49 @@ def test_suggest_orders_routes_so_the_first_match_allows_the_caller() -> None:
     assert values.index("/a/b/c") < values.index("/a/*/c")
 
 
+@pytest.mark.parametrize(
+    "heads",
+    [
+        [group(DEV, "/healthz", method="HEAD")],  # a load balancer's HEAD, a web's GET
+        [group(WEB, "/healthz", method="HEAD"), group(DEV, "/healthz", method="HEAD")],
+    ],
+    ids=["head_by_another", "head_by_both"],
+)
+def test_suggest_puts_a_head_route_before_the_get_route_that_would_take_it(
+    heads: list[R.RequestGroup],
+) -> None:
+    """A route of GET also matches HEAD: a HEAD-only route after it is dead, and the
+    policy would not load (a review found suggest stopping on it)."""
+    logged = [group(WEB, "/healthz"), *heads]
+    result = suggest(logged, stats())
+    judge = Judge(result.policy)
+    assert all(judge.judge(g).outcome == "allow" for g in logged)  # type: ignore[union-attr]
+    methods = [tuple(sorted(r.match.methods or ())) for r in result.policy.routes]
+    assert methods == [("HEAD",), ("GET", "HEAD")]
+
+
+def test_suggest_reads_paths_logged_before_a_change_of_the_canonical_form() -> None:
+    """/users/%40me was canonical once; requests are now matched as /users/@me, and the
+    suggested route says so (it would not load otherwise)."""
+    logged = [group(WEB, "/users/%40me"), group(WEB, "/q/a{b")]
+    result = suggest(logged, stats())
+    values = sorted(r.match.path.value for r in result.policy.routes if r.match.path)
+    assert values == ["/q/a%7Bb", "/users/@me"]
+
+
+def test_a_path_logged_before_a_change_of_the_canonical_form_is_judged_as_now() -> None:
+    """replay and unused judge /users/%40me (logged when %40 was kept) as /users/@me, the
+    request it is now: the route of /users/@me takes it."""
+    policy = load_policy(
+        b"routes:\n  - {name: me, match: {path: /users/@me}, upstream: app, allow: []}\n"
+        b"  - {name: rest, match: {path_prefix: /}, upstream: app, allow: ['spiffe://e.org/*']}\n",
+        "p.yaml",
+        {"app"},
+    )
+    judged = Judge(policy).judge(group(WEB, "/users/%40me"))
+    assert judged is not None and (judged.route, judged.outcome) == ("me", "deny")
+
+
 def test_suggest_with_nothing_forwarded_says_so() -> None:
     with pytest.raises(ValueError, match="nothing to grant"):
         suggest([group(decision="deny")], stats())

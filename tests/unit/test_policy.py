@@ -362,6 +362,33 @@ LOADER_ERRORS = [
         "p.yaml:2:57",
         "'xn--bcher-kva.example'",
     ),
+    (
+        "literal_star_escape_in_a_route",
+        "routes:\n  - {name: a, upstream: app, allow: [], match: {path: /files/%2A}}\n",
+        "p.yaml:2:55",
+        "a literal '*' cannot be matched",
+    ),
+    (
+        "path_parameters_in_a_route",
+        "routes:\n  - {name: a, upstream: app, allow: [], match: {path: /a;b}}\n",
+        "p.yaml:2:55",
+        "';parameters' removed",
+    ),
+    (
+        "host_with_an_empty_label",
+        "routes:\n  - {name: a, upstream: app, allow: [], match: {hosts: [admin..internal]}}\n",
+        "p.yaml:2:57",
+        "empty label",
+    ),
+    (
+        # GET implies HEAD: a HEAD route after the GET route of the same path is dead,
+        # and the error says why and what to do.
+        "head_route_after_a_get_route",
+        "routes:\n  - {name: a, upstream: app, allow: [], match: {path: /h, methods: [GET]}}\n"
+        "  - {name: b, upstream: app, allow: [], match: {path: /h, methods: [HEAD]}}\n",
+        "p.yaml:3:5",
+        "(a route of GET also matches HEAD: put a route for HEAD before it)",
+    ),
     # Found by fuzzing (tests/fuzz): both escaped as exceptions of another type.
     ("unknown_yaml_tag", "!:", "p.yaml:1:1", "invalid YAML"),
     (
