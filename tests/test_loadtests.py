@@ -96,6 +96,27 @@ async def test_load_generator_against_a_live_proxy(
     assert len({json.loads(d)["peer_addr"] for d in lines[-20:]}) == 20  # 20 connections
 
 
+async def test_load_generator_says_when_connections_did_not_open_before_the_clock(
+    nursery: trio.Nursery, tmp_path: Path, pki: Pki
+) -> None:
+    """A keep-alive run whose connections fail to open (here: no client certificate)
+    counts each as a warm-up error and exits 1, instead of measuring handshakes as
+    keep-alive requests without a word."""
+    upstream = await nursery.start(demo_upstream.serve, "127.0.0.1", 0)
+    cfg = write_config(tmp_path, pki, upstream)
+    port = (await serve(nursery, cfg, pki, upstream)).port
+    out = tmp_path / "ka.json"
+    done = await trio.run_process(
+        [sys.executable, "-m", "loadtests", f"https://127.0.0.1:{port}/orders",
+         "--cacert", pki.bundle, "-c", "3", "--processes", "1", "-d", "0.5",
+         "--timeout", "2", "--json", str(out)],
+        capture_stdout=True, capture_stderr=True, check=False, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert json.loads(out.read_text())["errors"]["warm_up_connect"] == 3
+    assert b"warm_up_connect" in done.stdout
+
+
 def test_load_generator_refuses_remote_targets() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "loadtests", "https://example.com/", "-d", "1"],
