@@ -191,6 +191,10 @@ class ClientConnection:
         """The next event of a request head, or ``h11.NEED_DATA``."""
         if self.h.their_state is h11.IDLE:
             http1.skip_empty_lines(self.h)  # RFC 9112 section 2.2
+            if self.h._receive_buffer._data == b"\r":
+                # Half of an empty line, its LF in the next segment: h11 would refuse a
+                # lone CR as a request line. (Waiting is bounded by request_head.)
+                return h11.NEED_DATA
         return self.h.next_event()
 
     def _body_deadline(self) -> float:

@@ -460,3 +460,14 @@ async def test_a_bad_head_after_a_head_request_still_gets_its_400(proxy: Proxy) 
     assert statuses(out) == [403, 400], out
     assert out.rstrip().endswith(b"}")  # the 400's JSON body
     assert not [e for e in proxy.events() if e["event"] in ("internal_error", "connection_error")]
+
+
+async def test_an_empty_line_split_between_segments_before_a_request_is_skipped(
+    proxy: Proxy,
+) -> None:
+    """RFC 9112 section 2.2: empty lines before a request line are ignored, also when
+    the CR and the LF arrive apart (nginx and node serve it; a lone CR got 400)."""
+    get = b"GET /orders HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    close = b"GET /orders HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    out = await raw(proxy, b"\r", b"\n" + get + b"\r", b"\n" + close, pause=0.2)
+    assert statuses(out) == [200, 200], out
