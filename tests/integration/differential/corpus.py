@@ -30,6 +30,10 @@ routes:
     match: {{path: /secret}}
     upstream: app
     allow: ["{ADMIN_ID}"]
+  - name: plus-at
+    match: {{path: /a+b@c}}
+    upstream: app
+    allow: ["{ADMIN_ID}"]
   - name: invoices-write
     match: {{path: /api/invoices, methods: [POST]}}
     upstream: app
@@ -46,6 +50,7 @@ routes:
 COVERED_BY: dict[str, frozenset[str] | None] = {
     "admin": frozenset({"admin"}),
     "secret": frozenset({"secret"}),
+    "plus-at": frozenset({"plus-at"}),
     "invoices-post": frozenset({"invoices-write"}),
     "admin-vhost": frozenset({"admin-host"}),
     "public": None,
@@ -128,6 +133,12 @@ CORPUS: list[Case] = [
     Case("double-encoded-dotdot", b"/public/%252e%252e/admin/users"),
     Case("encoded-backslash", b"/public/..%5cadmin/users"),
     Case("overlong-dotdot", b"/public/%c0%ae%c0%ae/admin/users"),
+    # Sub-delimiters escaped or not: every server reads /a%2Bb%40c as /a+b@c.
+    Case("plain-plus-at", b"/a+b@c"),
+    Case("encoded-plus-at", b"/a%2Bb%40c"),
+    Case("encoded-plus-lower", b"/a%2bb@c"),
+    Case("encoded-at-only", b"/a+b%40c"),
+    Case("encoded-unreserved-plus-at", b"/%61+b@%63"),
     Case("overlong-slash", b"/public/..%c0%afadmin/users"),
     Case("encoded-nul", b"/admin/users%00"),
     Case("raw-backslash", b"/admin\\users"),

@@ -61,6 +61,11 @@ def secret(anyhost: str) -> Any:
     return probe("secret")
 
 
+@app.route("/a+b@c", host=ANY)
+def plus_at(anyhost: str) -> Any:
+    return probe("plus-at")
+
+
 @app.route("/api/invoices", host=ANY, methods=["POST"])
 def invoices_post(anyhost: str) -> Any:
     return probe("invoices-post")

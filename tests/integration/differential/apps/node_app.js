@@ -38,6 +38,7 @@ function route(req) {
   if (url.hostname === 'admin.internal') resource = 'admin-vhost';
   else if (p === '/admin' || p.startsWith('/admin/')) resource = 'admin';
   else if (p === '/secret') resource = 'secret';
+  else if (p === '/a+b@c') resource = 'plus-at';
   else if (p === '/api/invoices') resource = method === 'POST' ? 'invoices-post' : null;
   else resource = 'public';
   return { resource, method, path, host: url.host };
