@@ -15,7 +15,14 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from proxy import headers, proxyproto, xfcc
-from proxy.canonical import Refusal, Refused, Rules, build, normalize_path
+from proxy.canonical import (
+    Refusal,
+    Refused,
+    Rules,
+    build,
+    canonical_route_path,
+    normalize_path,
+)
 from proxy.errors import ConfigError, PolicyError, SpiffeIdError
 from proxy.policy.loader import load_policy
 from proxy.policy.patterns import HostPattern, IdentityPattern, PathMatch
@@ -159,6 +166,12 @@ def test_host_pattern_parse_and_match(text: str, host: str) -> None:
 
 
 raw_paths = st.text("/a.%2F5cC0x\\?#", max_size=20).map(lambda s: s.encode())
+# Escapes of every ASCII byte, in both cases, and the raw sub-delimiters and unsafe
+# characters: the spellings the canonical form unifies.
+escapes = st.integers(1, 127).flatmap(lambda b: st.sampled_from([f"%{b:02X}", f"%{b:02x}"]))
+spelled_paths = st.lists(
+    st.one_of(escapes, st.sampled_from(list('/ab@:+!$&\'()*,=;~{}|^`<>[]""'))), max_size=12
+).map(lambda parts: "".join(parts).encode())
 
 
 @given(raw_paths)
@@ -173,6 +186,23 @@ def test_path_normalization_is_idempotent_and_safe(raw: bytes) -> None:
     assert normalize_path(path.encode()) == path
     assert "//" not in path and "\\" not in path and "%2F" not in path.upper()
     assert not any(s in (".", "..") for s in path.split("/"))
+
+
+@given(spelled_paths)
+def test_every_spelling_of_a_path_has_one_canonical_form_a_route_can_be_written_in(
+    raw: bytes,
+) -> None:
+    """The canonical path is a fixed point, and a route written in it loads as written
+    (so it matches every spelling that canonicalises to it)."""
+    try:
+        path = normalize_path(b"/" + raw)
+    except Refused:
+        return
+    assert normalize_path(path.encode()) == path
+    assert canonical_route_path(path) == path
+    # Another spelling of it (every decodable character escaped) has the same form.
+    other = "".join(f"%{ord(c):02X}" if c in "ab@:+!$&'()*,=~" else c for c in path)
+    assert normalize_path(other.encode()) == path
 
 
 @given(st.binary(max_size=40), st.sampled_from([b"GET", b"OPTIONS", b"CONNECT"]))
