@@ -189,12 +189,8 @@ class ClientConnection:
 
     def _head_event(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
         """The next event of a request head, or ``h11.NEED_DATA``."""
-        if self.h.their_state is h11.IDLE:
-            http1.skip_empty_lines(self.h)  # RFC 9112 section 2.2
-            if self.h._receive_buffer._data == b"\r":
-                # Half of an empty line, its LF in the next segment: h11 would refuse a
-                # lone CR as a request line. (Waiting is bounded by request_head.)
-                return h11.NEED_DATA
+        if self.h.their_state is h11.IDLE and http1.skip_empty_lines(self.h):
+            return h11.NEED_DATA  # half of an empty line: its LF comes in the next segment
         return self.h.next_event()
 
     def _body_deadline(self) -> float:

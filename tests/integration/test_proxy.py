@@ -471,3 +471,31 @@ async def test_an_empty_line_split_between_segments_before_a_request_is_skipped(
     close = b"GET /orders HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
     out = await raw(proxy, b"\r", b"\n" + get + b"\r", b"\n" + close, pause=0.2)
     assert statuses(out) == [200, 200], out
+
+
+async def test_a_lone_cr_then_end_of_stream_does_not_stall_the_proxy(
+    nursery: trio.Nursery, tmp_path: Path, pki: Pki
+) -> None:
+    """A CR, then close_notify: there is no LF to wait for. Waiting for it anyway spun on
+    reads that return at once without blocking, freezing every connection of the worker
+    until request_head (found by a review of the split-empty-line change)."""
+    import socket
+    import ssl
+    import time
+
+    proxy = await start(nursery, tmp_path, pki, timeouts="timeouts: {request_head: 10s}\n")
+    ctx = tls_client(pki)
+
+    def cr_then_close() -> float:
+        t0 = time.monotonic()
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as raw_sock:
+            s = ctx.wrap_socket(raw_sock, server_hostname="localhost")
+            s.sendall(b"\r")
+            try:
+                s.unwrap()  # close_notify; returns once the proxy answered and closed
+            except (ssl.SSLError, OSError):
+                pass  # its 400 came after our close_notify
+        return time.monotonic() - t0
+
+    assert await trio.to_thread.run_sync(cr_then_close) < 2
+    assert (await curl(proxy, "/orders")).status == 200
