@@ -473,12 +473,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reach.add_argument(
         "--log",
-        action="extend",
-        nargs="+",
+        action="append",
         default=[],
         metavar="LOG",
-        help="Decision logs (JSON lines): their requests draw the used and denied edges, "
-        "and grants no request used are dashed. Several after one --log, or --log again.",
+        help="A decision log (JSON lines): its requests draw the used and denied edges, "
+        "and grants no request used are dashed. Give --log once per log.",
     )
     dev = _command(
         sub,

@@ -242,11 +242,14 @@ def test_reach_format_svg_with_logs(tmp_path: Path) -> None:
     unused = svg.split('class="edge granted unused"', 1)[1].split("</g>", 1)[0]
     assert "stroke-dasharray" in unused  # granted, no request used it: dashed
     assert "<script" not in svg and "&lt;script&gt;alert(1)&lt;/script&gt;" in svg
-    # Several logs after one --log, as the README writes it, or --log again: the same.
+    # --log once per log (the README's `[--log LOG]...`), before or after the policy.
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    for more in (["--log", str(log), str(empty)], ["--log", str(log), "--log", str(empty)]):
-        again = spiffe_pep("reach", str(policy), "--format", "svg", *more)
+    for args in (
+        [str(policy), "--format", "svg", "--log", str(log), "--log", str(empty)],
+        ["--log", str(log), "--log", str(empty), "--format", "svg", str(policy)],
+    ):
+        again = spiffe_pep("reach", *args)
         assert again.returncode == 0 and again.stdout == svg, again.stderr
 
 
