@@ -153,7 +153,10 @@ class Config:
             max_header_bytes=self.limits.max_header_bytes,
             max_body_bytes=self.limits.max_body_bytes,
             upgrades=frozenset(p.lower().encode("ascii") for p in self.http.upgrade_protocols),
-            override_params=frozenset(self.http.method_override_params),
+            # as PHP registers them, the form override_param compares in
+            override_params=frozenset(
+                canonical.php_names(n)[1] for n in self.http.method_override_params
+            ),
         )
 
     def upstream_rules(self) -> dict[str, canonical.UpstreamRules]:

@@ -54,7 +54,7 @@ def load(
     """Parse one YAML document; raise :class:`ConfigError` with file:line:column."""
     source = Source(filename, error_cls=cls)
     if isinstance(text, bytes):
-        text = _utf8(text, filename, cls)
+        _check_utf8(text, filename, cls)  # PyYAML reads the bytes: its offsets are in them
     try:
         # libyaml's C composer when PyYAML has it (10x faster on large policies), else Python.
         node = yaml.compose(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
@@ -68,8 +68,9 @@ def load(
         raise cls(where, f"invalid YAML: {exc.problem or exc.context}") from exc
     except yaml.reader.ReaderError as exc:  # control characters (UTF-8 is checked above)
         before = text[: exc.position]
-        line = before.count("\n") + 1
-        column = exc.position - before.rfind("\n")
+        newline = "\n" if isinstance(before, str) else b"\n"
+        line = before.count(newline) + 1  # type: ignore[arg-type]
+        column = exc.position - before.rfind(newline)  # type: ignore[arg-type]
         char = exc.character
         what = f"byte 0x{char:02x}" if isinstance(char, int) else f"character {char!r}"
         raise cls(f"{filename}:{line}:{column}", f"invalid YAML: {exc.reason} ({what})") from exc
@@ -77,17 +78,17 @@ def load(
         raise cls(filename, f"invalid YAML: {' '.join(str(exc).split())}") from exc
 
 
-def _utf8(data: bytes, filename: str, cls: type[ConfigError]) -> str:
-    """The file's text, or an error at the first byte that is not UTF-8 (PyYAML would
-    take a UTF-16 byte-order mark as a reason to read UTF-16, and report a Latin-1 byte
-    as 'byte 0x-1')."""
+def _check_utf8(data: bytes, filename: str, cls: type[ConfigError]) -> None:
+    """An error at the first byte that is not UTF-8 (PyYAML would take a UTF-16
+    byte-order mark as a reason to read UTF-16, and report a Latin-1 byte as 'byte
+    0x-1')."""
     if data.startswith((b"\xff\xfe", b"\xfe\xff")):
         raise cls(
             f"{filename}:1:1",
             "the file is UTF-16 (it starts with a byte-order mark): save it as UTF-8",
         )
     try:
-        return data.decode("utf-8-sig")
+        data.decode("utf-8")
     except UnicodeDecodeError as exc:
         before = data[: exc.start]
         line = before.count(b"\n") + 1

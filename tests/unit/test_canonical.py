@@ -370,14 +370,20 @@ def test_the_judged_request_cannot_be_changed_after_the_verdict() -> None:
         (b"/orders/7?a=1&_method=PUT", Rules(), "_method"),
         (b"/orders/7?%5Fmethod=DELETE", Rules(), "%5Fmethod"),  # decoded by every framework
         (b"/orders/7?.method=DELETE", Rules(), ".method"),  # PHP reads '.' as '_'
-        (b"/orders/7?+method=DELETE", Rules(), "+method"),  # and ' ' ('+') too
+        (b"/orders/7?+method=DELETE", Rules(), None),  # PHP skips the space: $_GET["method"]
         (b"/orders/7?[method=DELETE", Rules(), "[method"),
+        # PHP skips leading spaces and cuts at a NUL (php_register_variable_ex)
+        (b"/orders/7?+_method=DELETE", Rules(), "+_method"),
+        (b"/orders/7?%20.method=DELETE", Rules(), "%20.method"),
+        (b"/orders/7?_method%00x=DELETE", Rules(), "_method%00x"),
+        (b"/orders/7?_method[x]=DELETE", Rules(), "_method[x]"),  # an array named _method
         (b"/orders/7?_verb=DELETE", Rules(override_params=frozenset({"_verb"})), "_verb"),
         (b"/orders/7?x_method=1&method=2&_METHOD=3", Rules(), None),  # other names pass
         (b"/orders/7?q=%20", Rules(), None),
         (b"/orders/7?_method=DELETE", Rules(override_params=frozenset()), None),  # turned off
     ],
-    ids=["plain", "second", "escaped", "php_dot", "php_space", "php_bracket", "configured",
+    ids=["plain", "second", "escaped", "php_dot", "php_space", "php_bracket",
+         "php_leading_space", "php_leading_space_dot", "php_nul", "php_array", "configured",
          "other_names", "escapes_only", "turned_off"],
 )  # fmt: skip
 def test_method_override_parameter_is_refused(

@@ -389,6 +389,13 @@ LOADER_ERRORS = [
         "p.yaml:3:5",
         "(a route of GET also matches HEAD: put a route for HEAD before it)",
     ),
+    (
+        # libyaml's offsets count bytes: placed right after a line of multi-byte letters
+        "control_character_after_multibyte_text",
+        "routes: []\n# \u00e9\u00e9\u00e9\u00e9\n# a\x07b\n",
+        "p.yaml:3:4",
+        "control characters are not allowed",
+    ),
     # Found by fuzzing (tests/fuzz): both escaped as exceptions of another type.
     ("unknown_yaml_tag", "!:", "p.yaml:1:1", "invalid YAML"),
     (
