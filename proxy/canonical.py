@@ -40,6 +40,8 @@ Rules, each with its reason code:
   X-Request-Id, Expect) is removed in every spelling: names are compared lower-cased
   with ``_`` and ``.`` read as ``-``; so are method-override, request-rewriting and
   forwarding headers the proxy does not set itself (``Rules.remove``, configurable);
+- a query parameter that names another method (``?_method=DELETE``, ``proxy.override``):
+  400 ``method_override_refused``;
 - ``Connection: upgrade``: only to a protocol in ``Rules.upgrades`` (``websocket`` by
   default; ``h2c`` and unknown tokens get ``upgrade_not_allowed``);
 - framing: Content-Length with Transfer-Encoding is refused
@@ -56,7 +58,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import NamedTuple
-from urllib.parse import quote, unquote_plus
+from urllib.parse import quote
+
+from proxy.override import override_param
 
 Headers = Sequence[tuple[bytes, bytes]]
 
@@ -477,31 +481,6 @@ def normalize_path(raw: bytes) -> str:
         if segment in (".", ".."):
             raise _bad("dot segment in the path")
     return path
-
-
-def override_param(query: str, names: frozenset[str]) -> str | None:
-    """The first parameter of ``query`` a framework reads as one of ``names``, or None.
-    Laravel, Symfony (when enabled) and Express's method-override execute ``POST
-    /x?_method=DELETE`` as DELETE: another method than the one the policy judged. Names
-    are compared percent-decoded and as PHP registers them (``php_names``:
-    ``?.method=DELETE`` and ``?%20_method%00=DELETE`` are ``$_GET['_method']``);
-    case-sensitively, as those frameworks do."""
-    quick = query.find("ethod") < 0 and query.find("%") < 0
-    if quick and all(n.find("ethod") >= 0 for n in names):
-        return None  # the common case: no parameter can name one of them
-    for param in query.split("&"):
-        raw = param.partition("=")[0]
-        if not names.isdisjoint(php_names(unquote_plus(raw))):
-            return raw
-    return None
-
-
-def php_names(name: str) -> tuple[str, str]:
-    """The names PHP may register a query parameter under (``php_register_variable_ex``):
-    cut at a NUL, leading spaces skipped, ``.`` and space read as ``_``; with a ``[``,
-    the array's name before it, or the ``[`` read as ``_`` when no ``]`` closes it."""
-    name = name.partition("\0")[0].lstrip(" ").replace(".", "_").replace(" ", "_")
-    return name.partition("[")[0], name.replace("[", "_")
 
 
 def canonical_route_path(value: str) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from proxy import canonical, xfcc
+from proxy import canonical, override, xfcc
 from proxy.errors import SpiffeIdError
 from proxy.policy.patterns import IdentityPattern, read_patterns
 from proxy.schema import Reader
@@ -155,7 +155,7 @@ class Config:
             upgrades=frozenset(p.lower().encode("ascii") for p in self.http.upgrade_protocols),
             # as PHP registers them, the form override_param compares in
             override_params=frozenset(
-                canonical.php_names(n)[1] for n in self.http.method_override_params
+                override.php_names(n)[1] for n in self.http.method_override_params
             ),
         )
 

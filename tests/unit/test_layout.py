@@ -21,6 +21,7 @@ CORE = [
     "xfcc",
     "audit",
     "canonical",
+    "override",
     "decide",
     "rewrite",
     "yamlsrc",
