@@ -29,7 +29,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from proxy.bundle import PublicKey
-from proxy.canonical import CanonicalRequest, Refused, UpstreamRules, normalize_path
+from proxy.canonical import CanonicalRequest, UpstreamRules
 from proxy.decide import Verdict, decide
 from proxy.errors import SpiffeIdError
 from proxy.governance import records as R
@@ -43,15 +43,6 @@ KID = "spiffe-pep-replay"
 # subject decide (the token was valid when logged).
 _FAR = 253402300799
 JWT_UNKNOWN = "a token was sent but not validated when logged: judged without it"
-
-
-def _canonical(path: str) -> str:
-    """A logged path as a request is matched now: a log written before a change of the
-    canonical form (``/users/%40me``, now ``/users/@me``) is judged as it would be now."""
-    try:
-        return normalize_path(path.encode("ascii"))
-    except (UnicodeEncodeError, Refused):
-        return path
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +91,7 @@ class Judge:
         key = (host, path)
         found = self._targets.get(key)
         if found is None:
-            path = _canonical(path)
+            path = R.canonical_path(path) or path  # judged as it would be now
             routes = self.policy.routes
             found = tuple(
                 i
@@ -158,7 +149,7 @@ class Judge:
             method=g.method,
             host=g.host,
             port=None,
-            path=_canonical(g.path),
+            path=R.canonical_path(g.path) or g.path,
             query="",
             target=g.path.encode("utf-8", "replace"),
             headers=(),

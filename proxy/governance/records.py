@@ -19,6 +19,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from proxy.canonical import Refused, normalize_path
+
 
 @dataclass(frozen=True, slots=True)
 class Field:
@@ -291,3 +293,13 @@ def join(values: Sequence[str], limit: int = 4) -> str:
     """``a, b, c (+5 more)``."""
     shown = ", ".join(values[:limit])
     return shown + (f" (+{len(values) - limit} more)" if len(values) > limit else "")
+
+
+def canonical_path(path: str) -> str | None:
+    """A logged path as a request is matched now: a log written before a change of the
+    canonical form (``/users/%40me``, now ``/users/@me``) is read as it would be now;
+    None for a path such a request could not have now (it would be refused)."""
+    try:
+        return normalize_path(path.encode("ascii"))
+    except (UnicodeEncodeError, Refused):
+        return None

@@ -41,7 +41,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy import canonical
 from proxy.canonical import UpstreamRules
 from proxy.errors import ConfigError
 from proxy.governance import records as R
@@ -268,16 +267,6 @@ class Draft:
         # A route of GET also matches HEAD: one for HEAD without GET (a load balancer's
         # checks) goes before it, or it could never match.
         return (not self.hosts, segs, self.value, "GET" in self.methods, self.methods, self.hosts)
-
-
-def _canonical_path(path: str) -> str | None:
-    """A logged path as requests are matched now (a log written before a change of the
-    canonical form, such as ``/users/%40me`` for ``/users/@me``, still gives routes that
-    load), or None for one no request could have now."""
-    try:
-        return canonical.normalize_path(path.encode("ascii"))
-    except (UnicodeEncodeError, canonical.Refused):
-        return None
 
 
 def _host_key(host: str) -> str | None:
@@ -641,7 +630,7 @@ def suggest(
             judged = from_judge.judge(g)
             route = next((r for r in source.routes if judged and r.name == judged.route), None)
             upstream = route.upstream if route else upstream
-        path = _canonical_path(g.path)
+        path = R.canonical_path(g.path)  # routes that load, from an older log too
         if not upstream or path is None:
             stats.skip(R.SKIP_INCOMPLETE, g.count)
             continue
