@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.canonical import Refused, canonical_route_path
+from proxy.canonical import Refused, canonical_route_path, parse_host
 from proxy.errors import SpiffeIdError
 from proxy.schema import Reader
 from proxy.spiffe_id import SCHEME, SpiffeId, TrustDomain, check_path
@@ -107,10 +107,6 @@ class IdentityPattern:
         return self.text
 
 
-# What a request's host may hold (``canonical`` refuses any other character).
-_HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_.")
-
-
 @dataclass(frozen=True, slots=True)
 class HostPattern:
     """``example.com`` exactly, or ``*.example.com`` for any name below it."""
@@ -125,27 +121,29 @@ class HostPattern:
             raise ValueError(
                 f"invalid host pattern {text!r}: use a host name, or *.domain for its subdomains"
             )
-        # Requests' hosts are matched lower-cased, without a trailing dot, and only of
-        # these characters (anything else is refused): a pattern otherwise never matches.
-        if ".." in body:
-            raise ValueError(
-                f"host pattern {text!r} can never match: a host with an empty label is refused"
-            )
-        if body.endswith("."):
-            raise ValueError(
-                f"host pattern {text!r} can never match: a request's host is compared "
-                f"without its trailing dot; write {text.rstrip('.')!r}"
-            )
-        if not _HOST_CHARS.issuperset(body):
-            hint = ""
-            if not body.isascii():
-                try:
-                    hint = f"; write it as clients send it: {host.encode('idna').decode()!r}"
-                except UnicodeError:
-                    hint = ""
+        # Requests' hosts are matched as ``canonical.parse_host`` gives them (lower-case,
+        # no trailing dot) or refused: a pattern in another form never matches.
+        try:
+            matched = parse_host(body.encode("ascii"))[0]
+        except UnicodeEncodeError:
+            try:
+                hint = f"; write it as clients send it: {host.encode('idna').decode()!r}"
+            except UnicodeError:
+                hint = ""
             raise ValueError(
                 f"host pattern {text!r} can never match: a request's host holds only "
                 f"a-z 0-9 - _ .{hint}"
+            ) from None
+        except Refused as exc:
+            raise ValueError(
+                f"host pattern {text!r} can never match: a request with such a host is "
+                f"refused ({exc.refusal.detail})"
+            ) from None
+        if matched != body:
+            written = host[: len(host) - len(body)] + matched  # "*." kept
+            raise ValueError(
+                f"host pattern {text!r} can never match as written: a request's host is "
+                f"compared as {matched!r} (lower-case, no trailing dot); write {written!r}"
             )
         return cls(host)
 
