@@ -371,6 +371,20 @@ def test_help_is_whole_sentences_and_hides_the_internal_worker_command() -> None
     assert "_worker" not in spiffe_pep("nope").stderr
 
 
+def _config_without_svid(tmp_path: Path, pki: Pki, wait: str, extra: str = "") -> tuple[Path, Path]:
+    """A configuration whose SVID file spiffe-helper never wrote, waited for ``wait``;
+    the config file and the missing SVID's path."""
+    cfg = write_config(tmp_path, pki, 9)
+    missing = tmp_path / "spiffe" / "svid.pem"
+    cfg.write_text(
+        cfg.read_text()
+        .replace(f"{pki.dir}/server.pem", str(missing))
+        .replace("tls:\n", f"tls:\n  wait_for_svid: {wait}\n")
+        + extra
+    )
+    return cfg, missing
+
+
 def test_svid_files_not_written_are_waited_for_then_fail_in_one_line(
     tmp_path: Path, pki: Pki
 ) -> None:
@@ -378,13 +392,7 @@ def test_svid_files_not_written_are_waited_for_then_fail_in_one_line(
     logs that it waits, then stops with one line naming the file."""
     import time
 
-    cfg = write_config(tmp_path, pki, 9)
-    missing = tmp_path / "spiffe" / "svid.pem"
-    cfg.write_text(
-        cfg.read_text()
-        .replace(f"{pki.dir}/server.pem", str(missing))
-        .replace("tls:\n", "tls:\n  wait_for_svid: 1500ms\n")
-    )
+    cfg, missing = _config_without_svid(tmp_path, pki, "1500ms")
     started = time.monotonic()
     done = spiffe_pep("run", "-c", str(cfg), "--workers", "1")
     assert done.returncode == 2
@@ -402,13 +410,8 @@ def test_waiting_for_svid_files_is_said_on_the_terminal_when_events_go_to_a_file
 ) -> None:
     """With the event log in a file, the terminal would show nothing for up to
     tls.wait_for_svid (a mistyped path looked like a hang): one plain line says it waits."""
-    cfg = write_config(tmp_path, pki, 9)
-    missing = tmp_path / "spiffe" / "svid.pem"
-    cfg.write_text(
-        cfg.read_text()
-        .replace(f"{pki.dir}/server.pem", str(missing))
-        .replace("tls:\n", "tls:\n  wait_for_svid: 500ms\n")
-        + f"event_log: {tmp_path}/events.jsonl\n"
+    cfg, missing = _config_without_svid(
+        tmp_path, pki, "500ms", f"event_log: {tmp_path}/events.jsonl\n"
     )
     done = spiffe_pep("run", "-c", str(cfg))
     assert done.returncode == 2
